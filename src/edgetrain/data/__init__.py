@@ -1,0 +1,24 @@
+"""Offline datasets, seeded batching and the elastic-deformation stream (DESIGN.md section 7)."""
+
+from edgetrain.data.datasets import (
+    DATASETS,
+    Dataset,
+    DatasetNotFoundError,
+    load_dataset,
+    validate_arrays,
+)
+from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform, elastic_stream
+from edgetrain.data.loader import epoch_batches, num_batches
+
+__all__ = [
+    "DATASETS",
+    "ELASTIC_PAIRS",
+    "Dataset",
+    "DatasetNotFoundError",
+    "elastic_deform",
+    "elastic_stream",
+    "epoch_batches",
+    "load_dataset",
+    "num_batches",
+    "validate_arrays",
+]
