@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ MIN_BITS = 2
 MAX_BITS = 16
 
 
-class Rounding(str, Enum):
+class Rounding(StrEnum):
     """Rounding of ``x / s`` onto the integer grid."""
 
     HALF_EVEN = "half_even"  # round half to even (tf.round, torch.round); the default

@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES = ("edgetrain.cli.tqt_demo",)
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 class CLIError(Exception):

@@ -2,5 +2,14 @@
 
 from edgetrain.tqt.calibration import CALIBRATION_METHODS, calibrate
 from edgetrain.tqt.quantizer import TQTQuantizer, tqt_quantize
+from edgetrain.tqt.retrain import RetrainConfig, retrain, split_parameters
 
-__all__ = ["CALIBRATION_METHODS", "TQTQuantizer", "calibrate", "tqt_quantize"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "RetrainConfig",
+    "TQTQuantizer",
+    "calibrate",
+    "retrain",
+    "split_parameters",
+    "tqt_quantize",
+]

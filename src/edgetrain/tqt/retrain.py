@@ -1,0 +1,157 @@
+"""The TQT retraining recipe (Jain et al. 2020; Graffitist ``train_imagenet_tf.py``; DESIGN.md section 3).
+
+- Two Adam groups (beta 0.9/0.999, eps 1e-8): weights lr 1e-6 x0.94 every 3000*(24/B) steps;
+  thresholds (parameters named ``*log2_t``) lr 1e-2 x0.5 every 1000*(24/B) steps.
+- Weights see the task loss plus the L2 regulariser; thresholds the task loss only (the regulariser
+  does not depend on them).
+- Batch norm uses batch statistics for the first ``bn_stat_epochs`` epoch(s), then is frozen: every
+  submodule with a ``freeze_bn()`` method is told so, plain ``BatchNorm`` modules go to eval mode.
+- Optional incremental threshold freezing: after ``freeze_start*(24/B)`` steps, every 50 steps,
+  freeze the not-yet-frozen threshold with the smallest mean |grad| over those steps whose
+  ceil(log2_t) equals ceil of its EMA (decay 0.9999).
+- The best checkpoint on the validation split is kept; progress bar; atomic, resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetrain.data import Dataset
+from edgetrain.training import Trainer, TrainHook, TrainResult, staircase
+
+REFERENCE_BATCH = 24  # Graffitist's decay periods are given for batch size 24
+
+
+@dataclass
+class RetrainConfig:
+    """Hyper-parameters of the TQT retraining recipe (defaults: Graffitist's ImageNet script)."""
+
+    epochs: int = 5
+    batch_size: int = 24
+    weight_lr: float = 1e-6
+    weight_lr_decay: float = 0.94
+    weight_lr_period: int = 3000
+    threshold_lr: float = 1e-2
+    threshold_lr_decay: float = 0.5
+    threshold_lr_period: int = 1000
+    weight_decay: float = 0.0
+    train_thresholds: bool = True
+    bn_stat_epochs: int = 1
+    freeze_thresholds: bool = False
+    freeze_start: int = 1000
+    freeze_every: int = 50
+    freeze_ema_decay: float = 0.9999
+    eval_every: int | None = None
+    seed: int = 0
+
+    def scaled(self, period: int) -> int:
+        """A period given at batch 24, scaled by 24/B."""
+        return max(1, round(period * REFERENCE_BATCH / self.batch_size))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, thresholds): thresholds are the parameters named ``*log2_t`` (shared ones once)."""
+    weights, thresholds = [], []
+    for name, parameter in model.named_parameters():  # named_parameters() yields shared objects once
+        (thresholds if name.endswith("log2_t") else weights).append(parameter)
+    return weights, thresholds
+
+
+class FreezeBatchNorm(TrainHook):
+    """Batch statistics for the first ``epochs`` epochs, frozen moving statistics afterwards."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        if epoch < self.epochs:
+            return
+        for module in trainer.model.modules():
+            if hasattr(module, "freeze_bn"):
+                module.freeze_bn()
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+class IncrementalThresholdFreezing(TrainHook):
+    """Graffitist's heuristic: freeze one settled threshold every ``every`` steps (at most one)."""
+
+    def __init__(self, thresholds: list[nn.Parameter], start: int, every: int, ema_decay: float) -> None:
+        self.thresholds, self.start, self.every, self.ema_decay = thresholds, start, every, ema_decay
+        self.ema = torch.stack([t.detach().clone() for t in thresholds]) if thresholds else torch.zeros(0)
+        self.grad_sum = torch.zeros(len(thresholds))
+
+    def on_after_backward(self, trainer: Trainer, step: int) -> None:
+        for i, t in enumerate(self.thresholds):
+            if t.grad is not None:
+                self.grad_sum[i] += t.grad.detach().abs()
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        current = torch.stack([t.detach() for t in self.thresholds])
+        self.ema = self.ema_decay * self.ema + (1 - self.ema_decay) * current
+        if step % self.every:
+            return
+        if step >= self.start:
+            for i in torch.argsort(self.grad_sum / self.every).tolist():
+                t = self.thresholds[i]
+                if t.requires_grad and math.ceil(float(current[i])) == math.ceil(float(self.ema[i])):
+                    t.requires_grad_(False)
+                    t.grad = None
+                    break
+        self.grad_sum.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "grad_sum": self.grad_sum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema, self.grad_sum = state["ema"], state["grad_sum"]
+
+
+def retrain(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset | None,
+    config: RetrainConfig | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Retrain a fake-quantized ``model`` (weights and thresholds) with the TQT recipe.
+
+    With ``config.train_thresholds=False`` the thresholds stay at their calibrated values.
+    Returns the :class:`~edgetrain.training.TrainResult`; ``model`` ends with the best weights.
+    """
+    cfg = config or RetrainConfig()
+    torch.manual_seed(cfg.seed)
+    weights, thresholds = split_parameters(model)
+    if not cfg.train_thresholds:
+        for t in thresholds:
+            t.requires_grad_(False)
+    groups = [{"params": weights, "lr": cfg.weight_lr}, {"params": thresholds, "lr": cfg.threshold_lr}]
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
+    schedules = [
+        staircase(cfg.weight_lr_decay, cfg.scaled(cfg.weight_lr_period)),
+        staircase(cfg.threshold_lr_decay, cfg.scaled(cfg.threshold_lr_period)),
+    ]
+    hooks: list[TrainHook] = [FreezeBatchNorm(cfg.bn_stat_epochs)]
+    if cfg.freeze_thresholds and cfg.train_thresholds and thresholds:
+        start = cfg.scaled(cfg.freeze_start)
+        hooks.append(IncrementalThresholdFreezing(thresholds, start, cfg.freeze_every, cfg.freeze_ema_decay))
+    regularizer = None
+    if cfg.weight_decay > 0:
+        decayed = [w for w in weights if w.ndim > 1]
+        regularizer = lambda: cfg.weight_decay * sum((w * w).sum() for w in decayed)  # noqa: E731
+    trainer = Trainer(
+        model, optimizer, train, val, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+        schedules=schedules, hooks=hooks, regularizer=regularizer, eval_every=cfg.eval_every,
+        checkpoint=checkpoint, progress=progress, description="TQT retraining",
+    )
+    return trainer.run()

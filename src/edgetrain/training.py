@@ -1,0 +1,266 @@
+"""The supervised training loop shared by float pretraining and TQT retraining.
+
+One :class:`Trainer` runs epochs of seeded mini-batches with step-wise learning-rate schedules,
+hooks (batch-norm freezing, threshold freezing), evaluation on a validation split, best-model
+selection, a tqdm progress bar and atomic, resumable checkpoints (``torch.save`` to a temporary
+file + ``os.replace``; loaded with ``weights_only=True``). A resumed run reproduces the
+uninterrupted one exactly: batch order depends only on (seed, epoch) and the RNG state is saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgetrain.data import Dataset, epoch_batches, num_batches
+
+LRSchedule = Callable[[int], float]  # global step -> multiplier of a param group's base lr
+
+
+def staircase(decay: float, period: int) -> LRSchedule:
+    """lr(step) = lr0 * decay ** floor(step / period) (TQT recipe, DESIGN.md section 3)."""
+    if period < 1:
+        raise ValueError(f"decay period must be >= 1 step, got {period}")
+    return lambda step: decay ** (step // period)
+
+
+class TrainHook:
+    """Callbacks of :class:`Trainer`; override what you need. Hook state goes in ``state_dict``."""
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+
+    def on_after_backward(self, trainer: Trainer, step: int) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Arg-max class of every image, in eval mode; every submodule's previous mode is restored
+    (so a batch-norm layer frozen in eval mode during training stays frozen)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``model`` on ``data``."""
+    return float((predict(model, data.images, batch_size) == data.labels).float().mean())
+
+
+@dataclass
+class TrainResult:
+    best_val_accuracy: float
+    best_epoch: float  # epochs (fractional) at which the best checkpoint was taken
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not an edgetrain checkpoint ({type(err).__name__}: {err}); "
+            "delete it to start over"
+        ) from err
+
+
+class Trainer:
+    """Seeded mini-batch training with schedules, hooks, best-on-validation and resumable checkpoints."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train: Dataset,
+        val: Dataset | None,
+        *,
+        epochs: int,
+        batch_size: int,
+        seed: int = 0,
+        schedules: Sequence[LRSchedule] | None = None,
+        hooks: Sequence[TrainHook] = (),
+        regularizer: Callable[[], torch.Tensor] | None = None,
+        eval_every: int | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+        description: str = "train",
+    ) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if schedules is not None and len(schedules) != len(optimizer.param_groups):
+            raise ValueError("give one schedule per optimizer parameter group")
+        self.model, self.optimizer, self.train, self.val = model, optimizer, train, val
+        self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self.schedules = list(schedules) if schedules else [lambda step: 1.0] * len(optimizer.param_groups)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.hooks = list(hooks)
+        self.regularizer = regularizer
+        self.steps_per_epoch = num_batches(len(train), batch_size)
+        self.eval_every = eval_every or self.steps_per_epoch
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.progress = progress
+        self.description = description
+        self.step = 0
+        self.best_val = -math.inf
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+        self.running_loss = math.nan  # EMA (0.98) of the task loss, for display and the history
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "best_state": self.best_state or {},
+            "history": self.history,
+            "running_loss": self.running_loss,
+            "hooks": [hook.state_dict() for hook in self.hooks],
+            "rng": torch.get_rng_state(),
+            "requires_grad": {n: p.requires_grad for n, p in self.model.named_parameters()},
+        }
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(state["requires_grad"].get(name, parameter.requires_grad))
+            for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
+                hook.load_state_dict(hook_state)
+            self.step, self.best_val, self.best_step = state["step"], state["best_val"], state["best_step"]
+            self.best_state = state["best_state"] or None
+            self.history = list(state["history"])
+            self.running_loss = state["running_loss"]
+            torch.set_rng_state(state["rng"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"checkpoint {self.checkpoint} does not match this model/run ({err}); "
+                "use another checkpoint path or delete it to start over"
+            ) from err
+
+    # -- training --------------------------------------------------------------------------------
+    def _set_lr(self) -> None:
+        for group, base, schedule in zip(self.optimizer.param_groups, self.base_lrs, self.schedules, strict=True):
+            group["lr"] = base * schedule(self.step)
+
+    def _validate(self, loss: float) -> None:
+        record = {"step": float(self.step), "epoch": self.step / self.steps_per_epoch, "loss": loss}
+        if self.val is not None:
+            accuracy = evaluate(self.model, self.val)
+            record["val_accuracy"] = accuracy
+            if accuracy > self.best_val:
+                self.best_val, self.best_step = accuracy, self.step
+                self.best_state = copy.deepcopy(self.model.state_dict())
+        self.history.append(record)
+        if self.checkpoint:
+            _atomic_save(self._state(), self.checkpoint)
+
+    def run(self) -> TrainResult:
+        """Train (resuming from ``checkpoint`` if it exists); load the best weights at the end."""
+        if self.checkpoint and self.checkpoint.exists():
+            self._resume(load_checkpoint(self.checkpoint))
+        start = time.perf_counter()
+        total = self.epochs * self.steps_per_epoch
+        bar = tqdm(total=total, initial=self.step, desc=self.description, disable=not self.progress, leave=False)
+        while self.step < total:
+            epoch, first_batch = divmod(self.step, self.steps_per_epoch)
+            self.model.train()
+            for hook in self.hooks:
+                hook.on_epoch_start(self, epoch)
+            for images, labels in epoch_batches(
+                self.train.images, self.train.labels, self.batch_size, self.seed, epoch, first_batch
+            ):
+                self._set_lr()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(images), labels)
+                total_loss = loss + self.regularizer() if self.regularizer else loss
+                total_loss.backward()
+                for hook in self.hooks:
+                    hook.on_after_backward(self, self.step)
+                self.optimizer.step()
+                self.step += 1
+                for hook in self.hooks:
+                    hook.on_step_end(self, self.step)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"loss became {value} at step {self.step}: lower the learning rate or check the data"
+                    )
+                previous = self.running_loss
+                self.running_loss = value if math.isnan(previous) else 0.98 * previous + 0.02 * value
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.running_loss:.3f}", best_val=f"{max(self.best_val, 0):.4f}")
+                if self.step % self.eval_every == 0 or self.step == total:
+                    self._validate(self.running_loss)
+        bar.close()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        return TrainResult(
+            best_val_accuracy=self.best_val if self.val is not None else math.nan,
+            best_epoch=self.best_step / self.steps_per_epoch,
+            steps=self.step,
+            seconds=time.perf_counter() - start,
+            history=self.history,
+        )
+
+
+def train_float(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset | None,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Float pretraining: Adam, cosine learning-rate decay to 0, best epoch on ``val`` kept."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    total = epochs * num_batches(len(train), batch_size)
+    cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    trainer = Trainer(
+        model, optimizer, train, val, epochs=epochs, batch_size=batch_size, seed=seed,
+        schedules=[cosine], checkpoint=checkpoint, progress=progress, description="float training",
+    )
+    return trainer.run()

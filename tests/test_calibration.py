@@ -1,0 +1,90 @@
+"""Threshold calibration methods (DESIGN.md section 3)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgetrain.fixedpoint import FixedPointFormat
+from edgetrain.tqt import CALIBRATION_METHODS, calibrate
+
+
+def test_max_is_exact() -> None:
+    x = torch.tensor([0.1, -3.0, 2.0])
+    assert calibrate(x, "max") == math.log2(3.0)
+
+
+def test_3sd_formula() -> None:
+    x = np.random.default_rng(0).normal(0.5, 2.0, 10000)
+    assert calibrate(x, "3sd") == pytest.approx(math.log2(abs(x.mean()) + 3 * x.std()), rel=1e-12)
+
+
+def test_percentile() -> None:
+    x = np.arange(1, 10001, dtype=float)
+    assert calibrate(x, "percentile", percentile=50.0) == pytest.approx(math.log2(np.percentile(x, 50.0)))
+
+
+def test_kl_j_on_gaussian_clips_a_small_tail() -> None:
+    x = np.random.default_rng(1).normal(0, 1, 200_000)
+    t = 2 ** calibrate(x, "kl_j", bits=8, signed=True)
+    top = np.abs(x).max()
+    assert t < top  # it clips ...
+    clipped = np.mean(np.abs(x) > t)
+    assert 0 < clipped < 0.01  # ... only a small tail
+    assert t > 2.5  # and keeps the bulk of the distribution
+
+
+def test_kl_j_clips_more_at_low_bit_width() -> None:
+    x = np.random.default_rng(2).laplace(0, 1, 100_000)
+    assert calibrate(x, "kl_j", bits=4) < calibrate(x, "kl_j", bits=8)
+
+
+def test_kl_j_stable_under_sample_order() -> None:
+    x = np.random.default_rng(3).normal(0, 1, 50_000)
+    perm = np.random.default_rng(4).permutation(x)
+    assert calibrate(x, "kl_j") == calibrate(perm, "kl_j")
+
+
+def test_kl_j_falls_back_to_max_on_few_samples() -> None:
+    x = np.linspace(-1, 4, 100)  # 10 bins < 2^7 + 2
+    assert calibrate(x, "kl_j") == math.log2(4.0)
+
+
+def test_mse_picks_the_power_of_two_with_least_error() -> None:
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 0.1, 100_000), [10.0]])  # one outlier
+    fmt = FixedPointFormat(4, True)
+    k = calibrate(x, "mse", bits=4)
+    assert k == int(k)
+
+    def mse(kk: float) -> float:
+        s = fmt.scale(kk)
+        return float(np.mean((np.clip(np.round(x / s), fmt.qmin, fmt.qmax) * s - x) ** 2))
+
+    assert mse(k) <= min(mse(k + 1), mse(k - 1))
+    assert k < math.log2(10.0)  # clips the outlier
+
+
+@pytest.mark.parametrize("method", CALIBRATION_METHODS)
+def test_all_zero_tensor(method: str) -> None:
+    assert calibrate(torch.zeros(100), method) == 0.0
+
+
+@pytest.mark.parametrize("method", CALIBRATION_METHODS)
+def test_bad_input(method: str) -> None:
+    with pytest.raises(ValueError, match="NaN/inf"):
+        calibrate(torch.tensor([1.0, float("nan")]), method)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        calibrate(np.array([1.0, np.inf]), method)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(torch.zeros(0), method)
+    with pytest.raises(ValueError, match="out of range"):
+        calibrate(torch.ones(3), method, bits=1)
+    with pytest.raises(ValueError, match="out of range"):
+        calibrate(torch.ones(3), method, bits=17)
+
+
+def test_unknown_method() -> None:
+    with pytest.raises(ValueError, match="kl_j"):
+        calibrate(torch.ones(3), "entropy")
