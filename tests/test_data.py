@@ -126,3 +126,28 @@ def test_epoch_batches_resume() -> None:
     resumed = [b[1].tolist() for b in epoch_batches(x, y, 3, seed=0, epoch=2, start_batch=2)]
     assert resumed == full[2:]
     assert sorted(sum(full, [])) == list(range(10))
+
+
+def test_user_folder_of_numpy_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train_images.npy", rng.integers(0, 256, (50, 12, 12)).astype(np.uint8))
+    np.save(tmp_path / "train_labels.npy", rng.integers(0, 3, 50))
+    np.save(tmp_path / "test_images.npy", rng.random((7, 1, 12, 12)).astype(np.float32))
+    np.save(tmp_path / "test_labels.npy", rng.integers(0, 3, 7))
+    train = load_dataset("folder", "train", root=tmp_path)
+    val = load_dataset("folder", "val", root=tmp_path)
+    test = load_dataset("folder", "test", root=tmp_path)
+    assert (len(train), len(val), len(test)) == (45, 5, 7)
+    assert train.input_shape == (1, 12, 12) and float(train.images.max()) <= 1.0
+
+
+def test_user_folder_with_wrong_shapes(tmp_path: Path) -> None:
+    np.save(tmp_path / "train_images.npy", np.zeros((10, 12, 12), dtype=np.uint8))
+    np.save(tmp_path / "train_labels.npy", np.zeros(9, dtype=np.int64))
+    with pytest.raises(ValueError, match="N x H x W"):
+        load_dataset("folder", "train", root=tmp_path)
+    np.save(tmp_path / "train_images.npy", np.full((9, 12, 12), np.nan, dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        load_dataset("folder", "train", root=tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="test_images.npy"):
+        load_dataset("folder", "test", root=tmp_path)

