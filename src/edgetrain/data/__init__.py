@@ -9,12 +9,17 @@ from edgetrain.data.datasets import (
 )
 from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform, elastic_stream
 from edgetrain.data.loader import epoch_batches, num_batches
+from edgetrain.data.shift import PAPER_SHIFT_BLOCKS, SHIFT_KINDS, apply_shift, class_clustered_order
 
 __all__ = [
     "DATASETS",
     "ELASTIC_PAIRS",
+    "PAPER_SHIFT_BLOCKS",
+    "SHIFT_KINDS",
     "Dataset",
     "DatasetNotFoundError",
+    "apply_shift",
+    "class_clustered_order",
     "elastic_deform",
     "elastic_stream",
     "epoch_batches",

@@ -1,0 +1,303 @@
+"""Adaptation scenarios: seeded, reproducible sample streams (DESIGN.md section 6; LRT notes 3.2, 3.4).
+
+Each scenario is a stream of elastic-deformed digits (Simard et al.; the (sigma, alpha) pairs of
+``ELASTIC_PAIRS``), on which the device predicts first and then learns:
+
+- ``control``: the same distribution as pretraining;
+- ``shift``: a different augmentation combination per block of ``block_length`` samples (10k in the
+  paper): the ten blocks of ``PAPER_SHIFT_BLOCKS`` (CD, ST, BG, WN; see ``edgetrain.data.shift``),
+  repeated when the stream is longer than ten blocks;
+- ``analog-drift`` / ``digital-drift``: the control stream plus a ``DriftSpec`` for the weights;
+- ``new-user``: a class subset (``classes=``, default 0-4) and/or a fixed input transform
+  (``transform="rotate"`` by ``angle`` degrees, or ``"invert"``).
+
+Determinism: sample j lies in block b = j // block_length. The block's pool indices come from
+SeedSequence(seed, 1, b) (CD reorders them); its images are generated in chunks of ``CHUNK`` samples,
+chunk s from SeedSequence(seed, 2, b, s). ``batch(start, stop)`` therefore returns the same samples for
+any chunking, so a resumed run sees the same stream, and a longer stream starts like a shorter one.
+
+The digits: the dataset's train split is divided once (seeded) into pretraining digits and online
+digits, like the paper's disjoint 9k offline / 50k online MNIST digits, so the stream shows the
+network digits it never saw (``pool="train"`` streams the whole train split instead). The test set is
+the test split, each digit deformed once, under the scenario's conditions at its last sample.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.ndimage import rotate
+
+from edgetrain.data.datasets import Dataset, load_dataset
+from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform, elastic_stream
+from edgetrain.data.shift import PAPER_SHIFT_BLOCKS, SHIFT_KINDS, apply_shift, class_clustered_order
+from edgetrain.nvm import DriftSpec
+
+SCENARIOS = ("control", "shift", "analog-drift", "digital-drift", "new-user")
+STREAM_DATASETS = ("mnist", "fashion-mnist")
+NEW_USER_TRANSFORMS = ("rotate", "invert")
+POOLS = ("online", "train")
+CHUNK = 100  # samples generated together from one seed
+PRETRAIN_SHARE = 0.5  # share of the train-split digits kept for pretraining (the rest feed the streams)
+_SPLIT_SEED = 12345  # fixed: the pretraining/online division of the digits never changes
+
+
+@lru_cache(maxsize=2)
+def _digit_parts(dataset: str) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """The train split and its (pretraining, online) index sets (cached: callers only index them)."""
+    train = load_dataset(dataset, "train")
+    order = np.random.default_rng(_SPLIT_SEED).permutation(len(train))
+    cut = int(round(PRETRAIN_SHARE * len(train)))
+    return train, np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset not in STREAM_DATASETS:
+        raise ValueError(f"unknown stream dataset {dataset!r}; choose one of: {', '.join(STREAM_DATASETS)}")
+
+
+def pretraining_set(dataset: str = "mnist", samples: int = 50_000, seed: int = 0, split: str = "train") -> Dataset:
+    """Elastic-deformed offline data for pretraining (the paper: 50k samples from 9k digits, LRT notes
+    3.2). ``split="train"`` draws from the pretraining digits only (disjoint from the online streams);
+    ``"val"``/``"test"`` deform the dataset's validation/test split."""
+    _check_dataset(dataset)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if split == "train":
+        train, pretrain_idx, _ = _digit_parts(dataset)
+        source_images, source_labels = train.images[pretrain_idx], train.labels[pretrain_idx]
+        classes = train.classes
+    else:
+        source = load_dataset(dataset, split)
+        source_images, source_labels, classes = source.images, source.labels, source.classes
+    images, labels = elastic_stream(source_images, source_labels, samples, seed=seed)
+    return Dataset(f"{dataset}-elastic", split, images, labels, classes)
+
+
+@dataclass
+class Scenario:
+    """A seeded stream of ``samples`` samples; build it with :func:`make_scenario`."""
+
+    name: str
+    dataset: str
+    samples: int
+    seed: int
+    drift: DriftSpec | None
+    block_length: int
+    blocks: tuple[tuple[str, ...], ...]  # per block the shift kinds (empty tuples outside ``shift``)
+    classes: tuple[int, ...]  # the classes the stream shows
+    transform: str | None
+    angle: float
+    pool: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    _pool_images: np.ndarray = field(repr=False)
+    _pool_labels: np.ndarray = field(repr=False)
+    _picks: OrderedDict[int, np.ndarray] = field(default_factory=OrderedDict, repr=False)
+    _chunks: OrderedDict[tuple[int, int], np.ndarray] = field(default_factory=OrderedDict, repr=False)
+    _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def block_kinds(self, block: int) -> tuple[str, ...]:
+        """Shift kinds of block ``block`` (the block list repeats)."""
+        return self.blocks[block % len(self.blocks)]
+
+    def kinds_at(self, index: int) -> tuple[str, ...]:
+        """Shift kinds in force at sample ``index``."""
+        return self.block_kinds(index // self.block_length)
+
+    def _block_picks(self, block: int) -> np.ndarray:
+        """Pool indices of every sample of block ``block`` (class-clustered when CD is on)."""
+        if block not in self._picks:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1, block]))
+            picks = rng.integers(0, self._pool_labels.size, size=self.block_length)
+            if "CD" in self.block_kinds(block):
+                picks = picks[class_clustered_order(self._pool_labels[picks], rng)]
+            self._picks[block] = picks
+            if len(self._picks) > 2:
+                self._picks.popitem(last=False)
+        return self._picks[block]
+
+    def _chunk(self, block: int, sub: int) -> np.ndarray:
+        """Images of samples [sub*CHUNK, (sub+1)*CHUNK) of block ``block`` (cut at the block end)."""
+        key = (block, sub)
+        if key not in self._chunks:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 2, block, sub]))
+            picks = self._block_picks(block)[sub * CHUNK : (sub + 1) * CHUNK]
+            pairs = rng.integers(0, len(ELASTIC_PAIRS), size=picks.size)
+            images = np.empty((picks.size, *self._pool_images.shape[1:]), dtype=np.float32)
+            for i, (pick, pair) in enumerate(zip(picks, pairs, strict=True)):
+                sigma, alpha = ELASTIC_PAIRS[pair]
+                images[i] = elastic_deform(self._pool_images[pick], sigma, alpha, rng)
+            images = np.clip(images, 0.0, 1.0)
+            self._chunks[key] = self._condition(images, self.block_kinds(block), rng)
+            if len(self._chunks) > 4:
+                self._chunks.popitem(last=False)
+        return self._chunks[key]
+
+    def _condition(self, images: np.ndarray, kinds: tuple[str, ...], rng: np.random.Generator) -> np.ndarray:
+        """The scenario's input conditions on elastic-deformed images (N x H x W)."""
+        images = apply_shift(images, kinds, rng)
+        if self.transform == "rotate":
+            images = np.clip(rotate(images, self.angle, axes=(2, 1), reshape=False, order=1), 0.0, 1.0)
+        elif self.transform == "invert":
+            images = 1.0 - images
+        return images.astype(np.float32)
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``start .. stop-1``: images float32 (k, 1, H, W) in [0, 1], labels int64 (k,)."""
+        if not (isinstance(start, int | np.integer) and isinstance(stop, int | np.integer)):
+            raise TypeError(f"start and stop must be ints, got {start!r}, {stop!r}")
+        if not 0 <= start <= stop <= self.samples:
+            raise ValueError(f"need 0 <= start <= stop <= samples={self.samples}, got start={start}, stop={stop}")
+        images, labels = [], []
+        j = int(start)
+        while j < stop:
+            block, offset = divmod(j, self.block_length)
+            sub = offset // CHUNK
+            lo = offset - sub * CHUNK
+            hi = min(CHUNK, self.block_length - sub * CHUNK, lo + (stop - j))
+            images.append(self._chunk(block, sub)[lo:hi])
+            picks = self._block_picks(block)[sub * CHUNK + lo : sub * CHUNK + hi]
+            labels.append(self._pool_labels[picks])
+            j += hi - lo
+        h, w = self.input_shape[1:]
+        if not images:
+            return torch.empty((0, 1, h, w)), torch.empty(0, dtype=torch.int64)
+        return (
+            torch.from_numpy(np.concatenate(images)).unsqueeze(1),
+            torch.from_numpy(np.concatenate(labels).astype(np.int64)),
+        )
+
+    @property
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test split, each digit deformed once, under the conditions at the stream's last sample
+        (the shift kinds of its block, CD excepted; the new user's classes and transform)."""
+        if self._test is None:
+            test = load_dataset(self.dataset, "test")
+            keep = np.isin(test.labels.numpy(), self.classes)
+            images, labels = test.images[torch.from_numpy(keep)], test.labels[torch.from_numpy(keep)]
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 3]))
+            pairs = rng.integers(0, len(ELASTIC_PAIRS), size=labels.numel())
+            source = images[:, 0].numpy()
+            out = np.empty_like(source)
+            for i, pair in enumerate(pairs):
+                out[i] = elastic_deform(source[i], *ELASTIC_PAIRS[pair], rng)
+            out = self._condition(np.clip(out, 0.0, 1.0), self.kinds_at(self.samples - 1), rng)
+            self._test = torch.from_numpy(out).unsqueeze(1), labels.clone()
+        return self._test
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for run logs."""
+        blocks = [
+            {"start": b * self.block_length, "kinds": list(self.block_kinds(b))}
+            for b in range(-(-self.samples // self.block_length))
+        ]
+        return {
+            "name": self.name,
+            "dataset": self.dataset,
+            "samples": self.samples,
+            "seed": self.seed,
+            "drift": None if self.drift is None else self.drift.as_dict(),
+            "block_length": self.block_length,
+            "blocks": blocks if self.name == "shift" else None,
+            "classes": list(self.classes),
+            "transform": self.transform,
+            "angle": self.angle if self.transform == "rotate" else None,
+            "pool": self.pool,
+            "pool_digits": int(self._pool_labels.size),
+            "elastic_pairs": [list(p) for p in ELASTIC_PAIRS],
+        }
+
+
+def make_scenario(
+    name: str, dataset: str = "mnist", samples: int = 100_000, seed: int = 0, **options: Any
+) -> Scenario:
+    """Build scenario ``name`` (one of ``SCENARIOS``) on ``dataset`` ("mnist" | "fashion-mnist").
+
+    Options: ``block_length`` (shift block, default 10_000), ``blocks`` (a list of kind tuples for
+    ``shift``, default ``PAPER_SHIFT_BLOCKS``), ``drift`` (a ``DriftSpec`` or a dict of its fields for
+    the drift scenarios; default the paper's d=10, sigma0=10 / p0=10), ``classes`` and ``transform``,
+    ``angle`` (``new-user``), ``pool`` ("online" | "train").
+    """
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; choose one of: {', '.join(SCENARIOS)}")
+    _check_dataset(dataset)
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    allowed = {
+        "control": {"pool"},
+        "shift": {"pool", "block_length", "blocks"},
+        "analog-drift": {"pool", "drift"},
+        "digital-drift": {"pool", "drift"},
+        "new-user": {"pool", "classes", "transform", "angle"},
+    }[name]
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"scenario {name!r} takes no option(s) {unknown}; it accepts: {sorted(allowed)}")
+
+    block_length = int(options.get("block_length", 10_000))
+    if block_length < 1:
+        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    blocks: tuple[tuple[str, ...], ...] = ((),)
+    if name == "shift":
+        blocks = tuple(tuple(kinds) for kinds in options.get("blocks", PAPER_SHIFT_BLOCKS))
+        bad = sorted({k for kinds in blocks for k in kinds} - set(SHIFT_KINDS))
+        if not blocks or bad:
+            raise ValueError(f"blocks must be a non-empty list of tuples of {SHIFT_KINDS}, got unknown {bad}")
+
+    drift = None
+    if name in ("analog-drift", "digital-drift"):
+        kind = name.removesuffix("-drift")
+        drift = options.get("drift", DriftSpec(kind))
+        if isinstance(drift, dict):
+            drift = DriftSpec(**{"kind": kind, **drift})
+        if not isinstance(drift, DriftSpec) or drift.kind != kind:
+            raise ValueError(f"drift for {name!r} must be a DriftSpec of kind {kind!r} (or a dict), got {drift!r}")
+
+    pool = options.get("pool", "online")
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
+    train, _, online_idx = _digit_parts(dataset)
+    idx = online_idx if pool == "online" else np.arange(len(train))
+    images, labels = train.images[idx, 0].numpy(), train.labels[idx].numpy()
+
+    classes = tuple(range(train.num_classes))
+    transform = None
+    angle = float(options.get("angle", 30.0))
+    if name == "new-user":
+        transform = options.get("transform")
+        if transform is not None and transform not in NEW_USER_TRANSFORMS:
+            choices = ", ".join(NEW_USER_TRANSFORMS)
+            raise ValueError(f"unknown new-user transform {transform!r}; choose one of: {choices}")
+        default_subset = tuple(range(5)) if transform is None else classes
+        subset = tuple(int(c) for c in options.get("classes", default_subset))
+        if not subset or len(set(subset)) != len(subset) or not set(subset) <= set(classes):
+            raise ValueError(
+                f"classes must be distinct class indices of {dataset} (0..{len(classes) - 1}), got {subset}"
+            )
+        classes = tuple(sorted(subset))
+        keep = np.isin(labels, classes)
+        images, labels = images[keep], labels[keep]
+
+    return Scenario(
+        name=name,
+        dataset=dataset,
+        samples=samples,
+        seed=int(seed),
+        drift=drift,
+        block_length=block_length,
+        blocks=blocks,
+        classes=classes,
+        transform=transform,
+        angle=angle,
+        pool=pool,
+        num_classes=train.num_classes,
+        input_shape=train.input_shape,
+        _pool_images=images,
+        _pool_labels=labels,
+    )
