@@ -1,0 +1,416 @@
+"""The quantized network that adapts on the device: a list of fixed-point stages.
+
+LRT v1 section 5, appendix C (reference notes 2.9); DESIGN.md section 5. Every tensor lives on a
+power-of-2 grid (:class:`Grid`, the TQT quantizer with a fixed ``log2_t``). A weight layer computes
+
+    z = q_acc( q_acc(wmult * q_w(W) (*) a) + q_b(b) ),   a' = q_act(ReLU(z))   (ReLU optional)
+
+with ``W`` the stored NVM value in [-1, 1), ``wmult = 2^floor(log2 sqrt(3 nlvar / fan_in))`` the
+power of 2 nearest He initialisation (nlvar = 2 before a ReLU, 1 for the logits). Backward is STE
+through every quantizer; in online mode the gradients are quantized (8-bit, [-1, 1)) after each
+ReLU derivative, at each layer input and out of the loss. Formats come from a mapping
+``layer name -> LayerFormats`` (default: the paper's), so calibrated TQT formats plug in the same way.
+
+Batch norm is the paper's streaming batch norm (App. E): per-batch channel mean ``mu_i`` and mean
+square ``sq_i``, EMAs ``mu_s = eta mu_s + (1-eta) mu_i``, ``sq_s = eta sq_s + (1-eta) sq_i`` (eta =
+1 - 1/B), bias-corrected by ``1 - eta^step``; ``var = sq - mu^2`` clipped to [1e-8, 1e8]; no gradient
+through the statistics. With batch 1 this is the on-device rule; with larger batches it pretrains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetrain.fixedpoint import FixedPointFormat
+from edgetrain.models import LRTNet
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A fixed-point grid: ``bits``-wide codes times 2^k with threshold 2^log2_t (TQT, fixed t)."""
+
+    bits: int
+    signed: bool
+    log2_t: int
+
+    @cached_property
+    def fmt(self) -> FixedPointFormat:
+        return FixedPointFormat(self.bits, self.signed)
+
+    @cached_property
+    def lsb(self) -> float:
+        """2^k with k = log2_t - (b-1) signed, log2_t - b unsigned."""
+        return math.ldexp(1.0, self.fmt.exponent(self.log2_t))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """clip(round(x / lsb), n, p) * lsb, straight-through (gradient masked outside the range).
+
+        The TQT quantizer (``edgetrain.tqt``) with its threshold fixed, so without the threshold
+        gradient: a lean path because the online loop calls it ~40 times per sample.
+        """
+        if x.requires_grad:
+            return _STEQuantize.apply(x, self)
+        return torch.round(x / self.lsb).clamp_(self.fmt.qmin, self.fmt.qmax).mul_(self.lsb)
+
+    def codes(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Integer codes clip(round(x / lsb), n, p) as int64 (no gradient)."""
+        values = np.rint(np.asarray(x, dtype=np.float64) / self.lsb)
+        return np.clip(values, self.fmt.qmin, self.fmt.qmax).astype(np.int64)
+
+    def __str__(self) -> str:
+        return f"{self.fmt}[2^{self.log2_t}]"
+
+
+class _STEQuantize(torch.autograd.Function):
+    """Fixed-grid quantizer with the straight-through gradient dq/dx = 1 inside [n, p], else 0."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, grid: Grid) -> torch.Tensor:  # type: ignore[override]
+        codes = torch.round(x / grid.lsb)
+        ctx.save_for_backward((codes >= grid.fmt.qmin) & (codes <= grid.fmt.qmax))
+        return codes.clamp_(grid.fmt.qmin, grid.fmt.qmax).mul_(grid.lsb)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
+class _GradQuantize(torch.autograd.Function):
+    """Identity forward; backward rounds the incoming gradient onto ``grid`` (LRT notes 2.9)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, grid: Grid) -> torch.Tensor:  # type: ignore[override]
+        ctx.grid = grid
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grid: Grid = ctx.grid
+        codes = torch.round(grad / grid.lsb).clamp_(grid.fmt.qmin, grid.fmt.qmax)
+        return codes.mul_(grid.lsb), None
+
+
+# The paper's fixed formats (reference notes 2.9).
+PAPER_WEIGHT = Grid(8, True, 0)  # [-1, 1), LSB 2^-7
+PAPER_WIDE = Grid(16, True, 3)  # biases, accumulators, BN parameters: [-8, 8), LSB 2^-12
+PAPER_ACT = Grid(8, False, 1)  # ReLU outputs: [0, 2), LSB 2^-7
+PAPER_BN_OUT = Grid(8, True, 1)  # BN outputs: [-2, 2)
+PAPER_GRAD = Grid(8, True, 0)  # gradients: [-1, 1)
+PAPER_INPUT = Grid(8, False, 0)  # pixels: [0, 1), LSB 2^-8
+
+
+@dataclass(frozen=True)
+class LayerFormats:
+    """Fixed-point formats of one layer. ``wmult_log2=None``: the He-nearest power of 2."""
+
+    weight: Grid = PAPER_WEIGHT
+    bias: Grid = PAPER_WIDE
+    acc: Grid = PAPER_WIDE
+    act: Grid = PAPER_ACT
+    grad: Grid = PAPER_GRAD
+    bn_out: Grid = PAPER_BN_OUT
+    bn_mean: Grid = PAPER_WIDE
+    bn_msq: Grid = Grid(16, True, 6)  # [-64, 64): the square of the [-8, 8) range
+    wmult_log2: int | None = None
+
+
+PAPER_FORMATS = LayerFormats()
+
+
+def he_wmult_log2(fan_in: int, before_relu: bool) -> int:
+    """log2 of wmult = 2^floor(log2 sqrt(3 nlvar / fan_in)), nlvar = 2 before a ReLU else 1 (App. C)."""
+    nlvar = 2 if before_relu else 1
+    return math.floor(math.log2(math.sqrt(3 * nlvar / fan_in)))
+
+
+class GradQuantMixin(nn.Module):
+    """Stages that quantize gradients do so only in online mode (``quantize_grads``)."""
+
+    quantize_grads: bool = False
+
+    def gq(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return _GradQuantize.apply(x, grid) if self.quantize_grads and x.requires_grad else x
+
+
+class QWeight(GradQuantMixin):
+    """A conv or linear layer with NVM-stored weights ``W`` (stored units, [-1, 1)) and a ReLU option.
+
+    ``weight`` holds ``codes * lsb`` of the stored array, shaped like torch's weight; the matrix view
+    is ``n_out x n_in`` with ``n_in = c_in kh kw`` in ``unfold`` order (im2col, LRT App. B).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        formats: LayerFormats,
+        relu: bool,
+        wmult_log2: int,
+        stride: int = 1,
+        padding: int = 0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.formats = formats
+        self.relu = relu
+        self.wmult = math.ldexp(1.0, wmult_log2)
+        self.stride = stride
+        self.padding = padding
+        self.is_conv = weight.ndim == 4
+        self.weight = nn.Parameter(weight.detach().clone().float())
+        self.bias = nn.Parameter(bias.detach().clone().float())
+        self.record = False  # keep the input and dL/dz of each pass (online learning)
+        self.cache_input: torch.Tensor | None = None
+        self.cache_z: torch.Tensor | None = None
+        self.out_pixels = 1  # output pixels of the last pass (im2col rows; 1 for linear)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        """(n_out, n_in) of the weight matrix."""
+        return int(self.weight.shape[0]), int(self.weight[0].numel())
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return int(self.weight.shape[2]), int(self.weight.shape[3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.formats
+        x = self.gq(x, f.grad)
+        wq = f.weight.quantize(self.weight) * self.wmult
+        if self.is_conv:
+            z = F.conv2d(x, wq, stride=self.stride, padding=self.padding)
+            self.out_pixels = int(z.shape[-2] * z.shape[-1])
+        else:
+            z = F.linear(x.flatten(1), wq)
+        if self.record:
+            if z.requires_grad:
+                z.retain_grad()
+            else:
+                z.requires_grad_(True)  # a leaf: its gradient is kept
+            self.cache_input, self.cache_z = x.detach(), z
+        z = f.acc.quantize(f.acc.quantize(z) + self._bias_view(f.bias.quantize(self.bias)))
+        if not self.relu:
+            return z
+        return f.act.quantize(torch.relu(self.gq(z, f.grad)))
+
+    def _bias_view(self, b: torch.Tensor) -> torch.Tensor:
+        return b.view(1, -1, 1, 1) if self.is_conv else b
+
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last sample's im2col terms (LRT App. B): ``a`` (pixels x n_in) and ``dz`` (pixels x n_out)
+        with dz = wmult * dL/dz, the gradient with respect to the stored weight's product."""
+        if self.cache_input is None or self.cache_z is None or self.cache_z.grad is None:
+            raise RuntimeError(f"layer {self.name}: no forward/backward pass has been recorded")
+        grad = self.cache_z.grad * self.wmult
+        if not self.is_conv:
+            return self.cache_input.flatten(1), grad
+        a = F.unfold(self.cache_input, self.kernel_size, padding=self.padding, stride=self.stride)
+        return a[0].T, grad[0].flatten(1).T
+
+    def weight_grad(self) -> torch.Tensor:
+        """Sum over pixels of dz a^T (n_out x n_in) from the recorded pass."""
+        a, dz = self.columns()
+        return dz.T @ a
+
+    def set_codes(self, codes: np.ndarray) -> None:
+        """Load the stored codes (n_out x n_in) into the float weight (codes * lsb)."""
+        values = torch.from_numpy(codes.astype(np.float32) * self.formats.weight.lsb)
+        with torch.no_grad():
+            self.weight.copy_(values.view_as(self.weight))
+
+    def codes(self) -> np.ndarray:
+        """Current stored codes as an (n_out x n_in) int64 matrix."""
+        return self.formats.weight.codes(self.weight.detach().reshape(self.shape2d).numpy())
+
+
+class ActQuant(GradQuantMixin):
+    """A ReLU that is not fused into a weight layer (after max-pool): q_act(ReLU(x)), gradient quantized."""
+
+    def __init__(self, formats: LayerFormats) -> None:
+        super().__init__()
+        self.formats = formats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.formats.act.quantize(torch.relu(self.gq(x, self.formats.grad)))
+
+
+class StreamingBN(GradQuantMixin):
+    """Streaming batch norm (LRT v1 App. E), channel-wise on N x C x H x W inputs.
+
+    In train mode each forward updates the quantized EMAs of the batch's channel mean and mean
+    square (eta = 1 - 1/B) and normalises with their bias-corrected values; in eval mode it only
+    normalises. y = q_out(q(gamma) (x - mu) / sigma + q(beta)); dx = q_g(dy q(gamma) / sigma).
+    """
+
+    def __init__(self, name: str, channels: int, formats: LayerFormats, batch: int = 10) -> None:
+        super().__init__()
+        self.name = name
+        self.formats = formats
+        self.eta = 1.0 - 1.0 / batch
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("mean_ema", torch.zeros(channels))
+        self.register_buffer("msq_ema", torch.zeros(channels))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.enabled = True
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bias-corrected (mu, sigma): mu = m / (1 - eta^t), var = clip(sq / (1 - eta^t) - mu^2)."""
+        correction = 1.0 - self.eta ** max(int(self.step), 1)
+        mu = self.mean_ema / correction
+        var = (self.msq_ema / correction - mu * mu).clamp(1e-8, 1e8)
+        return mu, torch.sqrt(var + 1e-8)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """One EMA step with the channel mean and mean square of ``x`` (over N, H, W), 16-bit stored."""
+        f = self.formats
+        mean = x.mean(dim=(0, 2, 3))
+        msq = (x * x).mean(dim=(0, 2, 3))
+        self.mean_ema.copy_(f.bn_mean.quantize(self.eta * self.mean_ema + (1 - self.eta) * mean))
+        self.msq_ema.copy_(f.bn_msq.quantize(self.eta * self.msq_ema + (1 - self.eta) * msq))
+        self.step += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        f = self.formats
+        if self.training:
+            self.observe(x.detach())
+        mu, sigma = self.statistics()
+        x = self.gq(x, f.grad)
+        gamma = f.bias.quantize(self.gamma).view(1, -1, 1, 1)
+        beta = f.bias.quantize(self.beta).view(1, -1, 1, 1)
+        return f.bn_out.quantize(gamma * (x - mu.view(1, -1, 1, 1)) / sigma.view(1, -1, 1, 1) + beta)
+
+    @torch.no_grad()
+    def load_float(self, bn: nn.BatchNorm2d, warm_steps: int = 10_000) -> None:
+        """Start from a float BN: EMAs = running mean and mean square, ``step`` large (no correction)."""
+        self.gamma.copy_(bn.weight)
+        self.beta.copy_(bn.bias)
+        self.mean_ema.copy_(bn.running_mean)
+        self.msq_ema.copy_(bn.running_var + bn.running_mean**2)
+        self.step.fill_(warm_steps)
+
+
+class QNet(nn.Module):
+    """A sequence of quantized stages with the input quantized to ``input_grid``."""
+
+    def __init__(self, stages: Sequence[nn.Module], input_grid: Grid = PAPER_INPUT) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.input_grid = input_grid
+
+    @property
+    def weight_layers(self) -> list[QWeight]:
+        return [s for s in self.stages if isinstance(s, QWeight)]
+
+    @property
+    def bn_layers(self) -> list[StreamingBN]:
+        return [s for s in self.stages if isinstance(s, StreamingBN)]
+
+    def set_online(self, online: bool) -> None:
+        """Online (batch 1) mode quantizes gradients; offline pretraining does not."""
+        for stage in self.stages:
+            if isinstance(stage, GradQuantMixin):
+                stage.quantize_grads = online
+
+    def set_streaming_bn(self, enabled: bool) -> None:
+        """``False`` turns the BN stages into identities (the "no streaming batch norm" ablation)."""
+        for bn in self.bn_layers:
+            bn.enabled = enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_grid.quantize(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+@dataclass
+class _Builder:
+    formats: Mapping[str, LayerFormats]
+    bn_batch: int
+    stages: list[nn.Module] = field(default_factory=list)
+
+    def fmt(self, name: str) -> LayerFormats:
+        return self.formats.get(name, PAPER_FORMATS)
+
+    def add_weight(self, name: str, module: nn.Conv2d | nn.Linear, relu: bool, last: bool) -> None:
+        f = self.fmt(name)
+        fan_in = int(module.weight[0].numel())
+        wmult_log2 = f.wmult_log2 if f.wmult_log2 is not None else he_wmult_log2(fan_in, not last)
+        stored = torch.from_numpy(f.weight.codes(module.weight.detach().numpy() / math.ldexp(1.0, wmult_log2)))
+        bias = module.bias.detach() if module.bias is not None else torch.zeros(module.weight.shape[0])
+        stride = padding = 0
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 or module.dilation != (1, 1) or len(set(module.stride + module.padding)) > 2:
+                raise ValueError(f"layer {name}: only plain square convolutions (groups=1, no dilation) adapt")
+            stride, padding = module.stride[0], module.padding[0]
+        self.stages.append(
+            QWeight(name, stored.float() * f.weight.lsb, bias, f, relu, wmult_log2, max(stride, 1), padding)
+        )
+
+    def add_bn(self, name: str, bn: nn.BatchNorm2d) -> None:
+        stage = StreamingBN(name, bn.num_features, self.fmt(name), self.bn_batch)
+        stage.load_float(bn)
+        self.stages.append(stage)
+
+
+def quantize_for_adaptation(
+    model: nn.Module,
+    formats: Mapping[str, LayerFormats] | None = None,
+    input_grid: Grid = PAPER_INPUT,
+    bn_batch: int = 10,
+) -> QNet:
+    """Convert a float ``LRTNet`` or ``nn.Sequential`` (Conv2d, Linear, ReLU, MaxPool2d, BatchNorm2d,
+    Flatten, Dropout) into a :class:`QNet`: weights divided by their wmult and rounded onto the
+    weight grid (saturating), a ReLU right after a weight layer fused into it, BN made streaming."""
+    if isinstance(model, LRTNet):
+        named = [
+            ("conv1", model.conv1), ("", nn.ReLU()), ("conv2", model.conv2), ("", model.pool),
+            ("", nn.ReLU()), ("bn2", model.bn2), ("conv3", model.conv3), ("", nn.ReLU()),
+            ("conv4", model.conv4), ("", model.pool), ("", nn.ReLU()), ("bn4", model.bn4),
+            ("", nn.Flatten()), ("fc1", model.fc1), ("", nn.ReLU()), ("fc2", model.fc2),
+        ]
+    elif isinstance(model, nn.Sequential):
+        named = list(model.named_children())
+    else:
+        raise TypeError(f"quantize_for_adaptation takes an LRTNet or nn.Sequential, got {type(model).__name__}")
+    builder = _Builder(formats or {}, bn_batch)
+    weight_names = [n for n, m in named if isinstance(m, nn.Conv2d | nn.Linear)]
+    i = 0
+    while i < len(named):
+        name, module = named[i]
+        follows_relu = i + 1 < len(named) and isinstance(named[i + 1][1], nn.ReLU)
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            builder.add_weight(name, module, follows_relu, name == weight_names[-1])
+            i += 2 if follows_relu else 1
+            continue
+        if isinstance(module, nn.ReLU):
+            builder.stages.append(ActQuant(builder.fmt(name)))
+        elif isinstance(module, nn.MaxPool2d):
+            builder.stages.append(nn.MaxPool2d(module.kernel_size, module.stride))
+        elif isinstance(module, nn.BatchNorm2d):
+            builder.add_bn(name, module)
+        elif isinstance(module, nn.Flatten):
+            builder.stages.append(nn.Flatten())
+        elif not isinstance(module, nn.Dropout | nn.Identity):
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) is not supported for adaptation; supported: "
+                "Conv2d, Linear, ReLU, MaxPool2d, BatchNorm2d, Flatten, Dropout"
+            )
+        i += 1
+    return QNet(builder.stages, input_grid)
+
+

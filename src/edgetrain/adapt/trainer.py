@@ -1,0 +1,295 @@
+"""The online (batch-1) trainer: predict, then learn, on weights held in simulated NVM.
+
+DESIGN.md sections 5-6; LRT v1 section 6 and App. C (reference notes 2.6-2.9, 3.4-3.5). Per sample
+``t`` (0-based): drift the NVM arrays when ``t % d == 0`` (the stream's ``DriftSpec``), predict (the
+streaming BN statistics take the sample in), score the prediction, backpropagate the quantized loss
+gradient ``q_g(softmax(z) - onehot(y))`` with STE through every quantizer, and let the update rule
+change biases, BN parameters and (through ``NVMArray.write``) weights.
+
+Metrics (DESIGN.md 6): online accuracy = bias-corrected EMA (beta = 0.999) of predict-before-learn
+correctness, ``ema_t / (1 - beta^t)``; test accuracy at checkpoints; max writes per cell; write
+density = writes / cells / samples; energy = NVM write energy + one full read of every array per
+sample; auxiliary memory per layer; samples/s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from edgetrain.adapt.checkpoint import CheckpointError, load_state, save_state
+from edgetrain.adapt.qnet import QNet
+from edgetrain.adapt.rules import SGD, UpdateRule, accumulator_bits, lowrank_aux_bits, minibatch_sample_bits
+from edgetrain.nvm import DriftSpec, EnergyModel, NVMArray
+
+HISTORY_KEYS = ("step", "online_accuracy", "max_writes", "max_writes_paper")
+
+
+class Stream(Protocol):
+    """What the trainer needs from a scenario (``edgetrain.adapt.scenarios.Scenario``)."""
+
+    drift: DriftSpec | None
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @property
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class OnlineTrainer:
+    """Batch-1 predict-then-learn loop of ``net`` under ``rule`` on ``stream``.
+
+    The weight codes of every layer move into an ``NVMArray`` (``energy``, ``endurance``,
+    ``stuck_fraction``); ``seed`` seeds the drift and the rule's random signs. ``log_every``: history
+    resolution in samples; ``test_samples``: test images scored at each test point.
+    """
+
+    def __init__(
+        self,
+        net: QNet,
+        rule: UpdateRule,
+        stream: Stream,
+        seed: int = 0,
+        ema_beta: float = 0.999,
+        log_every: int = 100,
+        test_samples: int = 1000,
+        energy: EnergyModel | None = None,
+        endurance: float = 1e6,
+        stuck_fraction: float = 0.0,
+        fetch: int = 500,
+    ) -> None:
+        self.net, self.rule, self.stream = net, rule, stream
+        self.seed = seed
+        self.ema_beta = ema_beta
+        self.log_every = log_every
+        self.test_samples = test_samples
+        self.fetch = fetch
+        self.arrays = {
+            layer.name: NVMArray(
+                layer.codes(), layer.formats.weight.fmt, energy=energy, endurance=endurance,
+                stuck_fraction=stuck_fraction, seed=seed * 100 + i,
+            )
+            for i, layer in enumerate(net.weight_layers)
+        }
+        for layer in net.weight_layers:
+            layer.weight.requires_grad_(False)
+            layer.record = rule.learns
+        net.set_online(True)
+        net.train()
+        rule.bind(net, self.arrays, seed)
+        self.drift_rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+        self.step_count = 0
+        self.ema = 0.0
+        self.history: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS}
+        self.tests: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    # -- one sample -----------------------------------------------------------------------------
+    def _drift(self, step: int) -> None:
+        spec = self.stream.drift
+        if spec is None or step % spec.period:
+            return
+        for layer in self.net.weight_layers:
+            array = self.arrays[layer.name]
+            if spec.apply(array, step, self.drift_rng, layer.formats.weight.lsb):
+                layer.set_codes(array.codes)
+
+    def learn_sample(self, image: torch.Tensor, label: int) -> bool:
+        """Drift, predict, score, learn on one sample; returns whether the prediction was right."""
+        step = self.step_count
+        self._drift(step)
+        for param in self.net.parameters():
+            param.grad = None
+        logits = self.net(image.unsqueeze(0))
+        correct = int(logits.argmax(1)) == label
+        if self.rule.learns:
+            grad = torch.softmax(logits.detach().double(), 1).float()
+            grad[0, label] -= 1.0
+            grid = self.net.weight_layers[-1].formats.grad
+            logits.backward(grid.quantize(grad))
+            self.rule.update(step)
+        self.ema = self.ema_beta * self.ema + (1.0 - self.ema_beta) * float(correct)
+        self.step_count = step + 1
+        if self.step_count % self.log_every == 0:
+            self._record()
+        return correct
+
+    # -- metrics --------------------------------------------------------------------------------
+    @property
+    def online_accuracy(self) -> float:
+        """ema_t / (1 - beta^t): the bias-corrected EMA of predict-before-learn correctness."""
+        if self.step_count == 0:
+            return 0.0
+        return self.ema / (1.0 - self.ema_beta**self.step_count)
+
+    @property
+    def max_writes(self) -> int:
+        """Writes to the most-written weight cell of any layer (the paper's "max # writes")."""
+        return max(array.max_writes for array in self.arrays.values())
+
+    @property
+    def max_writes_paper(self) -> int:
+        """As the paper counts them: SGD conv writes per pixel (reference notes 3.5), else max_writes."""
+        return self.rule.max_pixel_writes() if isinstance(self.rule, SGD) else self.max_writes
+
+    def _record(self) -> None:
+        values = (self.step_count, self.online_accuracy, self.max_writes, self.max_writes_paper)
+        for key, value in zip(HISTORY_KEYS, values, strict=True):
+            self.history[key].append(value)
+
+    @torch.no_grad()
+    def test_accuracy(self, batch_size: int = 250) -> float:
+        """Top-1 accuracy on the first ``test_samples`` test images, BN statistics frozen."""
+        images, labels = self.stream.test_set
+        images, labels = images[: self.test_samples], labels[: self.test_samples]
+        self.net.eval()
+        try:
+            batches = [images[i : i + batch_size] for i in range(0, len(labels), batch_size)]
+            preds = torch.cat([self.net(batch).argmax(1) for batch in batches])
+        finally:
+            self.net.train()
+        return float((preds == labels).float().mean())
+
+    def metrics(self) -> dict[str, Any]:
+        """Summary of the run so far (JSON-able)."""
+        samples = max(self.step_count, 1)
+        cells = sum(a.num_cells for a in self.arrays.values())
+        total = sum(a.total_writes for a in self.arrays.values())
+        write_pj = sum(a.energy_pj["write"] for a in self.arrays.values())
+        read_pj = self.step_count * sum(
+            a.num_cells * a.fmt.bits * a.energy.read_pj_per_bit for a in self.arrays.values()
+        )
+        layers = {}
+        for layer in self.net.weight_layers:
+            n, m = layer.shape2d
+            array = self.arrays[layer.name]
+            layers[layer.name] = {
+                "shape": [n, m],
+                "max_writes": array.max_writes,
+                "total_writes": array.total_writes,
+                "update_events": array.update_events,
+                "aux_memory_formulas": {
+                    "lowrank_r4": lowrank_aux_bits(n, m, 4),
+                    "minibatch_samples_b10": minibatch_sample_bits(n, m, 10, layer.out_pixels),
+                    "minibatch_accumulator": accumulator_bits(n, m),
+                },
+            }
+        return {
+            "samples": self.step_count,
+            "online_accuracy": self.online_accuracy,
+            "test_accuracy": self.tests[-1]["accuracy"] if self.tests else None,
+            "max_writes": self.max_writes,
+            "max_writes_paper": self.max_writes_paper,
+            "total_writes": total,
+            "write_density": total / cells / samples,
+            "energy_pj": {"read": read_pj, "write": write_pj, "total": read_pj + write_pj},
+            "projected_lifetime_samples": (
+                min(a.projected_lifetime_samples(samples) for a in self.arrays.values()) if total else math.inf
+            ),
+            "aux_memory_bits": self.rule.aux_memory_bits(),
+            "layers": layers,
+        }
+
+    def log(self) -> dict[str, Any]:
+        """The run log: config, history, tests, final metrics; wall-clock figures under "timing"."""
+        return {
+            "config": {"stream": self.stream.describe(), "rule": self.rule.config(), "seed": self.seed,
+                       "ema_beta": self.ema_beta, "test_samples": self.test_samples},
+            "history": {k: list(v) for k, v in self.history.items()},
+            "tests": list(self.tests),
+            "final": self.metrics(),
+            "timing": {"seconds": self.seconds, "samples_per_second": self.step_count / max(self.seconds, 1e-9)},
+        }
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(
+        self,
+        samples: int,
+        test_every: int | None = None,
+        checkpoint_every: int | None = None,
+        checkpoint: str | Path | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Continue up to ``samples`` samples in total; test every ``test_every`` and at the end,
+        checkpoint every ``checkpoint_every`` to ``checkpoint``. Returns :meth:`log`."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=samples, initial=self.step_count, unit="sample", dynamic_ncols=True)
+        while self.step_count < samples:
+            start = self.step_count
+            stop = min(samples, start + self.fetch)
+            for every in (test_every, checkpoint_every):
+                if every:
+                    stop = min(stop, (start // every + 1) * every)
+            images, labels = self.stream.batch(start, stop)
+            t0 = time.perf_counter()
+            for image, label in zip(images, labels.tolist(), strict=True):
+                self.learn_sample(image, label)
+            self.seconds += time.perf_counter() - t0
+            if test_every and self.step_count % test_every == 0 and self.step_count < samples:
+                self.tests.append({"step": self.step_count, "accuracy": self.test_accuracy()})
+            if checkpoint_every and checkpoint is not None and self.step_count % checkpoint_every == 0:
+                self.save(checkpoint)
+            if bar is not None:
+                bar.update(self.step_count - start)
+                bar.set_postfix(acc=f"{self.online_accuracy:.3f}", max_writes=self.max_writes_paper)
+        if bar is not None:
+            bar.close()
+        if not self.tests or self.tests[-1]["step"] != self.step_count:
+            self.tests.append({"step": self.step_count, "accuracy": self.test_accuracy()})
+        return self.log()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+            "arrays": {name: array.state_dict() for name, array in self.arrays.items()},
+            "rule": self.rule.state_dict(),
+            "rule_config": self.rule.config(),
+            "drift_rng": self.drift_rng.bit_generator.state,
+            "step": self.step_count,
+            "ema": self.ema,
+            "history": {k: list(v) for k, v in self.history.items()},
+            "tests": list(self.tests),
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["rule_config"] != self.rule.config():
+            raise CheckpointError(
+                f"the checkpoint was written by rule {state['rule_config']}, this run uses {self.rule.config()}"
+            )
+        self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state["net"].items()})
+        for layer in self.net.weight_layers:
+            array = NVMArray.from_state_dict(state["arrays"][layer.name])
+            self.arrays[layer.name] = array
+            layer.set_codes(array.codes)
+        self.rule.arrays = self.arrays
+        self.rule.load_state_dict(state["rule"])
+        self.drift_rng.bit_generator.state = state["drift_rng"]
+        self.step_count = int(state["step"])
+        self.ema = float(state["ema"])
+        self.history = {k: list(state["history"][k]) for k in HISTORY_KEYS}
+        self.tests = [dict(t) for t in state["tests"]]
+        self.seconds = float(state["seconds"])
+
+    def save(self, path: str | Path) -> None:
+        """Atomic checkpoint of every piece of state (NVM, rule, RNGs, EMA, step, logs)."""
+        save_state(self.state_dict(), path)
+
+    def resume(self, path: str | Path) -> None:
+        """Load a :meth:`save` checkpoint; a missing or corrupt file raises ``CheckpointError``."""
+        state = load_state(path)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {path} does not match this run: {err}") from err
