@@ -1,0 +1,107 @@
+"""Pipeline config validation and cached stages (issue: the main job)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgetrain.pipeline.config import ConfigError, PipelineConfig, config_from_dict, load_config
+from edgetrain.pipeline.stages import StageError, fingerprint, run_stage
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nimport = "mypkg.nets:build"\n[pretrain]\nepochs = 3\nlr = 1\n[adapt]\nrules = ["sgd"]\n')
+    config = load_config(path)
+    assert config.model.import_path == "mypkg.nets:build"
+    assert config.pretrain.epochs == 3 and config.pretrain.lr == 1.0 and isinstance(config.pretrain.lr, float)
+    assert config.adapt.rules == ["sgd"]
+    assert config.quantize.weight_bits == PipelineConfig().quantize.weight_bits
+
+
+def test_round_trip_through_toml(tmp_path: Path) -> None:
+    config = PipelineConfig()
+    config.adapt.samples = 123
+    path = tmp_path / "again.toml"
+    path.write_text(config.to_toml())
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"modle": {}}, "unknown section \\[modle\\] \\(did you mean 'model'\\?\\)"),
+        ({"pretrain": {"epoch": 2}}, "unknown key 'epoch' in \\[pretrain\\] \\(did you mean 'epochs'\\?\\)"),
+        ({"pretrain": {"epochs": "two"}}, "\\[pretrain\\] epochs must be int"),
+        ({"pretrain": {"epochs": True}}, "must be int"),
+        ({"adapt": {"rules": "sgd"}}, "list of strings"),
+        ({"data": 3}, "must be a table"),
+    ],
+)
+def test_config_errors(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\nname = 1")
+    with pytest.raises(ConfigError, match="not valid"):
+        load_config(broken)
+
+
+def test_stage_runs_once_and_reruns_when_inputs_change(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def body(directory: Path) -> dict:
+        calls.append(directory.name)
+        (directory / "out.txt").write_text("x")
+        return {"value": len(calls)}
+
+    logs: list[str] = []
+    first = run_stage(tmp_path, "stage", fingerprint("a"), body, logs.append)
+    again = run_stage(tmp_path, "stage", fingerprint("a"), body, logs.append)
+    assert not first.skipped and again.skipped and again.summary == {"value": 1}
+    changed = run_stage(tmp_path, "stage", fingerprint("b"), body, logs.append)
+    assert not changed.skipped and changed.summary == {"value": 2}
+    (tmp_path / "stage" / "out.txt").unlink()  # an output went missing: the stage is invalid
+    assert not run_stage(tmp_path, "stage", fingerprint("b"), body, logs.append).skipped
+    assert len(calls) == 3
+
+
+def test_interrupted_stage_runs_again_and_keeps_its_checkpoint(tmp_path: Path) -> None:
+    def crash(directory: Path) -> dict:
+        (directory / "checkpoint.pt").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "stage", "k", crash, lambda _: None)
+    assert not (tmp_path / "stage" / "stage.json").exists()
+    seen = {}
+
+    def resume(directory: Path) -> dict:
+        seen["checkpoint"] = (directory / "checkpoint.pt").read_text()
+        return {}
+
+    run_stage(tmp_path, "stage", "k", resume, lambda _: None)
+    assert seen["checkpoint"] == "partial"
+    assert json.loads((tmp_path / "stage" / "stage.json").read_text())["fingerprint"] == "k"
+
+
+def test_read_only_output_folder(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        blocked = tmp_path / "file-not-folder"
+        blocked.write_text("")  # root ignores permissions; a file where a folder should be fails for anyone
+        with pytest.raises(StageError, match="cannot create the output folder"):
+            run_stage(blocked, "stage", "k", lambda d: {}, lambda _: None)
+    else:
+        tmp_path.chmod(0o500)
+        try:
+            with pytest.raises(StageError, match="cannot create the output folder"):
+                run_stage(tmp_path, "stage", "k", lambda d: {}, lambda _: None)
+        finally:
+            tmp_path.chmod(0o700)
