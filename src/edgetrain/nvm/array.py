@@ -209,16 +209,24 @@ class NVMArray:
 
     def apply_analog_drift(self, sigma_codes: float, rng: np.random.Generator) -> int:
         """level += N(0, sigma_codes^2), then clip to [qmin, qmax] (DESIGN.md section 6). Not a write;
-        stuck cells do not drift. Returns the number of cells whose stored code changed."""
+        stuck cells do not drift. Returns the number of cells whose stored code changed.
+
+        The normals come from a torch generator seeded by ``rng`` (float32, about 3x faster than
+        NumPy's for the ~1.5M cells of the paper net), so the result is still fixed by ``rng``.
+        """
         if not (math.isfinite(sigma_codes) and sigma_codes >= 0):
             raise ValueError(f"sigma_codes must be a finite number >= 0, got {sigma_codes!r}")
         _check_rng(rng)
         if sigma_codes == 0:
             return 0
-        noise = rng.normal(0.0, sigma_codes, size=self._levels.shape)
-        noise[self._stuck] = 0.0
-        np.clip(self._levels + noise, self.fmt.qmin, self.fmt.qmax, out=self._levels)
-        new = np.rint(self._levels).astype(np.int64)
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        noise = torch.randn(self._levels.shape, generator=generator).numpy()
+        noise *= np.float32(sigma_codes)
+        if self._stuck.any():
+            noise[self._stuck] = 0.0
+        self._levels += noise
+        np.clip(self._levels, self.fmt.qmin, self.fmt.qmax, out=self._levels)
+        new = np.rint(self._levels)
         changed = int(np.count_nonzero(new != self._codes))
         self._codes[...] = new
         return changed
