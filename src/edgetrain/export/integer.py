@@ -1,0 +1,424 @@
+"""The integer program: int weights and biases, a JSON manifest, and a pure-integer executor.
+
+``to_integer(qmodel)`` walks the fx graph of a :class:`~edgetrain.graph.QuantizedModel` and records,
+per quantizer, bits, sign, exponent k (scale 2^k), rounding and threshold, and per layer the integer
+codes of its (BN-folded) weights and biases (DESIGN.md section 4, "Every requantization is a shift").
+``IntegerProgram.run(x)`` executes it with NumPy int64 accumulators, shift requantization with
+round-to-nearest (``edgetrain.fixedpoint.requantize``) and saturation; its outputs equal the
+fake-quantized model's eval-mode outputs bit for bit. Saved as ``manifest.json`` + ``weights.safetensors``
+(a SHA-256 of the weights in the manifest); loading parses JSON and safetensors only.
+
+Activations after ReLU/ReLU6 are handled exactly in the integer domain because rounding and clipping
+are monotone: ``q(min(max(y, 0), 6)) = min(max(q(y), 0), q(6))``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from numpy.lib.stride_tricks import sliding_window_view
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgetrain.fixedpoint import FixedPointFormat, Rounding, quantize_to_codes, requantize, shift_round
+from edgetrain.graph.modules import RELU6_CEILING, QActivation, QAdd, QAvgPool, QCompute, QLeakyReLU
+from edgetrain.graph.quantize import QuantizedModel
+
+FORMAT_NAME = "edgetrain-integer-program"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+OP_FIELDS: dict[str, tuple[str, ...]] = {
+    "quantize": ("input", "output", "quantizer"),
+    "requantize": ("input", "output", "quantizer", "activation"),
+    "conv": ("input", "output", "weight", "bias", "weight_q", "acc_q", "bias_q", "out_q", "activation",
+             "stride", "padding", "dilation", "groups"),
+    "linear": ("input", "output", "weight", "bias", "weight_q", "acc_q", "bias_q", "out_q", "activation"),
+    "scale": ("input", "output", "weight", "bias", "weight_q", "acc_q", "bias_q", "out_q", "activation"),
+    "avgpool": ("input", "output", "reciprocal", "recip_q", "out_q", "kernel", "stride", "padding"),
+    "add": ("inputs", "output", "out_q", "activation"),
+    "leaky_relu": ("input", "output", "alpha", "alpha_q", "prod_q", "out_q"),
+    "maxpool": ("input", "output", "kernel", "stride", "padding", "dilation"),
+    "concat": ("inputs", "output", "axis"),
+    "reshape": ("input", "output", "shape"),
+}
+QUANTIZER_FIELDS = ("role", "bits", "signed", "exponent", "rounding", "threshold", "log2_t")
+TENSOR_QUANTIZERS = {"weight": "weight_q", "bias": "bias_q", "reciprocal": "recip_q", "alpha": "alpha_q"}
+TENSOR_FIELDS = tuple(TENSOR_QUANTIZERS)
+ACTIVATIONS = ("none", "relu", "relu6")
+BATCH = 256  # images per executor chunk (bounds the im2col memory)
+
+
+class IntegerProgramError(ValueError):
+    """A manifest or weight file that is corrupt, inconsistent or not an integer program."""
+
+
+# ----------------------------------------------------------------------------------------------
+# integer kernels (NumPy int64)
+
+
+def _windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+             dilation: tuple[int, int], fill: int) -> np.ndarray:
+    """N x C x Ho x Wo x kh x kw view of the (padded) input windows."""
+    xp = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=fill)
+    span = ((kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1)
+    win = sliding_window_view(xp, span, axis=(2, 3))
+    return win[:, :, :: stride[0], :: stride[1], :: dilation[0], :: dilation[1]]
+
+
+def conv2d_int(x: np.ndarray, w: np.ndarray, stride: tuple[int, int], padding: tuple[int, int],
+               dilation: tuple[int, int], groups: int) -> np.ndarray:
+    """Exact grouped 2-D convolution of int64 codes (cross-correlation, as torch)."""
+    n = x.shape[0]
+    o, cg, kh, kw = w.shape
+    win = _windows(x, (kh, kw), stride, padding, dilation, 0)
+    ho, wo = win.shape[2:4]
+    win = win.reshape(n, groups, cg, ho, wo, kh, kw)
+    out = np.einsum("ngchwij,gocij->ngohw", win, w.reshape(groups, o // groups, cg, kh, kw), optimize=True)
+    return out.reshape(n, o, ho, wo)
+
+
+def _align(values: list[np.ndarray], exponents: list[int]) -> tuple[list[np.ndarray], int]:
+    """Left-shift codes to the smallest exponent (exact)."""
+    k = min(exponents)
+    return [np.left_shift(v, e - k) for v, e in zip(values, exponents, strict=True)], k
+
+
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    return v.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+@dataclass
+class IntegerProgram:
+    """Quantizers, integer tensors and the op sequence of a fixed-point network (see module docstring)."""
+
+    quantizers: dict[str, dict[str, Any]]
+    ops: list[dict[str, Any]]
+    tensors: dict[str, np.ndarray]
+    input: str
+    output: str
+    input_shape: list[int]
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    # -- execution
+    def fmt(self, name: str) -> FixedPointFormat:
+        q = self.quantizers[name]
+        return FixedPointFormat(int(q["bits"]), bool(q["signed"]))
+
+    def _requantize(self, codes: np.ndarray, exponent: int, qname: str, activation: str = "none") -> np.ndarray:
+        q = self.quantizers[qname]
+        fmt, k, rounding = self.fmt(qname), int(q["exponent"]), q["rounding"]
+        out = requantize(codes, exponent, k, fmt, rounding)
+        if activation in ("relu", "relu6"):
+            out = np.maximum(out, 0)
+        if activation == "relu6":
+            ceiling = np.clip(shift_round(np.array([int(RELU6_CEILING)]), k, rounding), fmt.qmin, fmt.qmax)
+            out = np.minimum(out, ceiling[0])
+        return out
+
+    def _k(self, qname: str) -> int:
+        return int(self.quantizers[qname]["exponent"])
+
+    def run(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Execute on a float batch (N x C x H x W); returns float32 outputs ``codes * 2^k``."""
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x)
+        if list(x.shape[1:]) != list(self.input_shape[1:]):
+            raise ValueError(f"input shape {list(x.shape)} does not match the program's {self.input_shape}")
+        chunks = [self._run(x[i : i + BATCH]) for i in range(0, max(len(x), 1), BATCH)]
+        return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        env: dict[str, tuple[np.ndarray, int]] = {}
+        for op in self.ops:
+            env[op["output"]] = self._execute(op, x, env)
+        codes, k = env[self.output]
+        return np.ldexp(codes.astype(np.float64), k).astype(np.float32)
+
+    def _execute(
+        self, op: dict[str, Any], x: np.ndarray, env: dict[str, tuple[np.ndarray, int]]
+    ) -> tuple[np.ndarray, int]:
+        kind = op["op"]
+        if kind == "quantize":
+            q, k = self.quantizers[op["quantizer"]], self._k(op["quantizer"])
+            return quantize_to_codes(x, k, self.fmt(op["quantizer"]), q["rounding"]), k
+        if kind in ("maxpool", "reshape", "concat"):
+            return self._passthrough(op, env)
+        if kind == "add":
+            (a, ka), (b, kb) = (env[name] for name in op["inputs"])
+            (a, b), k = _align([a, b], [ka, kb])
+            return self._requantize(a + b, k, op["out_q"], op["activation"]), self._k(op["out_q"])
+        codes, k_in = env[op["input"]]
+        if kind == "requantize":
+            return self._requantize(codes, k_in, op["quantizer"], op["activation"]), self._k(op["quantizer"])
+        if kind in ("conv", "linear", "scale"):
+            return self._compute(op, codes, k_in)
+        if kind == "avgpool":
+            win = _windows(codes, op["kernel"], op["stride"], op["padding"], (1, 1), 0)
+            acc = win.sum(axis=(-2, -1)) * self.tensors[op["reciprocal"]]
+            return self._requantize(acc, k_in + self._k(op["recip_q"]), op["out_q"]), self._k(op["out_q"])
+        if kind == "leaky_relu":
+            prod = self._requantize(codes * self.tensors[op["alpha"]], k_in + self._k(op["alpha_q"]), op["prod_q"])
+            (a, b), k = _align([codes, prod], [k_in, self._k(op["prod_q"])])
+            return self._requantize(np.maximum(a, b), k, op["out_q"]), self._k(op["out_q"])
+        raise IntegerProgramError(f"unknown op {kind!r}")
+
+    def _passthrough(self, op: dict[str, Any], env: dict[str, tuple[np.ndarray, int]]) -> tuple[np.ndarray, int]:
+        kind = op["op"]
+        if kind == "concat":
+            parts = [env[name] for name in op["inputs"]]
+            if len({k for _, k in parts}) != 1:
+                raise IntegerProgramError(f"concat {op['output']!r}: inputs have different exponents")
+            return np.concatenate([c for c, _ in parts], axis=int(op["axis"])), parts[0][1]
+        codes, k = env[op["input"]]
+        if kind == "reshape":
+            return codes.reshape(op["shape"]), k
+        win = _windows(codes, op["kernel"], op["stride"], op["padding"], op["dilation"], np.iinfo(np.int64).min)
+        return win.max(axis=(-2, -1)), k
+
+    def _compute(self, op: dict[str, Any], codes: np.ndarray, k_in: int) -> tuple[np.ndarray, int]:
+        """q_out(act(q_acc(sum w x) + b)): int64 accumulate, shift to the int16 accumulator, add bias."""
+        w = self.tensors[op["weight"]]
+        if op["op"] == "conv":
+            acc = conv2d_int(codes, w, op["stride"], op["padding"], op["dilation"], int(op["groups"]))
+        elif op["op"] == "linear":
+            acc = codes @ w.T
+        else:
+            acc = codes * _channel(w, codes.ndim)
+        acc = self._requantize(acc, k_in + self._k(op["weight_q"]), op["acc_q"])
+        bias = _channel(self.tensors[op["bias"]], acc.ndim)
+        (acc, bias), k = _align([acc, bias], [self._k(op["acc_q"]), self._k(op["bias_q"])])
+        return self._requantize(acc + bias, k, op["out_q"], op["activation"]), self._k(op["out_q"])
+
+    # -- persistence
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "input": self.input, "output": self.output,
+            "input_shape": self.input_shape, "quantizers": self.quantizers, "ops": self.ops, "shapes": self.shapes,
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``manifest.json`` and ``weights.safetensors`` (each via a temporary file + os.replace)."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: _narrow(codes) for name, codes in self.tensors.items()}
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, folder / WEIGHTS_FILE)
+        manifest = self.manifest() | {"weights_sha256": digest}
+        tmp = folder / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, folder / MANIFEST_FILE)
+        return folder
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> IntegerProgram:
+        """Read a saved program (JSON + safetensors only); raises IntegerProgramError when corrupt."""
+        folder = Path(directory)
+        manifest_path, weights_path = folder / MANIFEST_FILE, folder / WEIGHTS_FILE
+        for path in (manifest_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"integer program file missing: {path}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise IntegerProgramError(f"{manifest_path}: not valid JSON ({err})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise IntegerProgramError(f"{manifest_path}: not an {FORMAT_NAME} manifest")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise IntegerProgramError(f"{manifest_path}: unsupported version {manifest.get('version')!r}")
+        blob = weights_path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != manifest.get("weights_sha256"):
+            raise IntegerProgramError(f"{weights_path}: SHA-256 does not match the manifest (corrupt or replaced)")
+        try:
+            tensors = {k: v.astype(np.int64) for k, v in load_file(str(weights_path)).items()}
+        except (SafetensorError, ValueError) as err:
+            raise IntegerProgramError(f"{weights_path}: unreadable safetensors file ({err})") from None
+        try:
+            program = cls(
+                quantizers=manifest["quantizers"], ops=manifest["ops"], tensors=tensors, input=manifest["input"],
+                output=manifest["output"], input_shape=manifest["input_shape"], shapes=manifest.get("shapes", {}),
+            )
+        except KeyError as err:
+            raise IntegerProgramError(f"{manifest_path}: missing field {err}") from None
+        program.validate()
+        return program
+
+    def validate(self) -> None:
+        """Check that every op, quantizer and tensor reference is well formed and every code in range."""
+        if not isinstance(self.quantizers, dict) or not isinstance(self.ops, list):
+            raise IntegerProgramError("manifest: 'quantizers' must be an object and 'ops' a list")
+        for name, q in self.quantizers.items():
+            missing = [f for f in QUANTIZER_FIELDS if f not in q]
+            if missing:
+                raise IntegerProgramError(f"quantizer {name!r}: missing {missing}")
+            try:
+                FixedPointFormat(q["bits"], q["signed"])
+                Rounding.parse(q["rounding"])
+            except (TypeError, ValueError) as err:
+                raise IntegerProgramError(f"quantizer {name!r}: {err}") from None
+            if not isinstance(q["exponent"], int):
+                raise IntegerProgramError(f"quantizer {name!r}: exponent must be an integer")
+        defined = {self.input}
+        for i, op in enumerate(self.ops):
+            kind = op.get("op") if isinstance(op, dict) else None
+            if kind not in OP_FIELDS:
+                raise IntegerProgramError(f"op {i}: unknown op {kind!r}; known: {sorted(OP_FIELDS)}")
+            missing = [f for f in OP_FIELDS[kind] if f not in op]
+            if missing:
+                raise IntegerProgramError(f"op {i} ({kind}): missing {missing}")
+            sources = op["inputs"] if "inputs" in op else [op["input"]]
+            if kind != "quantize" and any(s not in defined for s in sources):
+                raise IntegerProgramError(f"op {i} ({kind}): input used before it is defined: {sources}")
+            for key, value in op.items():
+                if key.endswith("_q") or key == "quantizer":
+                    if value not in self.quantizers:
+                        raise IntegerProgramError(f"op {i} ({kind}): unknown quantizer {value!r}")
+                if key in TENSOR_FIELDS and value not in self.tensors:
+                    raise IntegerProgramError(f"op {i} ({kind}): tensor {value!r} missing from the weight file")
+            if op.get("activation", "none") not in ACTIVATIONS:
+                raise IntegerProgramError(f"op {i} ({kind}): unknown activation {op['activation']!r}")
+            for key, qkey in TENSOR_QUANTIZERS.items():
+                if key in op:
+                    fmt, codes = self.fmt(op[qkey]), self.tensors[op[key]]
+                    if codes.size and (codes.min() < fmt.qmin or codes.max() > fmt.qmax):
+                        raise IntegerProgramError(f"op {i} ({kind}): {key} codes outside {fmt} range")
+            defined.add(op["output"])
+        if self.output not in defined:
+            raise IntegerProgramError(f"output {self.output!r} is not produced by any op")
+
+
+def _narrow(codes: np.ndarray) -> np.ndarray:
+    """The smallest integer dtype that holds the codes."""
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if codes.size == 0 or (codes.min() >= info.min and codes.max() <= info.max):
+            return np.ascontiguousarray(codes.astype(dtype))
+    return np.ascontiguousarray(codes.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def _codes(quantizer: nn.Module, values: torch.Tensor) -> np.ndarray:
+    """Integer codes of ``quantizer(values)`` (exact: a multiple of a power of two)."""
+    return torch.round(quantizer(values).double() / quantizer.scale).to(torch.int64).numpy()
+
+
+class _Exporter:
+    def __init__(self, qmodel: QuantizedModel) -> None:
+        self.qmodel = qmodel
+        self.net = qmodel.net
+        self.modules = dict(self.net.named_modules())
+        self.names = {id(q): name for name, _, q in qmodel.named_quantizers()}
+        self.ops: list[dict[str, Any]] = []
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def qname(self, quantizer: nn.Module) -> str:
+        return self.names[id(quantizer)]
+
+    def run(self) -> IntegerProgram:
+        ShapeProp(self.net).propagate(torch.zeros(1, *self.qmodel.input_shape[1:]))
+        handlers: dict[type, Callable[[fx.Node, Any], dict[str, Any]]] = {
+            QActivation: self.activation, QCompute: self.compute, QAvgPool: self.avgpool, QAdd: self.add,
+            QLeakyReLU: self.leaky, nn.MaxPool2d: self.maxpool,
+        }
+        shapes: dict[str, list[int]] = {}
+        input_name = output_name = ""
+        for node in self.net.graph.nodes:
+            if node.op == "placeholder":
+                input_name = node.name
+                continue
+            if node.op == "output":
+                output_name = node.args[0].name if isinstance(node.args[0], fx.Node) else ""
+                if not output_name:
+                    raise IntegerProgramError("only models with a single tensor output can be exported")
+                continue
+            if node.op == "call_module" and type(self.modules[node.target]) in handlers:
+                op = handlers[type(self.modules[node.target])](node, self.modules[node.target])
+            elif node.op == "call_function" and node.target is torch.cat:
+                op = {"op": "concat", "inputs": [a.name for a in node.args[0]], "axis": int(node.args[1])}
+            elif node.op == "call_function" and node.target is torch.reshape:
+                op = {"op": "reshape", "input": node.args[0].name, "shape": [int(s) for s in node.args[1]]}
+            else:
+                raise IntegerProgramError(
+                    f"node {node.name!r} ({node.op} {node.target}) has no integer implementation; "
+                    "ops left in float (allow_float=True) cannot be exported to an integer program"
+                )
+            op["output"] = node.name
+            shapes[node.name] = list(node.meta["tensor_meta"].shape)
+            self.ops.append(op)
+        quantizers = {
+            q.name: {"role": q.role, "bits": q.bits, "signed": q.signed, "exponent": q.exponent,
+                     "rounding": q.rounding, "threshold": q.threshold, "log2_t": q.log2_t, "group": q.group}
+            for q in self.qmodel.quantizers()
+        }
+        program = IntegerProgram(quantizers, self.ops, self.tensors, input_name, output_name,
+                                 list(self.qmodel.input_shape), shapes)
+        program.validate()
+        return program
+
+    def activation(self, node: fx.Node, m: QActivation) -> dict[str, Any]:
+        if m.role == "input":
+            return {"op": "quantize", "input": node.args[0].name, "quantizer": self.qname(m.out_q)}
+        return {"op": "requantize", "input": node.args[0].name, "quantizer": self.qname(m.out_q),
+                "activation": m.activation}
+
+    def compute(self, node: fx.Node, m: QCompute) -> dict[str, Any]:
+        weight, bias, _ = m.folded()
+        self.tensors[f"{node.name}.weight"] = _codes(m.weight_q, weight)
+        self.tensors[f"{node.name}.bias"] = _codes(m.bias_q, bias)
+        op = {"op": m.kind, "input": node.args[0].name, "weight": f"{node.name}.weight",
+              "bias": f"{node.name}.bias", "weight_q": self.qname(m.weight_q), "acc_q": self.qname(m.acc_q),
+              "bias_q": self.qname(m.bias_q), "out_q": self.qname(m.out_q), "activation": m.activation}
+        if m.kind == "conv":
+            op |= {k: list(v) if isinstance(v, tuple) else v for k, v in m.conv_args.items()}
+        return op
+
+    def avgpool(self, node: fx.Node, m: QAvgPool) -> dict[str, Any]:
+        self.tensors[f"{node.name}.reciprocal"] = _codes(m.recip_q, m.reciprocal).reshape(1)
+        return {"op": "avgpool", "input": node.args[0].name, "reciprocal": f"{node.name}.reciprocal",
+                "recip_q": self.qname(m.recip_q), "out_q": self.qname(m.out_q), "kernel": list(m.kernel),
+                "stride": list(m.stride), "padding": list(m.padding)}
+
+    def add(self, node: fx.Node, m: QAdd) -> dict[str, Any]:
+        return {"op": "add", "inputs": [a.name for a in node.args], "out_q": self.qname(m.out_q),
+                "activation": m.activation}
+
+    def leaky(self, node: fx.Node, m: QLeakyReLU) -> dict[str, Any]:
+        self.tensors[f"{node.name}.alpha"] = _codes(m.alpha_q, m.alpha).reshape(1)
+        return {"op": "leaky_relu", "input": node.args[0].name, "alpha": f"{node.name}.alpha",
+                "alpha_q": self.qname(m.alpha_q), "prod_q": self.qname(m.prod_q), "out_q": self.qname(m.out_q)}
+
+    def maxpool(self, node: fx.Node, m: nn.MaxPool2d) -> dict[str, Any]:
+        def pair(v: Any) -> list[int]:
+            return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+        return {"op": "maxpool", "input": node.args[0].name, "kernel": pair(m.kernel_size),
+                "stride": pair(m.stride if m.stride is not None else m.kernel_size), "padding": pair(m.padding),
+                "dilation": pair(m.dilation)}
+
+
+@torch.no_grad()
+def to_integer(qmodel: QuantizedModel) -> IntegerProgram:
+    """The integer program of a quantized model (its eval-mode behaviour: BN frozen to moving stats)."""
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        return _Exporter(qmodel).run()
+    finally:
+        qmodel.train(was_training)

@@ -1,0 +1,239 @@
+"""Fake-quantized layers inserted by the graph pass (DESIGN.md section 4; TQT paper section 3).
+
+Each module holds its :class:`~edgetrain.tqt.TQTQuantizer` children and names their roles in
+``quantizer_roles()``. In eval mode the multiply-accumulates run in float64, so that every sum of
+integer products is exact (Graffitist's bit-accurate mode) and the integer program of
+``edgetrain.export`` reproduces the outputs bit for bit; in training mode they run in float32 (speed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetrain.tqt import TQTQuantizer
+
+ACTIVATIONS = ("none", "relu", "relu6")
+RELU6_CEILING = 6.0
+
+
+def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """ReLU, ReLU6 (clip at 0 and 6 before the output quantizer) or nothing."""
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "relu6":
+        return torch.clamp(x, 0.0, RELU6_CEILING)
+    return x
+
+
+def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over an ``ndim`` tensor whose channels are dim 1."""
+    return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+class QuantModule(nn.Module):
+    """Base of the fake-quantized layers: ``quantizer_roles()`` maps child name -> role."""
+
+    roles: dict[str, str] = {}
+    bit_exact = True  # eval-mode sums in float64; calibration turns it off for speed
+
+    def quantizer_roles(self) -> dict[str, str]:
+        return dict(self.roles)
+
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """float64 in eval mode (exact integer sums), unchanged in training mode."""
+        return x.double() if self.bit_exact and not self.training else x
+
+
+class QActivation(QuantModule):
+    """``q(act(x))``: the input quantizer, a rescale quantizer on a bare branch, or a ReLU/ReLU6 that
+    has no producer to merge into (its own uint8 quantizer)."""
+
+    def __init__(self, quantizer: TQTQuantizer, activation: str = "none", role: str = "activation") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.out_q = quantizer
+        self.activation = activation
+        self.role = role
+
+    def quantizer_roles(self) -> dict[str, str]:
+        return {"out_q": self.role}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_q(apply_activation(x, self.activation))
+
+
+class QCompute(QuantModule):
+    """Conv2d / depthwise Conv2d / Linear / per-channel scale with folded batch norm (DESIGN.md section 4)::
+
+        y = q_out( act( q_acc( c * sum q_w(w') q(x) ) + q_bias(b') ) )
+
+    with w' = w gamma / sqrt(var_mv + eps). ``bias_q`` shares ``acc_q``'s threshold (one int16 scale).
+    Eval, or BN frozen: c = 1, b' = beta + gamma (b - mean_mv) / sqrt(var_mv + eps).
+    Training before ``freeze_bn()``: c = sqrt(var_mv + eps) / sqrt(var_B + eps) and
+    b' = beta + gamma (b - mean_B) / sqrt(var_B + eps) with the batch statistics of the float
+    conv (un-Bessel-corrected variance); gradients flow through mean_B and var_B by autograd; the
+    moving statistics are updated as BatchNorm does. ``kind="scale"`` is a batch norm with no
+    conv/linear before it: w = 1 per channel, i.e. a 1x1 depthwise conv holding gamma/sigma.
+    """
+
+    roles = {"weight_q": "weight", "acc_q": "accumulator", "bias_q": "bias", "out_q": "activation"}
+
+    def __init__(
+        self,
+        kind: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bn: nn.modules.batchnorm._BatchNorm | None,
+        activation: str,
+        quantizers: dict[str, TQTQuantizer],
+        conv_args: dict[str, Any] | None = None,
+        bn_frozen: bool = True,
+    ) -> None:
+        super().__init__()
+        if kind not in ("conv", "linear", "scale"):
+            raise ValueError(f"unknown compute kind {kind!r}")
+        self.kind = kind
+        if kind == "scale":
+            self.register_buffer("weight", weight.detach().clone())
+        else:
+            self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.bn = bn
+        self.activation = activation
+        self.conv_args = dict(conv_args or {})
+        self.weight_q = quantizers["weight_q"]
+        self.acc_q = quantizers["acc_q"]
+        self.bias_q = quantizers["bias_q"]
+        self.bias_q.log2_t = self.acc_q.log2_t  # one shared int16 scale for accumulator and bias
+        self.out_q = quantizers["out_q"]
+        self.register_buffer("bn_frozen", torch.tensor(bool(bn_frozen)))
+
+    def freeze_bn(self) -> None:
+        """Switch from batch statistics + correction factor to the frozen moving statistics."""
+        self.bn_frozen.fill_(True)
+
+    def unfreeze_bn(self) -> None:
+        self.bn_frozen.fill_(False)
+
+    def raw(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum w x: the convolution, matrix product or per-channel product (no bias)."""
+        if self.kind == "conv":
+            return F.conv2d(x, w, None, **self.conv_args)
+        if self.kind == "linear":
+            return F.linear(x, w)
+        return x * channel_view(w, x.dim())
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return (-1,) + (1,) * (self.weight.dim() - 1)
+
+    def folded(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(w', b', correction or None); ``x`` is needed only in training with BN not frozen."""
+        bias = self.bias if self.bias is not None else torch.zeros(self.weight.shape[0], device=self.weight.device)
+        bn = self.bn
+        if bn is None:
+            return self.weight, bias, None
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
+        inv_mv = torch.rsqrt(bn.running_var + bn.eps)
+        weight = self.weight * (gamma * inv_mv).reshape(self._weight_shape())
+        if not self.training or bool(self.bn_frozen):
+            return weight, beta + gamma * (bias - bn.running_mean) * inv_mv, None
+        if x is None:
+            raise ValueError("training-time BN folding needs the layer input")
+        y = self.raw(x, self.weight) + channel_view(bias, x.dim())
+        dims = [d for d in range(y.dim()) if d != 1]
+        mean = y.mean(dims)
+        var = y.var(dims, unbiased=False)
+        inv_b = torch.rsqrt(var + bn.eps)
+        correction = channel_view((bn.running_var + bn.eps).sqrt() * inv_b, y.dim())
+        self._update_running_stats(mean.detach(), var.detach(), y.numel() // y.shape[1])
+        return weight, beta + gamma * (bias - mean) * inv_b, correction
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        bn = self.bn
+        bn.num_batches_tracked += 1
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        unbiased = var * count / max(count - 1, 1)
+        bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        bn.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, correction = self.folded(x)
+        acc = self.raw(self.exact(x), self.exact(self.weight_q(weight)))
+        if correction is not None:
+            acc = acc * correction
+        y = self.acc_q(acc).to(x.dtype) + channel_view(self.bias_q(bias), x.dim())
+        return self.out_q(apply_activation(y, self.activation))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, activation={self.activation}, bn={'yes' if self.bn is not None else 'no'}"
+
+
+class QAvgPool(QuantModule):
+    """Average pooling as a depthwise conv with the reciprocal 1/(kh kw) as an unsigned weight::
+
+        y = q_out_floor( sum_window x * q_r(1 / (kh kw)) )   (zero padding counted, DESIGN.md section 4)
+    """
+
+    roles = {"recip_q": "reciprocal", "out_q": "activation"}
+
+    def __init__(
+        self,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        recip_q: TQTQuantizer,
+        out_q: TQTQuantizer,
+    ) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
+        self.register_buffer("reciprocal", torch.tensor(1.0 / (self.kernel[0] * self.kernel[1])))
+        self.recip_q = recip_q
+        self.out_q = out_q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xe = self.exact(x)
+        window_sum = F.avg_pool2d(xe, self.kernel, self.stride, self.padding, divisor_override=1)
+        return self.out_q(window_sum * self.recip_q(self.reciprocal).to(xe.dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
+
+
+class QAdd(QuantModule):
+    """Residual add ``q_out(act(a + b))``; both inputs arrive quantized with one shared threshold."""
+
+    roles = {"out_q": "activation"}
+
+    def __init__(self, out_q: TQTQuantizer, activation: str = "none") -> None:
+        super().__init__()
+        self.out_q = out_q
+        self.activation = activation
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.out_q(apply_activation(a + b, self.activation))
+
+
+class QLeakyReLU(QuantModule):
+    """``q8( max( q16(x), q16( q16(alpha) q16(x) ) ) )``: the input (already int16) and the product
+    share one threshold (DESIGN.md section 4); valid for 0 <= alpha <= 1."""
+
+    roles = {"alpha_q": "alpha", "prod_q": "product", "out_q": "activation"}
+
+    def __init__(self, negative_slope: float, alpha_q: TQTQuantizer, prod_q: TQTQuantizer, out_q: TQTQuantizer) -> None:
+        super().__init__()
+        self.register_buffer("alpha", torch.tensor(float(negative_slope)))
+        self.alpha_q = alpha_q
+        self.prod_q = prod_q
+        self.out_q = out_q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xe = self.exact(x)
+        product = self.prod_q(xe * self.alpha_q(self.alpha).to(xe.dtype)).to(x.dtype)
+        return self.out_q(torch.maximum(x, product))
