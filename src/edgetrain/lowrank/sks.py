@@ -1,0 +1,180 @@
+"""Streaming optimal Kronecker-sum accumulator (SKS/OK), LRT v1 §4.4-4.6, App. A and H."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from edgetrain.lowrank import _kernels
+
+ArrayLike = np.ndarray | torch.Tensor
+
+_SIGN_BLOCK = 4096
+_DTYPE = np.float32
+
+
+def _as_array(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(x, dtype=_DTYPE)
+
+
+class StreamingKroneckerSum:
+    """Rank-r running estimate L R^T of the gradient sum sum_i dz_i a_i^T (a sum, not a mean).
+
+    State (LRT v1 App. A, Algorithm 1): orthonormal bases Q_L (n_out x r), Q_R (n_in x r) and
+    weights c_x (r); L = Q_L diag(sqrt c_x), R = Q_R diag(sqrt c_x). Each step folds ``chunk`` terms:
+    Gram-Schmidt against the kept basis, kappa gate, SVD of the small q x q core (q = r + chunk),
+    rank reduction to r, rotation of the bases, optional re-quantization of the bases to
+    ``factor_bits`` with one max-abs scale per matrix. Cost O((n_out + n_in + q) q^2) per step.
+
+    Args:
+        n_out: length of dz (rows of the weight matrix).
+        n_in: length of a (columns; k_h k_w c_in for an im2col'ed conv).
+        rank: r, the number of kept directions.
+        unbiased: True: minimum-variance unbiased OK estimator (Benzing et al. 2019; LRT v1
+            §4.4.2), E[L R^T] = exact sum. False: keep the top r singular triplets (biased,
+            zero variance).
+        kappa_th: skip a term when c_x[0] > kappa_th * ||a_res|| * ||dz_res|| (LRT v1 App. H);
+            None or inf disables the gate.
+        factor_bits: re-quantize Q_L, Q_R to this many signed bits after every step (LRT v1
+            App. C uses 16); None keeps float64.
+        chunk: terms folded per step. chunk = 1 is the paper's per-sample algorithm; chunk = c
+            buffers up to c - 1 pending terms (c (n_out + n_in) values) and folds c at once.
+        seed: seed of the numpy Generator that draws the random signs (unbiased mode).
+    """
+
+    def __init__(
+        self,
+        n_out: int,
+        n_in: int,
+        rank: int = 4,
+        unbiased: bool = True,
+        kappa_th: float | None = 100.0,
+        factor_bits: int | None = 16,
+        chunk: int = 1,
+        seed: int | None = None,
+    ) -> None:
+        if n_out < 1 or n_in < 1:
+            raise ValueError(f"n_out and n_in must be >= 1, got n_out={n_out}, n_in={n_in}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if factor_bits is not None and not 2 <= factor_bits <= 53:
+            raise ValueError(f"factor_bits must be None or in [2, 53], got {factor_bits}")
+        if kappa_th is not None and not kappa_th > 0:
+            raise ValueError(f"kappa_th must be > 0 or None, got {kappa_th}")
+        self.n_out = int(n_out)
+        self.n_in = int(n_in)
+        self.rank = int(rank)
+        self.unbiased = bool(unbiased)
+        self.kappa_th = math.inf if kappa_th is None else float(kappa_th)
+        self.factor_bits = factor_bits
+        self.chunk = int(chunk)
+        self._levels = 0.0 if factor_bits is None else float(2 ** (factor_bits - 1) - 1)
+        self._rng = np.random.default_rng(seed)
+        self._signs = np.empty(0)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the accumulated sum (the random-sign stream continues)."""
+        rows = 2 * self.rank + self.chunk  # kept basis, new directions, rotation scratch
+        self._ql = np.zeros((rows, self.n_out), _DTYPE)
+        self._qr = np.zeros((rows, self.n_in), _DTYPE)
+        self._cx = np.zeros(self.rank)
+        self._pend_dz = np.zeros((self.chunk, self.n_out), _DTYPE)
+        self._pend_a = np.zeros((self.chunk, self.n_in), _DTYPE)
+        self._stats = np.zeros(4, dtype=np.int64)  # folded, skipped, sign position, pending
+
+    @property
+    def count(self) -> int:
+        """Number of terms folded into the estimate (zero terms included, gated terms excluded)."""
+        return int(self._stats[0])
+
+    @property
+    def skipped(self) -> int:
+        """Number of terms dropped by the kappa gate."""
+        return int(self._stats[1])
+
+    @property
+    def pending(self) -> int:
+        """Terms buffered for the next chunk (chunk > 1); folded by the next full chunk or factors()."""
+        return int(self._stats[3])
+
+    def add(self, dz: ArrayLike, a: ArrayLike) -> None:
+        """Add dz ⊗ a (two vectors) or sum_t dz[t] ⊗ a[t] (two 2-D arrays, rows folded in order).
+
+        Accepts NumPy arrays or torch tensors of any float dtype. Raises ValueError on a shape
+        mismatch or on NaN/inf input (the state is then unchanged).
+        """
+        dz2, a2 = self._check(_as_array(dz), _as_array(a))
+        self._stream(dz2, a2, flush=False)
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L, R), n_out x r and n_in x r float64, with L R^T the estimate of the sum (pending folded)."""
+        self._stream(self._pend_dz[:0], self._pend_a[:0], flush=True)
+        w = np.sqrt(self._cx)
+        return self._ql[: self.rank].T * w, self._qr[: self.rank].T * w  # float64 (w is float64)
+
+    def estimate(self) -> np.ndarray:
+        """The n_out x n_in estimate L R^T of sum_i dz_i a_i^T."""
+        left, right = self.factors()
+        return left @ right.T
+
+    def aux_memory_bits(self) -> int:
+        """Bits of state kept between samples (LRT v1 §3: at most r(n+m)b).
+
+        r (n_out + n_in) factor_bits for the bases (64 when unquantized) + 32 r for c_x + 2 x 32 for
+        the two per-matrix scales (quantized only) + (chunk - 1)(n_out + n_in) x 8 for pending
+        terms, counted as 8-bit samples like minibatch SGD (DESIGN §5).
+        """
+        nm = self.n_out + self.n_in
+        bits = self.factor_bits or 64
+        total = self.rank * nm * bits + 32 * self.rank
+        if self.factor_bits is not None:
+            total += 2 * 32
+        return total + (self.chunk - 1) * nm * 8
+
+    def _check(self, dz: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if dz.ndim != a.ndim or dz.ndim not in (1, 2):
+            raise ValueError(
+                f"expected dz and a both 1-D (one term) or both 2-D (rows = terms), "
+                f"got dz.shape={dz.shape}, a.shape={a.shape}"
+            )
+        dz2 = dz.reshape(1, -1) if dz.ndim == 1 else dz
+        a2 = a.reshape(1, -1) if a.ndim == 1 else a
+        if dz2.shape[1] != self.n_out or a2.shape[1] != self.n_in or dz2.shape[0] != a2.shape[0]:
+            want = f"({self.n_out},) and ({self.n_in},)" if dz.ndim == 1 else f"(T, {self.n_out}) and (T, {self.n_in})"
+            raise ValueError(f"expected dz, a of shapes {want}, got dz.shape={dz.shape}, a.shape={a.shape}")
+        return dz2, a2
+
+    def _stream(self, dz: np.ndarray, a: np.ndarray, flush: bool) -> None:
+        if self.unbiased:
+            step = self.rank + self.chunk
+            need = ((self.pending + dz.shape[0]) // self.chunk + 1) * step
+            pos = int(self._stats[2])
+            if self._signs.shape[0] - pos < need:
+                fresh = self._rng.random(max(need, _SIGN_BLOCK)) < 0.5
+                self._signs = np.concatenate([self._signs[pos:], np.where(fresh, -1.0, 1.0)])
+                self._stats[2] = 0
+        bad = _kernels.stream(
+            self._ql,
+            self._qr,
+            self._cx,
+            self._pend_dz,
+            self._pend_a,
+            dz,
+            a,
+            self.unbiased,
+            self.kappa_th,
+            self._levels,
+            flush,
+            self._signs,
+            self._stats,
+        )
+        if bad >= 0:
+            name = "dz" if bad % 2 == 0 else "a"
+            raise ValueError(f"{name} holds NaN or inf (row {bad // 2}); nothing was added")
