@@ -287,24 +287,30 @@ class NVMArray:
         missing = sorted(set(STATE_KEYS) - set(d))
         if missing:
             raise KeyError(f"NVMArray state dict is missing: {', '.join(missing)}")
-        seed = int(d["seed"])
+
+        def scalar(key: str) -> Any:  # 0-d, or shape (1,) after a safetensors round trip
+            if d[key].size != 1:
+                raise ValueError(f"NVMArray state {key!r} must hold one value, got shape {d[key].shape}")
+            return d[key].reshape(-1)[0].item()
+
+        seed = int(scalar("seed"))
         array = cls(
             d["codes"],
-            FixedPointFormat(int(d["bits"]), bool(d["signed"])),
-            EnergyModel(float(d["write_pj_per_bit"]), float(d["read_pj_per_bit"])),
-            endurance=float(d["endurance"]),
+            FixedPointFormat(int(scalar("bits")), bool(scalar("signed"))),
+            EnergyModel(float(scalar("write_pj_per_bit")), float(scalar("read_pj_per_bit"))),
+            endurance=float(scalar("endurance")),
             seed=None if seed < 0 else seed,
         )
-        array.stuck_fraction = float(d["stuck_fraction"])
+        array.stuck_fraction = float(scalar("stuck_fraction"))
         array._stuck = d["stuck"].astype(bool).reshape(array.shape)
         array._levels = d["levels"].astype(np.float64).reshape(array.shape)
         array._write_counts = d["write_counts"].astype(np.int64).reshape(array.shape)
         array._max_writes = int(array._write_counts.max()) if array.num_cells else 0
         array._total_writes = int(array._write_counts.sum())
-        array.update_events = int(d["update_events"])
-        array.reads = int(d["reads"])
-        array._bits_written = int(d["bits_written"])
-        array._bits_read = int(d["bits_read"])
+        array.update_events = int(scalar("update_events"))
+        array.reads = int(scalar("reads"))
+        array._bits_written = int(scalar("bits_written"))
+        array._bits_read = int(scalar("bits_read"))
         return array
 
     def __repr__(self) -> str:
