@@ -88,3 +88,17 @@ def test_bad_input(method: str) -> None:
 def test_unknown_method() -> None:
     with pytest.raises(ValueError, match="kl_j"):
         calibrate(torch.ones(3), "entropy")
+
+
+def test_kl_j_ignores_a_spike_of_exact_zeros() -> None:
+    # Like images with a black background or a post-ReLU tensor: half exact zeros, the rest uniform.
+    rng = np.random.default_rng(6)
+    x = np.concatenate([np.zeros(200_000), rng.integers(1, 256, 200_000) / 255.0])
+    assert 2 ** calibrate(x, "kl_j", bits=8, signed=True) > 0.9
+
+
+def test_kl_j_penalises_clipping_a_heavy_tail() -> None:
+    # A Gaussian bulk with 2% of the mass far out: clipping that mass must cost more than coarse steps.
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.normal(0, 1, 98_000), rng.uniform(8, 10, 2_000)])
+    assert 2 ** calibrate(x, "kl_j", bits=8) > 8

@@ -151,3 +151,13 @@ def test_user_folder_with_wrong_shapes(tmp_path: Path) -> None:
         load_dataset("folder", "train", root=tmp_path)
     with pytest.raises(DatasetNotFoundError, match="test_images.npy"):
         load_dataset("folder", "test", root=tmp_path)
+
+
+def test_elastic_displacement_magnitude_matches_the_reference() -> None:
+    # The LRT reference moves pixels about 1 px rms for (4, 300); without the reference's H x W x 1
+    # smoothing the same pair moves them ~10 px and the digits become unreadable.
+    rng = np.random.default_rng(0)
+    ramp = np.tile(np.arange(28, dtype=np.float64), (28, 1))  # value = x coordinate
+    shifts = [elastic_deform(ramp, 4, 300, rng)[6:22, 6:22] - ramp[6:22, 6:22] for _ in range(20)]
+    rms = float(np.sqrt(np.mean(np.square(shifts))))
+    assert 0.5 < rms < 2.0

@@ -1,7 +1,8 @@
 """Elastic deformation (Simard et al. 2003), used by the LRT paper to turn digits into long streams.
 
 A displacement field of uniform noise in [-1, 1] per pixel and axis is smoothed with a Gaussian of
-width ``sigma`` and scaled by ``alpha``; the image is resampled at the displaced coordinates with
+width ``sigma`` (as the LRT reference does it, on an H x W x 1 array) and scaled by ``alpha``; the
+image is resampled at the displaced coordinates with
 bilinear interpolation. The LRT reference draws (sigma, alpha) uniformly from ``ELASTIC_PAIRS``
 (reference notes, section 3.2); (1, 0) is the identity.
 """
@@ -24,8 +25,11 @@ def elastic_deform(image: np.ndarray, sigma: float, alpha: float, rng: np.random
     if alpha == 0:
         return image.copy()
     h, w = image.shape
-    dy = gaussian_filter(rng.uniform(-1, 1, (h, w)), sigma, mode="constant") * alpha
-    dx = gaussian_filter(rng.uniform(-1, 1, (h, w)), sigma, mode="constant") * alpha
+    # The reference smooths an H x W x 1 field: the filter also runs along the size-1 channel axis
+    # with zero padding, which scales the field by the kernel's centre weight (~1/(sqrt(2 pi) sigma)).
+    # Keeping that axis keeps the paper's displacement magnitudes (alpha is calibrated for it).
+    dy = gaussian_filter(rng.uniform(-1, 1, (h, w, 1)), sigma, mode="constant")[..., 0] * alpha
+    dx = gaussian_filter(rng.uniform(-1, 1, (h, w, 1)), sigma, mode="constant")[..., 0] * alpha
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     coords = np.stack([yy + dy, xx + dx])
     return map_coordinates(image, coords, order=1, mode="constant", cval=0.0).astype(image.dtype)
