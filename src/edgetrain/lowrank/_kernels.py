@@ -261,17 +261,24 @@ def _scale(x: np.ndarray, norm: float) -> None:
 
 
 @njit(cache=True, fastmath=_FM)
-def _rotate_quantize(q: np.ndarray, qa: int, rot: np.ndarray, levels: float) -> None:
-    """q[:r] <- rot^T q[:qa] (rot is qa x r), then round q[:r] to ``levels`` steps of max|q[:r]|.
+def _rotate_quantize(q: np.ndarray, qa: int, w: np.ndarray, transpose: bool, t: np.ndarray, levels: float) -> None:
+    """q[:r] <- (W T)^T q[:qa] with W = w (qa x qa) or w^T, T (qa x r); then re-quantize q[:r].
 
     The product goes through the scratch rows q[-r:]. Quantization (LRT v1 App. C; reference code):
     scale = max|Q| / levels, Q <- floor(Q/scale + 1/2) * scale; levels = 2^(b-1) - 1 for b-bit
     factors, 0 disables it.
     """
-    r = rot.shape[1]
+    r = t.shape[1]
     n = q.shape[1]
+    mix = np.zeros((r, qa), q.dtype)  # (W T)^T
+    for j in range(r):
+        for i in range(qa):
+            acc = 0.0
+            for k in range(qa):
+                acc += (w[k, i] if transpose else w[i, k]) * t[k, j]
+            mix[j, i] = acc
     out = q[q.shape[0] - r :]
-    np.dot(np.ascontiguousarray(rot.T).astype(q.dtype), q[:qa], out)
+    np.dot(mix, q[:qa], out)
     amax = _absmax(out)
     quantize = levels > 0.0 and amax > 0.0
     scale = np.float32(amax / levels) if quantize else np.float32(1.0)
@@ -295,31 +302,35 @@ def _step(
     cx: np.ndarray,
     dz: np.ndarray,
     a: np.ndarray,
+    t0: int,
+    t1: int,
     unbiased: bool,
     kappa: float,
+    project: bool,
     levels: float,
     signs: np.ndarray,
     stats: np.ndarray,
 ) -> None:
-    """One SKS/OK step: fold all rows of dz (c x n_out) and a (c x n_in) at once (LRT v1 §4.6, App. A).
+    """One SKS/OK step: fold rows t0..t1-1 of dz (T x n_out), a (T x n_in) at once (LRT v1 §4.6, App. A).
 
     1. each term is Gram-Schmidt'ed against the kept basis and the step's earlier new directions;
        its normalised residuals become new basis rows, its coefficients a row of G_L, G_R (the
        residual norm in its new slot);
-    2. kappa gate (LRT v1 App. H): skip the term if cx[0] > kappa ||a_res|| ||dz_res||, both
-       nonzero (a term in the kept span on either side adds no ill-conditioned direction);
+    2. kappa gate (LRT v1 App. H): if cx[0] > kappa ||a_res|| ||dz_res||, both nonzero, skip the
+       term (``project`` False, the paper) or keep only its in-span part (``project`` True); a
+       term in the kept span on either side adds no ill-conditioned direction and is not gated;
     3. C = G_L^T G_R + diag(cx, 0) (qa x qa, qa <= r + c), SVD C = U S V^T;
     4. rank qa -> r: top r (biased) or minimum-variance mixing (unbiased, random signs);
     5. Q_L <- Q_L U T, Q_R <- Q_R V T, re-quantized.
     """
     r = cx.shape[0]
-    nt = dz.shape[0]
+    nt = t1 - t0
     qmax = r + nt
     gl = np.zeros((nt, qmax), ql.dtype)
     gr = np.zeros((nt, qmax), qr.dtype)
     nb = r
     j = 0
-    for t in range(nt):
+    for t in range(t0, t1):
         xl = ql[nb]
         xr = qr[nb]
         norm_l, nl = _project(ql, nb, dz[t], xl, gl[j])
@@ -337,14 +348,18 @@ def _step(
         if exact_r:
             nr = _subtract(qr, nb, xr, gr[j], norm_r)
         if nl > 0.0 and nr > 0.0 and cx[0] > kappa * nl * nr:
-            gl[j] = 0.0
-            gr[j] = 0.0
             stats[1] += 1
-            continue
-        if not exact_l:
-            nl = _subtract(ql, nb, xl, gl[j], norm_l)
-        if not exact_r:
-            nr = _subtract(qr, nb, xr, gr[j], norm_r)
+            if not project:
+                gl[j] = 0.0
+                gr[j] = 0.0
+                continue
+            nl = 0.0  # gate='project': keep the term's in-span part, drop its residual
+            nr = 0.0
+        else:
+            if not exact_l:
+                nl = _subtract(ql, nb, xl, gl[j], norm_l)
+            if not exact_r:
+                nr = _subtract(qr, nb, xr, gr[j], norm_r)
         stats[0] += 1
         if nl > 0.0 or nr > 0.0:
             gl[j, nb] = nl
@@ -369,13 +384,17 @@ def _step(
     if unbiased and qa > r and sig[r] > 1e-15 * sig[0]:
         rot, new_cx = min_variance_mixing(sig, r, signs[stats[2] : stats[2] + qa])
     else:
-        rot = np.eye(qa)[:, :r].copy()
-        new_cx = sig[:r].copy()
+        rot = np.zeros((qa, r))
+        new_cx = np.empty(r)
+        for i in range(r):
+            rot[i, i] = 1.0
+            new_cx[i] = sig[i]
     if unbiased:
         stats[2] += qmax
-    _rotate_quantize(ql, qa, u @ rot, levels)
-    _rotate_quantize(qr, qa, vt.T @ rot, levels)
-    cx[:] = new_cx
+    _rotate_quantize(ql, qa, u, False, rot, levels)
+    _rotate_quantize(qr, qa, vt, True, rot, levels)
+    for i in range(r):
+        cx[i] = new_cx[i]
 
 
 @njit(cache=True)
@@ -389,6 +408,7 @@ def stream(
     a: np.ndarray,
     unbiased: bool,
     kappa: float,
+    project: bool,
     levels: float,
     flush: bool,
     signs: np.ndarray,
@@ -418,17 +438,17 @@ def stream(
         p += take
         t = take
         if p == c:
-            _step(ql, qr, cx, pend_dz, pend_a, unbiased, kappa, levels, signs, stats)
+            _step(ql, qr, cx, pend_dz, pend_a, 0, c, unbiased, kappa, project, levels, signs, stats)
             p = 0
     while n - t >= c:
-        _step(ql, qr, cx, dz[t : t + c], a[t : t + c], unbiased, kappa, levels, signs, stats)
+        _step(ql, qr, cx, dz, a, t, t + c, unbiased, kappa, project, levels, signs, stats)
         t += c
     rest = n - t
     pend_dz[p : p + rest] = dz[t:]
     pend_a[p : p + rest] = a[t:]
     p += rest
     if flush and p > 0:
-        _step(ql, qr, cx, pend_dz[:p], pend_a[:p], unbiased, kappa, levels, signs, stats)
+        _step(ql, qr, cx, pend_dz, pend_a, 0, p, unbiased, kappa, project, levels, signs, stats)
         p = 0
     stats[3] = p
     return -1

@@ -37,8 +37,12 @@ class StreamingKroneckerSum:
         unbiased: True: minimum-variance unbiased OK estimator (Benzing et al. 2019; LRT v1
             §4.4.2), E[L R^T] = exact sum. False: keep the top r singular triplets (biased,
             zero variance).
-        kappa_th: skip a term when c_x[0] > kappa_th * ||a_res|| * ||dz_res|| (LRT v1 App. H);
-            None or inf disables the gate.
+        kappa_th: the gate fires on a term when c_x[0] > kappa_th * ||a_res|| * ||dz_res|| (LRT v1
+            App. H; residuals after Gram-Schmidt, both nonzero); None or inf disables it. c_x[0]
+            grows with the number of terms folded, so on long streams the gate fires more often.
+        gate: what a fired gate does: "skip" drops the whole term (the paper and its code);
+            "project" still folds the term's component inside the kept span and drops only its
+            residual (no new direction, so no conditioning issue; less bias on long streams).
         factor_bits: re-quantize Q_L, Q_R to this many signed bits after every step (LRT v1
             App. C uses 16); None keeps float64.
         chunk: terms folded per step. chunk = 1 is the paper's per-sample algorithm; chunk = c
@@ -53,6 +57,7 @@ class StreamingKroneckerSum:
         rank: int = 4,
         unbiased: bool = True,
         kappa_th: float | None = 100.0,
+        gate: str = "skip",
         factor_bits: int | None = 16,
         chunk: int = 1,
         seed: int | None = None,
@@ -63,8 +68,10 @@ class StreamingKroneckerSum:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        if factor_bits is not None and not 2 <= factor_bits <= 53:
-            raise ValueError(f"factor_bits must be None or in [2, 53], got {factor_bits}")
+        if factor_bits is not None and not 2 <= factor_bits <= 24:
+            raise ValueError(f"factor_bits must be None or in [2, 24], got {factor_bits}")
+        if gate not in ("skip", "project"):
+            raise ValueError(f"gate must be 'skip' or 'project', got {gate!r}")
         if kappa_th is not None and not kappa_th > 0:
             raise ValueError(f"kappa_th must be > 0 or None, got {kappa_th}")
         self.n_out = int(n_out)
@@ -72,6 +79,7 @@ class StreamingKroneckerSum:
         self.rank = int(rank)
         self.unbiased = bool(unbiased)
         self.kappa_th = math.inf if kappa_th is None else float(kappa_th)
+        self.gate = gate
         self.factor_bits = factor_bits
         self.chunk = int(chunk)
         self._levels = 0.0 if factor_bits is None else float(2 ** (factor_bits - 1) - 1)
@@ -91,12 +99,13 @@ class StreamingKroneckerSum:
 
     @property
     def count(self) -> int:
-        """Number of terms folded into the estimate (zero terms included, gated terms excluded)."""
+        """Number of terms folded into the estimate (zero terms included; gated terms only with
+        gate="project")."""
         return int(self._stats[0])
 
     @property
     def skipped(self) -> int:
-        """Number of terms dropped by the kappa gate."""
+        """Number of terms the kappa gate fired on (dropped, or reduced to their in-span part)."""
         return int(self._stats[1])
 
     @property
@@ -170,6 +179,7 @@ class StreamingKroneckerSum:
             a,
             self.unbiased,
             self.kappa_th,
+            self.gate == "project",
             self._levels,
             flush,
             self._signs,
