@@ -15,8 +15,10 @@ from numba import njit
 # Fast-math flags that allow vectorised reductions but keep NaN/inf semantics (no 'nnan'/'ninf').
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 
-#: A residual is "in the span" (treated as exactly zero) when ||res|| <= SPAN_TOL * ||x||
-#: (float32 bases: Gram-Schmidt leaves about 1e-7 ||x|| of an in-span vector).
+#: A residual is "in the span" (treated as exactly zero) when ||res|| <= tol ||x||, with
+#: tol = max(SPAN_TOL, s sqrt(r n)): float32 Gram-Schmidt leaves about 1e-7 ||x|| of an in-span
+#: vector, and a basis quantized with step s is off its exact values by at most s sqrt(r n) / 2 in
+#: Frobenius norm, which leaves at most s sqrt(r n) ||x|| (first order).
 SPAN_TOL = 1e-5
 #: Gram-Schmidt is repeated once ("twice is enough") when ||res|| < REORTH * ||x||.
 REORTH = 1e-2
@@ -57,12 +59,12 @@ def _project(basis: np.ndarray, nb: int, src: np.ndarray, x: np.ndarray, coef: n
 
 
 @njit(cache=True, fastmath=_FM)
-def _subtract(basis: np.ndarray, nb: int, x: np.ndarray, coef: np.ndarray, x0: float) -> float:
+def _subtract(basis: np.ndarray, nb: int, x: np.ndarray, coef: np.ndarray, x0: float, tol: float) -> float:
     """x <- x - basis[:nb]^T coef in place; return ||x||.
 
     Classical Gram-Schmidt; when more than 99% of x lay in the span the projection is repeated
     once (CGS2, "twice is enough") and coef accumulates both passes. A residual below
-    SPAN_TOL ||x|| is set to exactly zero: the term lies in the kept span.
+    tol ||x|| is set to exactly zero: the term lies in the kept span.
     """
     n = x.shape[0]
     corr = coef[:nb].copy()
@@ -90,7 +92,7 @@ def _subtract(basis: np.ndarray, nb: int, x: np.ndarray, coef: np.ndarray, x0: f
         np.dot(basis[:nb], x, corr)
         for i in range(nb):
             coef[i] += corr[i]
-    if res <= SPAN_TOL * x0:
+    if res <= tol * x0:
         for e in range(n):
             x[e] = 0.0
         return 0.0
@@ -123,8 +125,9 @@ def _carry_frame(w: np.ndarray, d: int) -> np.ndarray:
 
     Chan-Li style construction: a carry vector (squared norm ``a``) is split, or rotated against a
     fresh unit direction, so that every emitted row gets exactly its target norm; the last row takes
-    the carry. Each step is a plane rotation, so sum_i y_i y_i^T = I_d is preserved. For d = 1 it
-    returns the column y = sqrt(w) (the x0 vector of LRT v1 eq. 7).
+    the carry (plus the last direction if still unused, which happens when its target is 1). Each
+    step is a plane rotation, so sum_i y_i y_i^T = I_d is preserved. For d = 1 it returns the
+    column y = sqrt(w) (the x0 vector of LRT v1 eq. 7).
     """
     n = w.shape[0]
     y = np.zeros((n, d))
@@ -152,6 +155,8 @@ def _carry_frame(w: np.ndarray, d: int) -> np.ndarray:
             carry[fresh] = -s
             fresh += 1
             a = a + 1.0 - wi
+    if fresh < d:  # then the last target is 1 and the carry is empty: it takes the unused direction
+        carry[fresh] = 1.0
     for e in range(d):
         y[n - 1, e] = carry[e]
     return y
@@ -203,6 +208,17 @@ def _householder_complement(y: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
+def _truncation(sigma: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Biased rank-r reduction of diag(sigma): T = I[:, :r], cx = sigma[:r]."""
+    t = np.zeros((sigma.shape[0], r))
+    cx = np.empty(r)
+    for i in range(r):
+        t[i, i] = 1.0
+        cx[i] = sigma[i]
+    return t, cx
+
+
+@njit(cache=True)
 def min_variance_mixing(sigma: np.ndarray, r: int, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Minimum-variance unbiased rank-r estimate of diag(sigma) (LRT v1 §4.4.2 eq. 7; Benzing et al.).
 
@@ -225,6 +241,8 @@ def min_variance_mixing(sigma: np.ndarray, r: int, signs: np.ndarray) -> tuple[n
             break
     k = r - m
     s1 = tail[m]
+    if s1 <= 0.0:  # nothing to mix: the top-r truncation is exact
+        return _truncation(sigma, r)
     n_mix = q - m
     w = np.empty(n_mix)
     for j in range(n_mix):
@@ -261,8 +279,8 @@ def _scale(x: np.ndarray, norm: float) -> None:
 
 
 @njit(cache=True, fastmath=_FM)
-def _rotate_quantize(q: np.ndarray, qa: int, w: np.ndarray, transpose: bool, t: np.ndarray, levels: float) -> None:
-    """q[:r] <- (W T)^T q[:qa] with W = w (qa x qa) or w^T, T (qa x r); then re-quantize q[:r].
+def _rotate_quantize(q: np.ndarray, qa: int, w: np.ndarray, transpose: bool, t: np.ndarray, levels: float) -> float:
+    """q[:r] <- (W T)^T q[:qa] with W = w (qa x qa) or w^T, T (qa x r); re-quantize q[:r]; return the step.
 
     The product goes through the scratch rows q[-r:]. Quantization (LRT v1 App. C; reference code):
     scale = max|Q| / levels, Q <- floor(Q/scale + 1/2) * scale; levels = 2^(b-1) - 1 for b-bit
@@ -293,6 +311,7 @@ def _rotate_quantize(q: np.ndarray, qa: int, w: np.ndarray, transpose: bool, t: 
         else:
             for e in range(n):
                 dst[e] = o[e]
+    return scale if quantize else 0.0
 
 
 @njit(cache=True, fastmath=_FM)
@@ -300,6 +319,7 @@ def _step(
     ql: np.ndarray,
     qr: np.ndarray,
     cx: np.ndarray,
+    qstep: np.ndarray,
     dz: np.ndarray,
     a: np.ndarray,
     t0: int,
@@ -326,6 +346,8 @@ def _step(
     r = cx.shape[0]
     nt = t1 - t0
     qmax = r + nt
+    tol_l = max(SPAN_TOL, qstep[0] * math.sqrt(r * ql.shape[1]))
+    tol_r = max(SPAN_TOL, qstep[1] * math.sqrt(r * qr.shape[1]))
     gl = np.zeros((nt, qmax), ql.dtype)
     gr = np.zeros((nt, qmax), qr.dtype)
     nb = r
@@ -341,12 +363,12 @@ def _step(
             stats[0] += 1  # a zero term adds nothing
             continue
         # Pythagoras gives the residual norms for the gate unless they are small differences.
-        exact_l = nl < REORTH * norm_l
-        exact_r = nr < REORTH * norm_r
+        exact_l = nl < max(REORTH, tol_l) * norm_l
+        exact_r = nr < max(REORTH, tol_r) * norm_r
         if exact_l:
-            nl = _subtract(ql, nb, xl, gl[j], norm_l)
+            nl = _subtract(ql, nb, xl, gl[j], norm_l, tol_l)
         if exact_r:
-            nr = _subtract(qr, nb, xr, gr[j], norm_r)
+            nr = _subtract(qr, nb, xr, gr[j], norm_r, tol_r)
         if nl > 0.0 and nr > 0.0 and cx[0] > kappa * nl * nr:
             stats[1] += 1
             if not project:
@@ -357,9 +379,9 @@ def _step(
             nr = 0.0
         else:
             if not exact_l:
-                nl = _subtract(ql, nb, xl, gl[j], norm_l)
+                nl = _subtract(ql, nb, xl, gl[j], norm_l, tol_l)
             if not exact_r:
-                nr = _subtract(qr, nb, xr, gr[j], norm_r)
+                nr = _subtract(qr, nb, xr, gr[j], norm_r, tol_r)
         stats[0] += 1
         if nl > 0.0 or nr > 0.0:
             gl[j, nb] = nl
@@ -384,15 +406,11 @@ def _step(
     if unbiased and qa > r and sig[r] > 1e-15 * sig[0]:
         rot, new_cx = min_variance_mixing(sig, r, signs[stats[2] : stats[2] + qa])
     else:
-        rot = np.zeros((qa, r))
-        new_cx = np.empty(r)
-        for i in range(r):
-            rot[i, i] = 1.0
-            new_cx[i] = sig[i]
+        rot, new_cx = _truncation(sig, r)
     if unbiased:
         stats[2] += qmax
-    _rotate_quantize(ql, qa, u, False, rot, levels)
-    _rotate_quantize(qr, qa, vt, True, rot, levels)
+    qstep[0] = _rotate_quantize(ql, qa, u, False, rot, levels)
+    qstep[1] = _rotate_quantize(qr, qa, vt, True, rot, levels)
     for i in range(r):
         cx[i] = new_cx[i]
 
@@ -402,6 +420,7 @@ def stream(
     ql: np.ndarray,
     qr: np.ndarray,
     cx: np.ndarray,
+    qstep: np.ndarray,
     pend_dz: np.ndarray,
     pend_a: np.ndarray,
     dz: np.ndarray,
@@ -417,7 +436,8 @@ def stream(
     """Fold the rows of dz (T x n_out), a (T x n_in) in order, c = pend_dz.shape[0] terms per step.
 
     State: ql (2r + c x n_out), qr (2r + c x n_in): rows 0..r-1 the kept bases (Q_L^T, Q_R^T),
-    the rest scratch; cx (r) the weights; pend_dz, pend_a (c rows) the terms waiting for a full
+    the rest scratch; cx (r) the weights; qstep (2) the quantization steps of the two bases (0: not
+    quantized); pend_dz, pend_a (c rows) the terms waiting for a full
     chunk; stats (int64) = [terms folded, terms skipped by the gate, next position in ``signs``,
     pending terms]. ``flush`` also folds an incomplete pending chunk.
     Returns -1, or 2 t + side (side 0: dz, 1: a) for the first row t holding NaN/inf, in which
@@ -438,17 +458,17 @@ def stream(
         p += take
         t = take
         if p == c:
-            _step(ql, qr, cx, pend_dz, pend_a, 0, c, unbiased, kappa, project, levels, signs, stats)
+            _step(ql, qr, cx, qstep, pend_dz, pend_a, 0, c, unbiased, kappa, project, levels, signs, stats)
             p = 0
     while n - t >= c:
-        _step(ql, qr, cx, dz, a, t, t + c, unbiased, kappa, project, levels, signs, stats)
+        _step(ql, qr, cx, qstep, dz, a, t, t + c, unbiased, kappa, project, levels, signs, stats)
         t += c
     rest = n - t
     pend_dz[p : p + rest] = dz[t:]
     pend_a[p : p + rest] = a[t:]
     p += rest
     if flush and p > 0:
-        _step(ql, qr, cx, pend_dz, pend_a, 0, p, unbiased, kappa, project, levels, signs, stats)
+        _step(ql, qr, cx, qstep, pend_dz, pend_a, 0, p, unbiased, kappa, project, levels, signs, stats)
         p = 0
     stats[3] = p
     return -1

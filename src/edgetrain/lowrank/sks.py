@@ -93,6 +93,7 @@ class StreamingKroneckerSum:
         self._ql = np.zeros((rows, self.n_out), _DTYPE)
         self._qr = np.zeros((rows, self.n_in), _DTYPE)
         self._cx = np.zeros(self.rank)
+        self._qstep = np.zeros(2)
         self._pend_dz = np.zeros((self.chunk, self.n_out), _DTYPE)
         self._pend_a = np.zeros((self.chunk, self.n_in), _DTYPE)
         self._stats = np.zeros(4, dtype=np.int64)  # folded, skipped, sign position, pending
@@ -173,6 +174,7 @@ class StreamingKroneckerSum:
             self._ql,
             self._qr,
             self._cx,
+            self._qstep,
             self._pend_dz,
             self._pend_a,
             dz,
