@@ -35,7 +35,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from edgetrain.fixedpoint import FixedPointFormat, Rounding
-from edgetrain.graph.modules import QActivation, QAdd, QAvgPool, QCompute, QLeakyReLU, QuantModule
+from edgetrain.graph.modules import FusedTQTQuantizer, QActivation, QAdd, QAvgPool, QCompute, QLeakyReLU, QuantModule
 from edgetrain.tqt import CALIBRATION_METHODS, TQTQuantizer, calibrate
 
 MODES = ("static", "retrain")
@@ -263,7 +263,12 @@ class _Builder:
         return _classify(node, self.modules)
 
     def quantizer(self, bits: int, signed: bool, rounding: Rounding | None = None) -> TQTQuantizer:
-        return TQTQuantizer(bits, signed, rounding or self.config.rounding)
+        return FusedTQTQuantizer(bits, signed, rounding or self.config.rounding)
+
+    @staticmethod
+    def name_of(node: fx.Node) -> str:
+        """The module path for module calls (``layers.0.conv``), the node name otherwise."""
+        return str(node.target) if node.op == "call_module" else node.name
 
     def add_module(self, name: str, module: nn.Module) -> str:
         base, i = name, 1
@@ -423,7 +428,7 @@ class _Builder:
         """A ReLU/ReLU6 with no producer to merge into: its own unsigned quantizer."""
         kind = self.kind(node)
         q = QActivation(self.quantizer(self.config.relu_bits, False), activation=kind)
-        self.env[node] = self.call(node.name, q, (self.env[node.args[0]],), unsigned=True)
+        self.env[node] = self.call(self.name_of(node), q, (self.env[node.args[0]],), unsigned=True)
 
     emit_relu6 = emit_relu
 
@@ -441,7 +446,7 @@ class _Builder:
         self.share([x_q, prod_q])
         module = QLeakyReLU(float(slope), self.quantizer(cfg.accum_bits, True).freeze(), prod_q,
                             self.quantizer(cfg.act_bits, True))
-        self.env[node] = self.call(node.name, module, (x,), unsigned=False)
+        self.env[node] = self.call(self.name_of(node), module, (x,), unsigned=False)
 
     def emit_add(self, node: fx.Node) -> None:
         cfg = self.config
@@ -455,7 +460,7 @@ class _Builder:
         self.share(list(group))
         activation, end = self.fuse_activation(node)
         out_q = self.quantizer(cfg.relu_bits, False) if activation != "none" else self.quantizer(cfg.act_bits, True)
-        new = self.call(node.name, QAdd(out_q, activation), tuple(args), unsigned=activation != "none")
+        new = self.call(self.name_of(node), QAdd(out_q, activation), tuple(args), unsigned=activation != "none")
         self.env[node] = self.env[end] = new
 
     def emit_concat(self, node: fx.Node) -> None:
@@ -517,7 +522,7 @@ class _Builder:
         module = QAvgPool(kernel, stride, padding,
                           self.quantizer(self.config.avgpool_reciprocal_bits, False).freeze(),
                           self.quantizer(self.config.act_bits, not unsigned, Rounding.FLOOR))
-        return self.call(node.name, module, (src,), unsigned=unsigned)
+        return self.call(self.name_of(node), module, (src,), unsigned=unsigned)
 
     def emit_mean(self, node: fx.Node) -> None:
         """Mean over H, W: a global avg-pool (then a reshape when keepdim is False)."""
@@ -589,9 +594,9 @@ def build_quantized_model(
     example = _as_example(example_inputs)
     float_model = copy.deepcopy(model).eval()
     gm = fx.symbolic_trace(float_model)
-    _normalize(gm)
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
+    _normalize(gm)
     net = _Builder(gm, config, mode).run()
     qmodel = QuantizedModel(net, config, mode, tuple(example.shape))
     for _, role, q in qmodel.named_quantizers():
