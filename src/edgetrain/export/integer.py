@@ -380,18 +380,18 @@ class _Exporter:
 
     def compute(self, node: fx.Node, m: QCompute) -> dict[str, Any]:
         weight, bias, _ = m.folded()
-        self.tensors[f"{node.name}.weight"] = _codes(m.weight_q, weight)
-        self.tensors[f"{node.name}.bias"] = _codes(m.bias_q, bias)
-        op = {"op": m.kind, "input": node.args[0].name, "weight": f"{node.name}.weight",
-              "bias": f"{node.name}.bias", "weight_q": self.qname(m.weight_q), "acc_q": self.qname(m.acc_q),
+        self.tensors[f"{node.target}.weight"] = _codes(m.weight_q, weight)
+        self.tensors[f"{node.target}.bias"] = _codes(m.bias_q, bias)
+        op = {"op": m.kind, "input": node.args[0].name, "weight": f"{node.target}.weight",
+              "bias": f"{node.target}.bias", "weight_q": self.qname(m.weight_q), "acc_q": self.qname(m.acc_q),
               "bias_q": self.qname(m.bias_q), "out_q": self.qname(m.out_q), "activation": m.activation}
         if m.kind == "conv":
             op |= {k: list(v) if isinstance(v, tuple) else v for k, v in m.conv_args.items()}
         return op
 
     def avgpool(self, node: fx.Node, m: QAvgPool) -> dict[str, Any]:
-        self.tensors[f"{node.name}.reciprocal"] = _codes(m.recip_q, m.reciprocal).reshape(1)
-        return {"op": "avgpool", "input": node.args[0].name, "reciprocal": f"{node.name}.reciprocal",
+        self.tensors[f"{node.target}.reciprocal"] = _codes(m.recip_q, m.reciprocal).reshape(1)
+        return {"op": "avgpool", "input": node.args[0].name, "reciprocal": f"{node.target}.reciprocal",
                 "recip_q": self.qname(m.recip_q), "out_q": self.qname(m.out_q), "kernel": list(m.kernel),
                 "stride": list(m.stride), "padding": list(m.padding)}
 
@@ -400,8 +400,8 @@ class _Exporter:
                 "activation": m.activation}
 
     def leaky(self, node: fx.Node, m: QLeakyReLU) -> dict[str, Any]:
-        self.tensors[f"{node.name}.alpha"] = _codes(m.alpha_q, m.alpha).reshape(1)
-        return {"op": "leaky_relu", "input": node.args[0].name, "alpha": f"{node.name}.alpha",
+        self.tensors[f"{node.target}.alpha"] = _codes(m.alpha_q, m.alpha).reshape(1)
+        return {"op": "leaky_relu", "input": node.args[0].name, "alpha": f"{node.target}.alpha",
                 "alpha_q": self.qname(m.alpha_q), "prod_q": self.qname(m.prod_q), "out_q": self.qname(m.out_q)}
 
     def maxpool(self, node: fx.Node, m: nn.MaxPool2d) -> dict[str, Any]:
