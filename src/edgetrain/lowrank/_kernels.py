@@ -22,6 +22,8 @@ _FM = {"reassoc", "contract", "nsz", "arcp"}
 SPAN_TOL = 1e-5
 #: Gram-Schmidt is repeated once ("twice is enough") when ||res|| < REORTH * ||x||.
 REORTH = 1e-2
+#: Cores up to this size use the one-sided Jacobi SVD, larger ones LAPACK.
+JACOBI_MAX = 12
 
 
 @njit(cache=True, fastmath=_FM)
@@ -205,6 +207,71 @@ def _householder_complement(y: np.ndarray) -> np.ndarray:
             for i in range(j, n):
                 x[i, col] -= 2.0 * dot * vs[j, i]
     return x
+
+
+@njit(cache=True, fastmath=_FM)
+def _svd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SVD c = u diag(s) vt of the small square core, s descending.
+
+    Up to JACOBI_MAX rows: one-sided Jacobi (Hestenes: rotate pairs of columns of c until they are
+    orthogonal, accumulating the rotations in vt), about twice as fast as a LAPACK call at this size
+    and accurate to working precision. Columns of u for singular values that are exactly 0 are left 0
+    (they only ever get weight 0). Larger cores (big chunks) go to LAPACK.
+    """
+    q = c.shape[0]
+    if q > JACOBI_MAX:
+        return np.linalg.svd(c)
+    a = c.T.copy()  # row j = column j of c
+    vt = np.eye(q)  # row j = column j of v
+    for _ in range(60):
+        rotated = False
+        for p in range(q - 1):
+            ap = a[p]
+            vp = vt[p]
+            for k in range(p + 1, q):
+                ak = a[k]
+                vk = vt[k]
+                alpha = 0.0
+                beta = 0.0
+                gamma = 0.0
+                for i in range(q):
+                    alpha += ap[i] * ap[i]
+                    beta += ak[i] * ak[i]
+                    gamma += ap[i] * ak[i]
+                if abs(gamma) <= 1e-15 * math.sqrt(alpha * beta):
+                    continue
+                rotated = True
+                zeta = (beta - alpha) / (2.0 * gamma)
+                t = math.copysign(1.0, zeta) / (abs(zeta) + math.sqrt(1.0 + zeta * zeta))
+                cs = 1.0 / math.sqrt(1.0 + t * t)
+                sn = cs * t
+                for i in range(q):
+                    x = ap[i]
+                    ap[i] = cs * x - sn * ak[i]
+                    ak[i] = sn * x + cs * ak[i]
+                    y = vp[i]
+                    vp[i] = cs * y - sn * vk[i]
+                    vk[i] = sn * y + cs * vk[i]
+        if not rotated:
+            break
+    norms = np.empty(q)
+    for j in range(q):
+        acc = 0.0
+        for i in range(q):
+            acc += a[j, i] * a[j, i]
+        norms[j] = math.sqrt(acc)
+    order = np.argsort(-norms)
+    u = np.zeros((q, q))
+    s = np.empty(q)
+    v_sorted = np.empty((q, q))
+    for j in range(q):
+        o = order[j]
+        s[j] = norms[o]
+        inv = 1.0 / s[j] if s[j] > 0.0 else 0.0
+        for i in range(q):
+            u[i, j] = a[o, i] * inv
+            v_sorted[j, i] = vt[o, i]
+    return u, s, v_sorted
 
 
 @njit(cache=True)
@@ -402,7 +469,7 @@ def _step(
             if gp != 0.0:
                 for v in range(qa):
                     c[p, v] += gp * gr[s, v]
-    u, sig, vt = np.linalg.svd(c)
+    u, sig, vt = _svd(c)
     if unbiased and qa > r and sig[r] > 1e-15 * sig[0]:
         rot, new_cx = min_variance_mixing(sig, r, signs[stats[2] : stats[2] + qa])
     else:

@@ -149,23 +149,28 @@ class StreamingKroneckerSum:
         return total + (self.chunk - 1) * nm * 8
 
     def _check(self, dz: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if dz.ndim != a.ndim or dz.ndim not in (1, 2):
-            raise ValueError(
-                f"expected dz and a both 1-D (one term) or both 2-D (rows = terms), "
-                f"got dz.shape={dz.shape}, a.shape={a.shape}"
+        dz2 = dz[None] if dz.ndim == 1 else dz
+        a2 = a[None] if a.ndim == 1 else a
+        if (
+            dz.ndim != a.ndim
+            or dz2.ndim != 2
+            or dz2.shape[1] != self.n_out
+            or a2.shape[1] != self.n_in
+            or dz2.shape[0] != a2.shape[0]
+        ):
+            want = (
+                f"({self.n_out},) and ({self.n_in},)"
+                if dz.ndim == 1
+                else f"(T, {self.n_out}) and (T, {self.n_in}), both 1-D or both 2-D"
             )
-        dz2 = dz.reshape(1, -1) if dz.ndim == 1 else dz
-        a2 = a.reshape(1, -1) if a.ndim == 1 else a
-        if dz2.shape[1] != self.n_out or a2.shape[1] != self.n_in or dz2.shape[0] != a2.shape[0]:
-            want = f"({self.n_out},) and ({self.n_in},)" if dz.ndim == 1 else f"(T, {self.n_out}) and (T, {self.n_in})"
             raise ValueError(f"expected dz, a of shapes {want}, got dz.shape={dz.shape}, a.shape={a.shape}")
         return dz2, a2
 
     def _stream(self, dz: np.ndarray, a: np.ndarray, flush: bool) -> None:
         if self.unbiased:
-            step = self.rank + self.chunk
-            need = ((self.pending + dz.shape[0]) // self.chunk + 1) * step
-            pos = int(self._stats[2])
+            stats = self._stats
+            need = ((int(stats[3]) + dz.shape[0]) // self.chunk + 1) * (self.rank + self.chunk)
+            pos = int(stats[2])
             if self._signs.shape[0] - pos < need:
                 fresh = self._rng.random(max(need, _SIGN_BLOCK)) < 0.5
                 self._signs = np.concatenate([self._signs[pos:], np.where(fresh, -1.0, 1.0)])
