@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("edgetrain.cli.pipeline", "edgetrain.cli.adapt", "edgetrain.cli.quantize")
 
 
 class CLIError(Exception):

@@ -1,0 +1,215 @@
+"""``edgetrain train | quantize | export | eval``: float pretraining, TQT quantization, integer/ONNX export.
+
+    edgetrain train    --model resnet-tiny --data fashion-mnist --epochs 3 --out runs/resnet/float.pt
+    edgetrain quantize --float runs/resnet/float.pt --mode retrain --weight-bits 4 --out runs/resnet/int4.pt --table
+    edgetrain export   --checkpoint runs/resnet/int4.pt --format integer --out runs/resnet/int4-program
+    edgetrain eval     --checkpoint runs/resnet/int4.pt --float runs/resnet/float.pt \
+                       --integer runs/resnet/int4-program --onnx runs/resnet/int4.onnx
+
+Checkpoints are ``torch.save`` dictionaries of tensors and plain values, written to a temporary file
+and moved into place (``os.replace``), loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from edgetrain.data import Dataset, load_dataset
+from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
+from edgetrain.fixedpoint import Rounding
+from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
+from edgetrain.models import MODELS, create_model
+from edgetrain.tqt.retrain import RetrainConfig, retrain
+from edgetrain.training import evaluate, load_checkpoint, train_float
+
+
+def _save(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _split(name: str, split: str, samples: int | None) -> Dataset:
+    data = load_dataset(name, split)
+    return data.subset(samples) if samples else data
+
+
+def _model_meta(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
+    c, h, _ = data.input_shape
+    return {"model": args.model, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
+            "dataset": data.name}
+
+
+def _float_model(meta: dict[str, Any]) -> nn.Module:
+    return create_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+
+
+def load_float(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    state = load_checkpoint(path)
+    if state.get("kind") != "float":
+        raise ValueError(f"{path} is not a float model checkpoint from `edgetrain train`")
+    model = _float_model(state["meta"])
+    model.load_state_dict(state["state_dict"])
+    return model.eval(), state["meta"]
+
+
+def load_quantized(path: str | os.PathLike[str]) -> tuple[QuantizedModel, dict[str, Any]]:
+    """Rebuild a quantized model from an ``edgetrain quantize`` checkpoint (graph pass, then state dict)."""
+    state = load_checkpoint(path)
+    if state.get("kind") != "quantized":
+        raise ValueError(f"{path} is not a quantized model checkpoint from `edgetrain quantize`")
+    meta = state["meta"]
+    example = torch.zeros(1, meta["in_channels"], meta["image_size"], meta["image_size"])
+    qmodel = build_quantized_model(_float_model(meta), example, QuantConfig(**state["config"]), state["mode"])
+    qmodel.load_state_dict(state["state_dict"])
+    return qmodel.eval(), meta
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    train, val = _split(args.data, "train", args.train_samples), _split(args.data, "val", None)
+    meta = _model_meta(args, train)
+    model = _float_model(meta)
+    result = train_float(model, train, val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         seed=args.seed, checkpoint=args.out + ".resume")
+    _save({"kind": "float", "meta": meta, "state_dict": model.state_dict()}, args.out)
+    print(f"float {args.model}: val top-1 {100 * result.best_val_accuracy:.2f}% (epoch {result.best_epoch:.1f}) "
+          f"-> {args.out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    model, meta = load_float(args.float)
+    if args.model and args.model != meta["model"]:
+        raise ValueError(f"--model {args.model} but {args.float} holds a {meta['model']}")
+    train = _split(meta["dataset"] if args.data is None else args.data, "train", args.train_samples)
+    val = _split(train.name, "val", None)
+    config = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, rounding=Rounding.parse(args.rounding),
+                         weight_calibration=args.weight_calibration, allow_float=args.allow_float)
+    calib = train.images[: args.calib]
+    qmodel = quantize(model, calib[:1], calib, config, mode=args.mode)
+    if args.mode == "retrain":
+        recipe = RetrainConfig(epochs=args.epochs, batch_size=args.batch_size, weight_lr=args.weight_lr,
+                               seed=args.seed)
+        retrain(qmodel, train, val, recipe, checkpoint=args.out + ".resume")
+    print(f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}: val top-1 "
+          f"{100 * evaluate(qmodel, val):.2f}% (float {100 * evaluate(model, val):.2f}%)")
+    if args.table:
+        print(qmodel.quantizer_table())
+    _save({"kind": "quantized", "meta": meta, "config": config.as_dict(), "mode": args.mode,
+           "state_dict": qmodel.state_dict()}, args.out)
+    print(f"-> {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    qmodel, meta = load_quantized(args.checkpoint)
+    if args.format == "integer":
+        path = to_integer(qmodel).save(args.out)
+    else:
+        example = torch.zeros(2, meta["in_channels"], meta["image_size"], meta["image_size"])
+        path = to_onnx(qmodel, args.out, example)
+    print(f"{args.format} export -> {path}")
+    return 0
+
+
+def _batched(fn: Any, images: torch.Tensor, label: str, batch: int = 500) -> np.ndarray:
+    parts = [fn(images[i : i + batch]) for i in tqdm(range(0, len(images), batch), desc=label, leave=False)]
+    return np.concatenate(parts)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    qmodel, meta = load_quantized(args.checkpoint)
+    data = _split(args.data or meta["dataset"], args.split, args.samples)
+    labels = data.labels.numpy()
+    with torch.no_grad():
+        fake = _batched(lambda x: qmodel(x).numpy(), data.images, "fake-quant")
+    rows = [("fake-quant", fake, "")]
+    if args.float:
+        model, _ = load_float(args.float)
+        with torch.no_grad():
+            rows.insert(0, ("float", _batched(lambda x: model(x).numpy(), data.images, "float"), ""))
+    if args.integer:
+        program = IntegerProgram.load(args.integer)
+        out = _batched(program.run, data.images, "integer")
+        rows.append(("integer", out, f"{int((out != fake).any(axis=1).sum())} outputs differ from fake-quant"))
+    if args.onnx:
+        session = ort_session(args.onnx)
+        name = session.get_inputs()[0].name
+        out = _batched(lambda x: session.run(None, {name: x.numpy()})[0], data.images, "onnx")
+        agreement = 100 * np.mean(out.argmax(1) == fake.argmax(1))
+        rows.append(("onnx", out, f"top-1 agrees with fake-quant on {agreement:.2f}%"))
+    print(f"{meta['model']} on {data.name}/{args.split} ({len(data)} images)")
+    print(f"{'model':<11} {'top-1':>7}  note")
+    for label, out, note in rows:
+        print(f"{label:<11} {100 * np.mean(out.argmax(1) == labels):>6.2f}%  {note}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    models = ", ".join(sorted(MODELS))
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+        p.add_argument("--seed", type=int, default=0)
+
+    p = subparsers.add_parser("train", help="float pretraining of a zoo model (checkpointed)")
+    p.add_argument("--model", required=True, help=f"one of: {models}")
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist | mnist | digits")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--train-samples", type=int, default=None, help="use the first N training images")
+    p.add_argument("--out", required=True, help="checkpoint path (.pt)")
+    common(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = subparsers.add_parser("quantize", help="TQT quantization of a float checkpoint: static or retrain")
+    p.add_argument("--float", required=True, help="float checkpoint from `edgetrain train`")
+    p.add_argument("--model", help="zoo model name, checked against the float checkpoint")
+    p.add_argument("--data", default=None, help="dataset (default: the one the float model was trained on)")
+    p.add_argument("--mode", choices=("static", "retrain"), default="static")
+    p.add_argument("--weight-bits", type=int, choices=(8, 4), default=8)
+    p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--rounding", default="half_even", choices=[r.value for r in Rounding])
+    p.add_argument("--weight-calibration", default=None, help="max | 3sd | kl_j | percentile | mse")
+    p.add_argument("--allow-float", action="store_true", help="leave unsupported ops in float")
+    p.add_argument("--calib", type=int, default=512, help="calibration images")
+    p.add_argument("--epochs", type=int, default=1, help="retraining epochs")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--weight-lr", type=float, default=1e-4)
+    p.add_argument("--train-samples", type=int, default=None)
+    p.add_argument("--table", action="store_true", help="print every quantizer")
+    p.add_argument("--out", required=True)
+    common(p)
+    p.set_defaults(handler=cmd_quantize)
+
+    p = subparsers.add_parser("export", help="integer program (manifest + safetensors) or ONNX QDQ")
+    p.add_argument("--checkpoint", required=True, help="quantized checkpoint from `edgetrain quantize`")
+    p.add_argument("--format", choices=("integer", "onnx"), default="integer")
+    p.add_argument("--out", required=True, help="directory (integer) or .onnx file")
+    p.set_defaults(handler=cmd_export)
+
+    p = subparsers.add_parser("eval", help="float, fake-quant, integer and ONNX top-1 side by side")
+    p.add_argument("--checkpoint", required=True, help="quantized checkpoint")
+    p.add_argument("--float", help="float checkpoint")
+    p.add_argument("--integer", help="integer program directory")
+    p.add_argument("--onnx", help="ONNX file")
+    p.add_argument("--data", default=None)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--samples", type=int, default=None, help="first N images of the split")
+    common(p)
+    p.set_defaults(handler=cmd_eval)
