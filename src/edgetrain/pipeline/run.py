@@ -7,6 +7,7 @@ report (always re-rendered, it is cheap).
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -15,12 +16,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from edgetrain.adapt import OnlineTrainer, make_rule
+from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.data import Dataset, load_dataset
+from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
+from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
+from edgetrain.nvm import DriftSpec
 from edgetrain.pipeline.config import PipelineConfig
+from edgetrain.pipeline.deploy import qnet_from_quantized
 from edgetrain.pipeline.models import build_model
+from edgetrain.pipeline.report import write_report
 from edgetrain.pipeline.stages import StageResult, fingerprint, run_stage, write_json_atomic
+from edgetrain.tqt import RetrainConfig, ThresholdHistory, retrain
 from edgetrain.training import evaluate, train_float
 
 
@@ -85,6 +96,159 @@ def float_model(config: PipelineConfig, data: PipelineData, stage: StageResult) 
     return model.eval()
 
 
+def quant_config(config: PipelineConfig) -> QuantConfig:
+    section = config.quantize
+    return QuantConfig(
+        weight_bits=section.weight_bits, act_bits=section.act_bits,
+        first_last_weight_bits=section.first_last_weight_bits,
+    )
+
+
+def quantize_stage(
+    config: PipelineConfig, data: PipelineData, out: Path, pretrained: StageResult, log: Callable[[str], None]
+) -> StageResult:
+    key = fingerprint("quantize", pretrained.fingerprint, asdict(config.quantize))
+    section = config.quantize
+
+    def body(directory: Path) -> dict[str, Any]:
+        model = float_model(config, data, pretrained)
+        calib = data.train.images[: section.calibration_samples]
+        static = quantize(model, calib[:1], calib, quant_config(config), mode="static")
+        summary: dict[str, Any] = {"static_accuracy": evaluate(static, data.test), "retrained": False}
+        log(f"[quantize] static INT{section.weight_bits} test accuracy {summary['static_accuracy']:.4f}")
+        final, mode = static, "static"
+        if section.retrain_epochs > 0:
+            qmodel = quantize(model, calib[:1], calib, quant_config(config), mode="retrain")
+            recipe = RetrainConfig(
+                epochs=section.retrain_epochs, batch_size=section.batch_size, weight_lr=section.weight_lr,
+                threshold_lr=section.threshold_lr,
+            )
+            train = data.train.subset(section.retrain_samples) if section.retrain_samples else data.train
+            history = ThresholdHistory(qmodel, every=5)
+            result = retrain(qmodel, train, data.val, recipe, checkpoint=directory / "checkpoint.pt", hooks=[history])
+            (directory / "checkpoint.pt").unlink(missing_ok=True)
+            summary.update(
+                retrained=True, retrained_accuracy=evaluate(qmodel, data.test), retrain_seconds=result.seconds,
+                retrain_best_epoch=result.best_epoch, recipe=recipe.as_dict(),
+                threshold_history={"steps": history.steps, "values": history.values},
+            )
+            log(f"[quantize] TQT-retrained test accuracy {summary['retrained_accuracy']:.4f}")
+            final, mode = qmodel, "retrain"
+        save_state(final, directory / "qmodel.pt")
+        summary["mode"] = mode
+        summary["quantizers"] = [asdict(q) for q in final.quantizers()]
+        return summary
+
+    return run_stage(out, "quantize", key, body, log)
+
+
+def quantized_model(
+    config: PipelineConfig, data: PipelineData, pretrained: StageResult, quantized: StageResult
+) -> QuantizedModel:
+    """Rebuild the stage's QuantizedModel (graph rewrite only, no calibration) and load its state."""
+    model = float_model(config, data, pretrained)
+    qmodel = build_quantized_model(model, data.train.images[:1], quant_config(config), quantized.summary["mode"])
+    load_state(qmodel, quantized.directory / "qmodel.pt")
+    for module in qmodel.modules():
+        if hasattr(module, "freeze_bn"):
+            module.freeze_bn()
+    return qmodel.eval()
+
+
+def export_stage(
+    config: PipelineConfig, data: PipelineData, out: Path, pretrained: StageResult, quantized: StageResult,
+    log: Callable[[str], None],
+) -> StageResult:
+    key = fingerprint("export", quantized.fingerprint, asdict(config.export), config.data.test_samples)
+
+    def body(directory: Path) -> dict[str, Any]:
+        qmodel = quantized_model(config, data, pretrained, quantized)
+        program = to_integer(qmodel)
+        program.save(directory / "integer")
+        program = IntegerProgram.load(directory / "integer")  # verify what was written, not what is in memory
+        images = data.test.images[: config.export.verify_samples or len(data.test)]
+        mismatches, predictions = 0, []
+        for start in tqdm(range(0, len(images), 500), desc="verify integer program", leave=False):
+            batch = images[start : start + 500]
+            with torch.no_grad():
+                expected = qmodel(batch).double().numpy()
+            got = program.run(batch).astype(np.float64)
+            mismatches += int(np.any(got != expected, axis=1).sum())
+            predictions.append(expected.argmax(1))
+        reference = np.concatenate(predictions)
+        integer_accuracy = float((reference == data.test.labels[: len(images)].numpy()).mean())
+        summary: dict[str, Any] = {"verified_samples": len(images), "integer_mismatches": mismatches,
+                                   "integer_accuracy": integer_accuracy}
+        log(f"[export] integer program: {mismatches} mismatching outputs out of {len(images)} (bit-exact: "
+            f"{'yes' if mismatches == 0 else 'NO'})")
+        if config.export.onnx:
+            path = to_onnx(qmodel, directory / "model.onnx", images[:1])
+            session = ort_session(path)
+            name = session.get_inputs()[0].name
+            onnx_top1 = np.concatenate([
+                session.run(None, {name: images[i : i + 500].numpy()})[0].argmax(1) for i in range(0, len(images), 500)
+            ])
+            summary["onnx_agreement"] = float((onnx_top1 == reference).mean())
+            log(f"[export] onnxruntime top-1 agreement {summary['onnx_agreement']:.4%}")
+        return summary
+
+    return run_stage(out, "export", key, body, log)
+
+
+def adapt_stage(
+    config: PipelineConfig, data: PipelineData, out: Path, pretrained: StageResult, quantized: StageResult,
+    log: Callable[[str], None],
+) -> StageResult:
+    section = config.adapt
+    key = fingerprint("adapt", quantized.fingerprint, asdict(section))
+
+    def body(directory: Path) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if section.scenario == "shift":
+            options["block_length"] = section.shift_block
+        scenario = make_scenario(section.scenario, dataset=adaptation_dataset(config), samples=section.samples,
+                                 seed=section.seed, **options)
+        if section.drift:
+            scenario = dataclasses.replace(scenario, drift=DriftSpec(section.drift))
+        results = {}
+        for rule_name in section.rules:
+            rank = {"rank": section.rank} if rule_name == "lowrank" else {}
+            rule = make_rule(rule_name, lr=section.lr, **rank)
+            qnet = qnet_from_quantized(quantized_model(config, data, pretrained, quantized))
+            trainer = OnlineTrainer(qnet, rule, scenario, seed=section.seed, log_every=max(section.samples // 200, 1))
+            run_dir = directory / rule_name
+            run_dir.mkdir(exist_ok=True)
+            checkpoint = run_dir / "checkpoint.safetensors"
+            if checkpoint.exists():
+                trainer.resume(checkpoint)
+            log(f"[adapt] {rule_name} on {section.scenario}{' + ' + section.drift + ' drift' if section.drift else ''}")
+            run_log = trainer.run(section.samples, test_every=max(section.samples // 4, 1),
+                                  checkpoint_every=max(section.samples // 10, 1), checkpoint=checkpoint,
+                                  progress=True)
+            write_json_atomic(run_dir / "log.json", run_log)
+            checkpoint.unlink(missing_ok=True)
+            final = run_log["final"]
+            results[rule_name] = {k: final[k] for k in ("online_accuracy", "test_accuracy", "max_writes_paper",
+                                                        "write_density", "energy_pj", "projected_lifetime_samples",
+                                                        "aux_memory_bits")}
+            results[rule_name]["samples_per_second"] = run_log["timing"]["samples_per_second"]
+            log(f"[adapt] {rule_name}: online accuracy {final['online_accuracy']:.3f}, "
+                f"max writes per cell {final['max_writes_paper']}")
+        return {"scenario": scenario.describe(), "rules": results}
+
+    return run_stage(out, "adapt", key, body, log)
+
+
+def adaptation_dataset(config: PipelineConfig) -> str:
+    """The scenario streams come from the elastic-deformed pools of mnist or fashion-mnist."""
+    if config.data.dataset not in ("mnist", "fashion-mnist"):
+        raise ValueError(
+            f"adaptation scenarios are built from mnist or fashion-mnist, not {config.data.dataset!r}; "
+            "set [adapt] rules = [] to stop after the export"
+        )
+    return config.data.dataset
+
+
 def reproduce_command(config_path: str | None) -> str:
     """The command line that reruns this pipeline."""
     if config_path:
@@ -104,8 +268,16 @@ def run_pipeline(
     data = load_pipeline_data(config)
     log(f"data: {data.train.name} train {len(data.train)} / val {len(data.val)} / test {len(data.test)}")
     pretrained = pretrain_stage(config, data, out, log)
-    summary: dict[str, Any] = {"pretrain": pretrained.summary}
-    summary["seconds"] = time.perf_counter() - start
+    quantized = quantize_stage(config, data, out, pretrained, log)
+    exported = export_stage(config, data, out, pretrained, quantized, log)
+    stages = [pretrained, quantized, exported]
+    if config.adapt.rules:
+        stages.append(adapt_stage(config, data, out, pretrained, quantized, log))
+    summary: dict[str, Any] = {stage.name: stage.summary for stage in stages}
     summary["command"] = reproduce_command(config_path)
+    summary["config"] = config.to_dict()
+    summary["seconds"] = time.perf_counter() - start
+    markdown, html = write_report(summary, config, out)
+    summary["report_md"], summary["report_html"] = str(markdown), str(html)
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ class Report:
         self._figure_count += 1
         self.blocks.append(_Block("figure", (figure, caption, f"figure_{self._figure_count:02d}.png")))
 
+    def image(self, png: str | os.PathLike[str], caption: str) -> None:
+        """A PNG that already exists (copied next to the report)."""
+        self._figure_count += 1
+        self.blocks.append(_Block("image", (Path(png), caption, f"figure_{self._figure_count:02d}.png")))
+
     def code(self, text: str, language: str = "") -> None:
         self.blocks.append(_Block("code", (text, language)))
 
@@ -81,9 +87,12 @@ class Report:
                     "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
                 )
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-            elif block.kind == "figure":
-                figure, caption, name = block.payload
-                figure.savefig(out / name, dpi=110, bbox_inches="tight")
+            elif block.kind in ("figure", "image"):
+                source, caption, name = block.payload
+                if block.kind == "figure":
+                    source.savefig(out / name, dpi=110, bbox_inches="tight")
+                else:
+                    shutil.copyfile(source, out / name)
                 encoded = base64.b64encode((out / name).read_bytes()).decode()
                 md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
                 body.append(

@@ -2,12 +2,13 @@
 
 from edgetrain.tqt.calibration import CALIBRATION_METHODS, calibrate
 from edgetrain.tqt.quantizer import TQTQuantizer, tqt_quantize
-from edgetrain.tqt.retrain import RetrainConfig, retrain, split_parameters
+from edgetrain.tqt.retrain import RetrainConfig, ThresholdHistory, retrain, split_parameters
 
 __all__ = [
     "CALIBRATION_METHODS",
     "RetrainConfig",
     "TQTQuantizer",
+    "ThresholdHistory",
     "calibrate",
     "retrain",
     "split_parameters",

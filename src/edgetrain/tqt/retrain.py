@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,6 +117,28 @@ class IncrementalThresholdFreezing(TrainHook):
         self.ema, self.grad_sum = state["ema"], state["grad_sum"]
 
 
+class ThresholdHistory(TrainHook):
+    """Record every threshold's log2_t every ``every`` steps: ``steps`` and ``values[name]``."""
+
+    def __init__(self, model: nn.Module, every: int = 10) -> None:
+        self.every = every
+        self.named = [(n, p) for n, p in model.named_parameters() if n.endswith("log2_t")]
+        self.steps: list[int] = []
+        self.values: dict[str, list[float]] = {n: [] for n, _ in self.named}
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        if step % self.every == 0 or step == 1:
+            self.steps.append(step)
+            for name, parameter in self.named:
+                self.values[name].append(float(parameter.detach()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "values": {k: list(v) for k, v in self.values.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.values = list(state["steps"]), {k: list(v) for k, v in state["values"].items()}
+
+
 def retrain(
     model: nn.Module,
     train: Dataset,
@@ -123,10 +146,12 @@ def retrain(
     config: RetrainConfig | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    hooks: Sequence[TrainHook] = (),
 ) -> TrainResult:
     """Retrain a fake-quantized ``model`` (weights and thresholds) with the TQT recipe.
 
-    With ``config.train_thresholds=False`` the thresholds stay at their calibrated values.
+    With ``config.train_thresholds=False`` the thresholds stay at their calibrated values; ``hooks``
+    add observers (e.g. :class:`ThresholdHistory`).
     Returns the :class:`~edgetrain.training.TrainResult`; ``model`` ends with the best weights.
     """
     cfg = config or RetrainConfig()
@@ -141,17 +166,17 @@ def retrain(
         staircase(cfg.weight_lr_decay, cfg.scaled(cfg.weight_lr_period)),
         staircase(cfg.threshold_lr_decay, cfg.scaled(cfg.threshold_lr_period)),
     ]
-    hooks: list[TrainHook] = [FreezeBatchNorm(cfg.bn_stat_epochs)]
+    recipe_hooks: list[TrainHook] = [FreezeBatchNorm(cfg.bn_stat_epochs)]
     if cfg.freeze_thresholds and cfg.train_thresholds and thresholds:
         start = cfg.scaled(cfg.freeze_start)
-        hooks.append(IncrementalThresholdFreezing(thresholds, start, cfg.freeze_every, cfg.freeze_ema_decay))
+        recipe_hooks.append(IncrementalThresholdFreezing(thresholds, start, cfg.freeze_every, cfg.freeze_ema_decay))
     regularizer = None
     if cfg.weight_decay > 0:
         decayed = [w for w in weights if w.ndim > 1]
         regularizer = lambda: cfg.weight_decay * sum((w * w).sum() for w in decayed)  # noqa: E731
     trainer = Trainer(
         model, optimizer, train, val, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-        schedules=schedules, hooks=hooks, regularizer=regularizer, eval_every=cfg.eval_every,
+        schedules=schedules, hooks=[*recipe_hooks, *hooks], regularizer=regularizer, eval_every=cfg.eval_every,
         checkpoint=checkpoint, progress=progress, description="TQT retraining",
     )
     return trainer.run()

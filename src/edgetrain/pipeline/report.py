@@ -1,0 +1,91 @@
+"""The pipeline report: accuracy through the stages, the quantizers, threshold training, adaptation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from edgetrain.pipeline.config import PipelineConfig
+from edgetrain.report import Report
+from edgetrain.report.adaptation import plot_scenario
+
+
+def _accuracy_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    quantize, export = summary["quantize"], summary["export"]
+    rows = [["float (FP32)", f"{summary['pretrain']['test_accuracy']:.4f}", ""],
+            ["fake-quant, static calibration", f"{quantize['static_accuracy']:.4f}", ""]]
+    if quantize.get("retrained"):
+        rows.append(["fake-quant, TQT retrained", f"{quantize['retrained_accuracy']:.4f}",
+                     f"best after {quantize['retrain_best_epoch']:.2f} epochs"])
+    rows.append(["integer program", f"{export['integer_accuracy']:.4f}",
+                 f"{export['integer_mismatches']} mismatching outputs of {export['verified_samples']}"])
+    if "onnx_agreement" in export:
+        rows.append(["ONNX (onnxruntime)", "", f"top-1 identical on {export['onnx_agreement']:.2%}"])
+    return rows
+
+
+def _threshold_figure(history: dict[str, Any]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, values in history["values"].items():
+        ax.plot(history["steps"], values, linewidth=1, label=name.removeprefix("net.").removesuffix(".log2_t"))
+    ax.set(xlabel="retraining step", ylabel="log2 t (threshold = 2^ceil)", title="Threshold evolution (TQT)")
+    ax.grid(alpha=0.3)
+    if len(history["values"]) <= 16:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def _lifetime(samples: float) -> str:
+    return "no writes" if samples is None or math.isinf(samples) else f"{samples:.3g} samples"
+
+
+def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> tuple[Path, Path]:
+    """``report.md`` + self-contained ``report.html`` (+ PNGs) in ``out/report``."""
+    folder = out / "report"
+    report = Report(f"edgetrain: {config.model.import_path or config.model.name} on {config.data.dataset}")
+    report.paragraph(
+        "The whole life of the network: float pretraining, TQT quantization (power-of-2 per-tensor scales, "
+        "trained log2 thresholds), the exported integer program checked bit for bit, and on-device "
+        "adaptation of the deployed weights in simulated NVM."
+    )
+    report.heading("Accuracy through the pipeline")
+    report.table(["model", "test accuracy", "note"], _accuracy_rows(summary))
+
+    quantize = summary["quantize"]
+    report.heading("Quantizers")
+    report.paragraph("Every tensor is int_b x 2^exponent; quantizers in one group share one threshold.")
+    report.table(
+        ["quantizer", "role", "format", "exponent", "log2 t", "shared group"],
+        [[q["name"].removeprefix("net."), q["role"], f"{'int' if q['signed'] else 'uint'}{q['bits']}", q["exponent"],
+          f"{q['log2_t']:.3f}", q["group"] or ""] for q in quantize["quantizers"]],
+    )
+    if quantize.get("threshold_history"):
+        fig = _threshold_figure(quantize["threshold_history"])
+        report.figure(fig, "log2 thresholds during TQT retraining (Adam, lr 1e-2, staircase decay)")
+        plt.close(fig)
+
+    if "adapt" in summary:
+        adapt = summary["adapt"]
+        scenario = adapt["scenario"]
+        report.heading("On-device adaptation")
+        report.paragraph(f"Scenario: {json.dumps(scenario)}. Predict first, then learn, batch size 1.")
+        logs = [json.loads((out / "adapt" / rule / "log.json").read_text()) for rule in adapt["rules"]]
+        png = plot_scenario(logs, out / "adapt" / "adaptation.png", str(scenario.get("name", "stream")))
+        report.image(png, "Online accuracy and max writes per cell vs samples, one line per update rule")
+        report.table(
+            ["rule", "online acc", "test acc", "max writes/cell", "write density", "energy (uJ)",
+             "aux memory (kbit)", "projected NVM lifetime", "samples/s"],
+            [[rule, f"{r['online_accuracy']:.3f}", f"{r['test_accuracy']:.3f}", r["max_writes_paper"],
+              f"{r['write_density']:.2e}", f"{r['energy_pj']['total'] / 1e6:.1f}",
+              f"{sum(r['aux_memory_bits'].values()) / 1e3:.1f}", _lifetime(r["projected_lifetime_samples"]),
+              f"{r['samples_per_second']:.0f}"] for rule, r in adapt["rules"].items()],
+        )
+    report.heading("Reproduce")
+    report.code(summary["command"], "bash")
+    report.code(config.to_toml(), "toml")
+    return report.write(folder)
