@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgetrain.lowrank import MaxNorm, StreamingKroneckerSum
-from edgetrain.lowrank._kernels import min_variance_mixing
+from edgetrain.lowrank._kernels import _svd, min_variance_mixing
 
 
 def _rel(est: np.ndarray, exact: np.ndarray) -> float:
@@ -162,6 +162,21 @@ def test_min_variance_mixing_is_unbiased_and_orthonormal(sigma: list[float], r_f
     np.testing.assert_allclose(total / len(patterns), np.diag(s), atol=1e-9 * s[0])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 12), st.integers(0, 2**32 - 1))
+def test_small_jacobi_svd(q: int, rank: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(q, min(rank, q))) @ rng.normal(size=(min(rank, q), q)) * 10 ** rng.normal()
+    u, s, vt = _svd(c)
+    scale = max(np.abs(c).max(), 1e-300)
+    assert np.abs(u @ np.diag(s) @ vt - c).max() <= 1e-13 * scale
+    np.testing.assert_allclose(vt @ vt.T, np.eye(q), atol=1e-13)
+    keep = s > 1e-12 * max(s[0], 1e-300)
+    np.testing.assert_allclose(u[:, keep].T @ u[:, keep], np.eye(int(keep.sum())), atol=1e-12)
+    assert np.all(np.diff(s) <= 0)
+    np.testing.assert_allclose(s, np.linalg.svd(c, compute_uv=False), atol=1e-13 * scale)
+
+
 # --- numerics over long runs -------------------------------------------------------------------------
 
 
@@ -285,6 +300,21 @@ def test_seed_reproducibility_and_torch_input() -> None:
         ests.append(acc.estimate())
     np.testing.assert_array_equal(ests[0], ests[1])
     assert not np.allclose(ests[0], ests[2])
+
+
+def test_state_dict_resumes_bit_exactly() -> None:
+    rng = np.random.default_rng(10)
+    dz, a = rng.normal(size=(30, 9)), rng.normal(size=(30, 7))
+    ref = StreamingKroneckerSum(9, 7, rank=2, chunk=4, seed=5)
+    ref.add(dz, a)
+    first = StreamingKroneckerSum(9, 7, rank=2, chunk=4, seed=5)
+    first.add(dz[:13], a[:13])
+    resumed = StreamingKroneckerSum(9, 7, rank=2, chunk=4, seed=99)
+    resumed.load_state_dict(first.state_dict())
+    resumed.add(dz[13:], a[13:])
+    np.testing.assert_array_equal(resumed.estimate(), ref.estimate())
+    with pytest.raises(ValueError, match="expected shape"):
+        StreamingKroneckerSum(9, 8, rank=2, chunk=4).load_state_dict(first.state_dict())
 
 
 def test_reset_and_memory() -> None:

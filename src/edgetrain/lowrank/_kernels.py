@@ -22,8 +22,6 @@ _FM = {"reassoc", "contract", "nsz", "arcp"}
 SPAN_TOL = 1e-5
 #: Gram-Schmidt is repeated once ("twice is enough") when ||res|| < REORTH * ||x||.
 REORTH = 1e-2
-#: Cores up to this size use the one-sided Jacobi SVD, larger ones LAPACK.
-JACOBI_MAX = 12
 
 
 @njit(cache=True, fastmath=_FM)
@@ -57,7 +55,8 @@ def _project(basis: np.ndarray, nb: int, src: np.ndarray, x: np.ndarray, coef: n
         np.dot(basis[:nb], x, coef[:nb])
         for i in range(nb):
             cc += float(coef[i]) * float(coef[i])
-    return math.sqrt(xx), math.sqrt(max(xx - cc, 0.0))
+    xx64 = np.float64(xx)
+    return math.sqrt(xx64), math.sqrt(max(xx64 - cc, 0.0))
 
 
 @njit(cache=True, fastmath=_FM)
@@ -88,7 +87,7 @@ def _subtract(basis: np.ndarray, nb: int, x: np.ndarray, coef: np.ndarray, x0: f
         else:
             for e in range(n):
                 xx += x[e] * x[e]
-        res = math.sqrt(xx)
+        res = math.sqrt(np.float64(xx))
         if res >= REORTH * x0 or sweep == 1:
             break
         np.dot(basis[:nb], x, corr)
@@ -213,14 +212,13 @@ def _householder_complement(y: np.ndarray) -> np.ndarray:
 def _svd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SVD c = u diag(s) vt of the small square core, s descending.
 
-    Up to JACOBI_MAX rows: one-sided Jacobi (Hestenes: rotate pairs of columns of c until they are
-    orthogonal, accumulating the rotations in vt), about twice as fast as a LAPACK call at this size
-    and accurate to working precision. Columns of u for singular values that are exactly 0 are left 0
-    (they only ever get weight 0). Larger cores (big chunks) go to LAPACK.
+    One-sided Jacobi (Hestenes): rotate pairs of columns of c until they are orthogonal,
+    accumulating the rotations in vt; accurate to working precision. For q = 5 it is about twice as
+    fast as a LAPACK call (whose overhead dominates at this size), on par at q = 16 and about 3x
+    slower at q = 40 (chunk 32, rank 8). Columns of u for singular values that are exactly 0 are
+    left 0 (they only ever get weight 0).
     """
     q = c.shape[0]
-    if q > JACOBI_MAX:
-        return np.linalg.svd(c)
     a = c.T.copy()  # row j = column j of c
     vt = np.eye(q)  # row j = column j of v
     for _ in range(60):
@@ -260,7 +258,13 @@ def _svd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         for i in range(q):
             acc += a[j, i] * a[j, i]
         norms[j] = math.sqrt(acc)
-    order = np.argsort(-norms)
+    order = np.arange(q)  # selection sort by descending norm (q is small; np.argsort compiles slowly)
+    for j in range(q):
+        best = j
+        for i in range(j + 1, q):
+            if norms[order[i]] > norms[order[best]]:
+                best = i
+        order[j], order[best] = order[best], order[j]
     u = np.zeros((q, q))
     s = np.empty(q)
     v_sorted = np.empty((q, q))
@@ -346,8 +350,8 @@ def _scale(x: np.ndarray, norm: float) -> None:
 
 
 @njit(cache=True, fastmath=_FM)
-def _rotate_quantize(q: np.ndarray, qa: int, w: np.ndarray, transpose: bool, t: np.ndarray, levels: float) -> float:
-    """q[:r] <- (W T)^T q[:qa] with W = w (qa x qa) or w^T, T (qa x r); re-quantize q[:r]; return the step.
+def _rotate_quantize(q: np.ndarray, qa: int, w: np.ndarray, t: np.ndarray, levels: float) -> float:
+    """q[:r] <- (w t)^T q[:qa] with w (qa x qa), t (qa x r); re-quantize q[:r]; return the step.
 
     The product goes through the scratch rows q[-r:]. Quantization (LRT v1 App. C; reference code):
     scale = max|Q| / levels, Q <- floor(Q/scale + 1/2) * scale; levels = 2^(b-1) - 1 for b-bit
@@ -360,7 +364,7 @@ def _rotate_quantize(q: np.ndarray, qa: int, w: np.ndarray, transpose: bool, t: 
         for i in range(qa):
             acc = 0.0
             for k in range(qa):
-                acc += (w[k, i] if transpose else w[i, k]) * t[k, j]
+                acc += w[i, k] * t[k, j]
             mix[j, i] = acc
     out = q[q.shape[0] - r :]
     np.dot(mix, q[:qa], out)
@@ -381,7 +385,7 @@ def _rotate_quantize(q: np.ndarray, qa: int, w: np.ndarray, transpose: bool, t: 
     return scale if quantize else 0.0
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True)
 def _step(
     ql: np.ndarray,
     qr: np.ndarray,
@@ -476,10 +480,20 @@ def _step(
         rot, new_cx = _truncation(sig, r)
     if unbiased:
         stats[2] += qmax
-    qstep[0] = _rotate_quantize(ql, qa, u, False, rot, levels)
-    qstep[1] = _rotate_quantize(qr, qa, vt, True, rot, levels)
+    qstep[0] = _rotate_quantize(ql, qa, u, rot, levels)
+    qstep[1] = _rotate_quantize(qr, qa, np.ascontiguousarray(vt.T), rot, levels)
     for i in range(r):
         cx[i] = new_cx[i]
+
+
+@njit(cache=True)
+def _copy_rows(dst: np.ndarray, d0: int, src: np.ndarray, s0: int, count: int) -> None:
+    """dst[d0 : d0 + count] = src[s0 : s0 + count] for 2-D arrays."""
+    for i in range(count):
+        d = dst[d0 + i]
+        s = src[s0 + i]
+        for e in range(d.shape[0]):
+            d[e] = s[e]
 
 
 @njit(cache=True)
@@ -510,32 +524,34 @@ def stream(
     Returns -1, or 2 t + side (side 0: dz, 1: a) for the first row t holding NaN/inf, in which
     case nothing was changed.
     """
-    for side in range(2):
-        bad = _first_nonfinite(dz if side == 0 else a)
-        if bad >= 0:
-            return 2 * bad + side
+    bad = _first_nonfinite(dz)
+    if bad >= 0:
+        return 2 * bad
+    bad = _first_nonfinite(a)
+    if bad >= 0:
+        return 2 * bad + 1
     c = pend_dz.shape[0]
-    t = 0
+    t = np.int64(0)  # int64, not a literal: one specialisation of _step and _copy_rows
     n = dz.shape[0]
     p = stats[3]
     if p > 0:
         take = min(c - p, n)
-        pend_dz[p : p + take] = dz[:take]
-        pend_a[p : p + take] = a[:take]
+        _copy_rows(pend_dz, p, dz, t, take)
+        _copy_rows(pend_a, p, a, t, take)
         p += take
         t = take
         if p == c:
-            _step(ql, qr, cx, qstep, pend_dz, pend_a, 0, c, unbiased, kappa, project, levels, signs, stats)
+            _step(ql, qr, cx, qstep, pend_dz, pend_a, t - t, c, unbiased, kappa, project, levels, signs, stats)
             p = 0
     while n - t >= c:
         _step(ql, qr, cx, qstep, dz, a, t, t + c, unbiased, kappa, project, levels, signs, stats)
         t += c
     rest = n - t
-    pend_dz[p : p + rest] = dz[t:]
-    pend_a[p : p + rest] = a[t:]
+    _copy_rows(pend_dz, p, dz, t, rest)
+    _copy_rows(pend_a, p, a, t, rest)
     p += rest
     if flush and p > 0:
-        _step(ql, qr, cx, qstep, pend_dz, pend_a, 0, p, unbiased, kappa, project, levels, signs, stats)
+        _step(ql, qr, cx, qstep, pend_dz, pend_a, t - t, p, unbiased, kappa, project, levels, signs, stats)
         p = 0
     stats[3] = p
     return -1

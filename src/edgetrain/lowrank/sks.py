@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from edgetrain.lowrank import _kernels
 ArrayLike = np.ndarray | torch.Tensor
 
 _SIGN_BLOCK = 4096
+_STATE_ARRAYS = ("ql", "qr", "cx", "qstep", "pend_dz", "pend_a", "stats", "signs")
 _DTYPE = np.float32
 
 
@@ -133,6 +135,24 @@ class StreamingKroneckerSum:
         """The n_out x n_in estimate L R^T of sum_i dz_i a_i^T."""
         left, right = self.factors()
         return left @ right.T
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the whole state (bases, weights, pending terms, counters, random-sign stream),
+        enough to resume bit-exactly with :meth:`load_state_dict` on an accumulator built with the
+        same arguments."""
+        state: dict[str, Any] = {name: getattr(self, f"_{name}").copy() for name in _STATE_ARRAYS}
+        state["rng"] = self._rng.bit_generator.state
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (ValueError if it was taken with other sizes)."""
+        for name in _STATE_ARRAYS:
+            current = getattr(self, f"_{name}")
+            value = np.asarray(state[name], dtype=current.dtype)
+            if name != "signs" and value.shape != current.shape:
+                raise ValueError(f"state {name!r}: expected shape {current.shape}, got {value.shape}")
+            setattr(self, f"_{name}", value.copy())
+        self._rng.bit_generator.state = state["rng"]
 
     def aux_memory_bits(self) -> int:
         """Bits of state kept between samples (LRT v1 §3: at most r(n+m)b).
