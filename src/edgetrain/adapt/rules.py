@@ -50,6 +50,31 @@ def load_norm_state(norm: MaxNorm, state: dict[str, float]) -> None:
     norm.step, norm.x_mv = int(state["step"]), float(state["x_mv"])
 
 
+def accumulator_state(acc: StreamingKroneckerSum) -> dict[str, Any]:
+    """Every array, RNG and number attribute of an accumulator (a stopgap: ``StreamingKroneckerSum``
+    has no ``state_dict`` yet, and this keeps resumes exact whatever its internals are)."""
+    state: dict[str, Any] = {}
+    for key, value in vars(acc).items():
+        if isinstance(value, np.ndarray):
+            state[key] = value.copy()
+        elif isinstance(value, np.random.Generator):
+            state[key] = value.bit_generator.state
+        elif value is None or isinstance(value, int | float | str | bool):
+            state[key] = value
+    return state
+
+
+def load_accumulator_state(acc: StreamingKroneckerSum, state: dict[str, Any]) -> None:
+    for key, value in state.items():
+        current = getattr(acc, key)
+        if isinstance(current, np.random.Generator):
+            current.bit_generator.state = value
+        elif isinstance(current, np.ndarray):
+            setattr(acc, key, np.array(value, dtype=current.dtype).reshape(np.shape(value)))
+        else:
+            setattr(acc, key, value)
+
+
 def round_update(layer: QWeight, delta: np.ndarray) -> np.ndarray:
     """The update in weight LSBs: round(delta / lsb) as int64 (deterministic, App. C)."""
     return np.rint(delta / layer.formats.weight.lsb).astype(np.int64)
@@ -341,7 +366,7 @@ class LowRank(UpdateRule):
     def state_dict(self) -> dict[str, Any]:
         layers = {}
         for name, s in self.layers.items():
-            entry: dict[str, Any] = {"acc": s.acc.state_dict(), "mult": s.mult}
+            entry: dict[str, Any] = {"acc": accumulator_state(s.acc), "mult": s.mult}
             if s.norm_l is not None and s.norm_r is not None:
                 entry["norm_l"], entry["norm_r"] = norm_state(s.norm_l), norm_state(s.norm_r)
             layers[name] = entry
@@ -351,7 +376,7 @@ class LowRank(UpdateRule):
         super().load_state_dict(state)
         for name, entry in state["layers"].items():
             s = self.layers[name]
-            s.acc.load_state_dict(entry["acc"])
+            load_accumulator_state(s.acc, entry["acc"])
             s.mult = float(entry["mult"])
             if s.norm_l is not None and s.norm_r is not None:
                 load_norm_state(s.norm_l, entry["norm_l"])

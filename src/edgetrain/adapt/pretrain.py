@@ -1,0 +1,101 @@
+"""Offline pretraining of the network that will adapt on the device, and its model files.
+
+The LRT reference pretrains float then quantized-in-the-loop with the same 8/16/8-bit quantizers
+(reference notes 3.3). Here the :class:`QNet` itself is trained (quantized forward, STE backward,
+full-precision gradients, batch statistics feeding the streaming-BN EMAs) with
+``edgetrain.training.train_float``; what is saved is exactly the network the device starts from.
+Model files are safetensors (:mod:`edgetrain.adapt.checkpoint`) holding the architecture spec.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetrain.adapt.checkpoint import CheckpointError, load_state, save_state
+from edgetrain.adapt.qnet import QNet, quantize_for_adaptation
+from edgetrain.data import Dataset
+from edgetrain.models import LRTNet, create_model
+
+
+def build_float(spec: dict[str, Any]) -> nn.Module:
+    """A float model from a spec: ``{"arch": "lrt-cnn", "width": 128, "hidden": 512}`` builds the LRT
+    paper net (narrower variants for quick runs); any other ``arch`` comes from the model zoo."""
+    arch = spec.get("arch", "lrt-cnn")
+    if arch == "lrt-cnn":
+        return LRTNet(width=int(spec.get("width", 128)), hidden=int(spec.get("hidden", 512)))
+    return create_model(arch, image_size=int(spec.get("image_size", 28)))
+
+
+def build_qnet(spec: dict[str, Any]) -> QNet:
+    """The paper-format :class:`QNet` of ``spec`` with fresh (float-initialised) parameters."""
+    model = build_float(spec)
+    model.eval()
+    return quantize_for_adaptation(model)
+
+
+def pretrain(
+    spec: dict[str, Any],
+    train: Dataset,
+    val: Dataset | None,
+    epochs: int = 2,
+    lr: float = 2.5e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[QNet, float]:
+    """Quantized-in-the-loop pretraining of ``spec`` (Adam, cosine decay); returns (net, best val acc)."""
+    from edgetrain.training import train_float
+
+    torch.manual_seed(seed)
+    net = build_qnet(spec)
+    net.set_online(False)
+    result = train_float(net, train, val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    return net, result.best_val_accuracy
+
+
+def save_model(net: QNet, spec: dict[str, Any], path: str | Path, info: dict[str, Any] | None = None) -> None:
+    """Write a model file: the spec, free-form ``info`` and every parameter and buffer."""
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    save_state({"spec": spec, "info": info or {}, "state": state}, path)
+
+
+def load_model(path: str | Path) -> tuple[QNet, dict[str, Any]]:
+    """Read a :func:`save_model` file into a fresh :class:`QNet`; returns (net, its metadata)."""
+    data = load_state(path)
+    if "spec" not in data or "state" not in data:
+        raise CheckpointError(f"{path} is not an edgetrain adaptation model file (no spec/state)")
+    net = build_qnet(data["spec"])
+    try:
+        net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in data["state"].items()})
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not match its architecture {data['spec']}: {err}") from err
+    return net, {"spec": data["spec"], "info": data.get("info", {})}
+
+
+def load_for_adaptation(path: str | Path, arch: str = "lrt-cnn") -> tuple[QNet, dict[str, Any]]:
+    """A model file of :func:`save_model`, or a float checkpoint of ``arch`` (a ``torch.save``d state
+    dict, bare or under "model"/"state_dict", read with ``weights_only=True``) quantized to the
+    paper's formats. Anything else is a :class:`CheckpointError`."""
+    source = Path(path)
+    if not source.is_file():
+        raise CheckpointError(f"model file {source} does not exist")
+    if source.suffix == ".safetensors":
+        return load_model(source)
+    try:
+        data = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or pickled file
+        raise CheckpointError(f"{source} is neither an adaptation model nor a float state dict: {err}") from err
+    if isinstance(data, dict):
+        data = data.get("model", data.get("state_dict", data))
+    spec = {"arch": arch}
+    model = build_float(spec)
+    try:
+        model.load_state_dict(data)
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{source} does not hold a {arch} state dict: {err}") from err
+    model.eval()
+    return quantize_for_adaptation(model), {"spec": spec, "info": {"source": str(source)}}
