@@ -324,7 +324,7 @@ def test_reset_and_memory() -> None:
     assert acc.count == 0 and not np.any(acc.estimate())
     assert acc.aux_memory_bits() == 4 * (256 + 4096) * 16 + 32 * 4 + 64
     assert StreamingKroneckerSum(256, 4096, rank=4, factor_bits=None, chunk=8).aux_memory_bits() == (
-        4 * (256 + 4096) * 64 + 32 * 4 + 7 * (256 + 4096) * 8
+        4 * (256 + 4096) * 32 + 32 * 4 + 7 * (256 + 4096) * 8
     )
 
 

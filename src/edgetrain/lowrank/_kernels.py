@@ -518,9 +518,9 @@ def stream(
 
     State: ql (2r + c x n_out), qr (2r + c x n_in): rows 0..r-1 the kept bases (Q_L^T, Q_R^T),
     the rest scratch; cx (r) the weights; qstep (2) the quantization steps of the two bases (0: not
-    quantized); pend_dz, pend_a (c rows) the terms waiting for a full
-    chunk; stats (int64) = [terms folded, terms skipped by the gate, next position in ``signs``,
-    pending terms]. ``flush`` also folds an incomplete pending chunk.
+    quantized); pend_dz, pend_a (c rows) the terms waiting for a full chunk; stats (int64) = [terms
+    folded, terms skipped by the gate, next position in ``signs``, pending terms]. ``flush`` also
+    folds an incomplete pending chunk.
     Returns -1, or 2 t + side (side 0: dz, 1: a) for the first row t holding NaN/inf, in which
     case nothing was changed.
     """
@@ -531,7 +531,8 @@ def stream(
     if bad >= 0:
         return 2 * bad + 1
     c = pend_dz.shape[0]
-    t = np.int64(0)  # int64, not a literal: one specialisation of _step and _copy_rows
+    zero = np.int64(0)  # int64 variables, not literals: one specialisation of _step and _copy_rows
+    t = zero
     n = dz.shape[0]
     p = stats[3]
     if p > 0:
@@ -541,7 +542,7 @@ def stream(
         p += take
         t = take
         if p == c:
-            _step(ql, qr, cx, qstep, pend_dz, pend_a, t - t, c, unbiased, kappa, project, levels, signs, stats)
+            _step(ql, qr, cx, qstep, pend_dz, pend_a, zero, c, unbiased, kappa, project, levels, signs, stats)
             p = 0
     while n - t >= c:
         _step(ql, qr, cx, qstep, dz, a, t, t + c, unbiased, kappa, project, levels, signs, stats)
@@ -551,7 +552,7 @@ def stream(
     _copy_rows(pend_a, p, a, t, rest)
     p += rest
     if flush and p > 0:
-        _step(ql, qr, cx, qstep, pend_dz, pend_a, t - t, p, unbiased, kappa, project, levels, signs, stats)
+        _step(ql, qr, cx, qstep, pend_dz, pend_a, zero, p, unbiased, kappa, project, levels, signs, stats)
         p = 0
     stats[3] = p
     return -1

@@ -37,8 +37,8 @@ class StreamingKroneckerSum:
         n_in: length of a (columns; k_h k_w c_in for an im2col'ed conv).
         rank: r, the number of kept directions.
         unbiased: True: minimum-variance unbiased OK estimator (Benzing et al. 2019; LRT v1
-            §4.4.2), E[L R^T] = exact sum. False: keep the top r singular triplets (biased,
-            zero variance).
+            §4.4.2), E[L R^T] = exact sum (exactly so with the gate off). False: keep the top r
+            singular triplets (biased, zero variance).
         kappa_th: the gate fires on a term when c_x[0] > kappa_th * ||a_res|| * ||dz_res|| (LRT v1
             App. H; residuals after Gram-Schmidt, both nonzero); None or inf disables it. c_x[0]
             grows with the number of terms folded, so on long streams the gate fires more often.
@@ -46,9 +46,9 @@ class StreamingKroneckerSum:
             "project" still folds the term's component inside the kept span and drops only its
             residual (no new direction, so no conditioning issue; less bias on long streams).
         factor_bits: re-quantize Q_L, Q_R to this many signed bits after every step (LRT v1
-            App. C uses 16); None keeps float64.
+            App. C uses 16); None keeps float32.
         chunk: terms folded per step. chunk = 1 is the paper's per-sample algorithm; chunk = c
-            buffers up to c - 1 pending terms (c (n_out + n_in) values) and folds c at once.
+            buffers up to c - 1 pending terms ((c - 1)(n_out + n_in) values) and folds c at once.
         seed: seed of the numpy Generator that draws the random signs (unbiased mode).
     """
 
@@ -157,12 +157,12 @@ class StreamingKroneckerSum:
     def aux_memory_bits(self) -> int:
         """Bits of state kept between samples (LRT v1 §3: at most r(n+m)b).
 
-        r (n_out + n_in) factor_bits for the bases (64 when unquantized) + 32 r for c_x + 2 x 32 for
-        the two per-matrix scales (quantized only) + (chunk - 1)(n_out + n_in) x 8 for pending
-        terms, counted as 8-bit samples like minibatch SGD (DESIGN §5).
+        r (n_out + n_in) factor_bits for the bases (32 when unquantized: float32) + 32 r for c_x
+        + 2 x 32 for the two per-matrix scales (quantized only) + (chunk - 1)(n_out + n_in) x 8 for
+        pending terms, counted as 8-bit samples like minibatch SGD (DESIGN §5).
         """
         nm = self.n_out + self.n_in
-        bits = self.factor_bits or 64
+        bits = self.factor_bits or 32
         total = self.rank * nm * bits + 32 * self.rank
         if self.factor_bits is not None:
             total += 2 * 32
