@@ -173,6 +173,7 @@ class QWeight(GradQuantMixin):
         self.cache_input: torch.Tensor | None = None
         self.cache_z: torch.Tensor | None = None
         self.out_pixels = 1  # output pixels of the last pass (im2col rows; 1 for linear)
+        self._frozen_wq: torch.Tensor | None = None  # wmult * q_w(W) while W is not trained by autograd
 
     @property
     def shape2d(self) -> tuple[int, int]:
@@ -186,7 +187,7 @@ class QWeight(GradQuantMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.formats
         x = self.gq(x, f.grad)
-        wq = f.weight.quantize(self.weight) * self.wmult
+        wq = self.effective_weight()
         if self.is_conv:
             z = F.conv2d(x, wq, stride=self.stride, padding=self.padding)
             self.out_pixels = int(z.shape[-2] * z.shape[-1])
@@ -202,6 +203,14 @@ class QWeight(GradQuantMixin):
         if not self.relu:
             return z
         return f.act.quantize(torch.relu(self.gq(z, f.grad)))
+
+    def effective_weight(self) -> torch.Tensor:
+        """wmult * q_w(W); cached while W needs no gradient (online it changes only via set_codes)."""
+        if self.weight.requires_grad:
+            return self.formats.weight.quantize(self.weight) * self.wmult
+        if self._frozen_wq is None:
+            self._frozen_wq = self.formats.weight.quantize(self.weight.detach()) * self.wmult
+        return self._frozen_wq
 
     def _bias_view(self, b: torch.Tensor) -> torch.Tensor:
         return b.view(1, -1, 1, 1) if self.is_conv else b
@@ -227,6 +236,7 @@ class QWeight(GradQuantMixin):
         values = torch.from_numpy(codes.astype(np.float32) * self.formats.weight.lsb)
         with torch.no_grad():
             self.weight.copy_(values.view_as(self.weight))
+        self._frozen_wq = None
 
     def codes(self) -> np.ndarray:
         """Current stored codes as an (n_out x n_in) int64 matrix."""

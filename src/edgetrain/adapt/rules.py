@@ -332,9 +332,9 @@ class LowRank(UpdateRule):
         for layer in self.net.weight_layers:
             state = self.layers[layer.name]
             a, dz = layer.columns()
-            keep = (dz != 0).any(1) & (a != 0).any(1)  # zero terms add nothing (the kappa gate drops them)
-            if bool(keep.any()):
-                state.acc.add(dz[keep].double().numpy(), a[keep].double().numpy())
+            keep = (dz != 0).any(1).nonzero()[:, 0]  # zero terms add nothing (the kappa gate drops them)
+            if len(keep):
+                state.acc.add(dz[keep].numpy(), a[keep].numpy())
             if (step + 1) % state.batch == 0:
                 self._apply(layer, state)
         super().update(step)

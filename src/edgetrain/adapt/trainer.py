@@ -9,7 +9,8 @@ change biases, BN parameters and (through ``NVMArray.write``) weights.
 Metrics (DESIGN.md 6): online accuracy = bias-corrected EMA (beta = 0.999) of predict-before-learn
 correctness, ``ema_t / (1 - beta^t)``; test accuracy at checkpoints; max writes per cell; write
 density = writes / cells / samples; energy = NVM write energy + one full read of every array per
-sample; auxiliary memory per layer; samples/s.
+sample; auxiliary memory per layer; samples/s (wall clock, and per CPU second of the process: what an
+idle machine would give a single-threaded run).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class OnlineTrainer:
         }
         for layer in net.weight_layers:
             layer.weight.requires_grad_(False)
+            layer.set_codes(self.arrays[layer.name].codes)
             layer.record = rule.learns
         net.set_online(True)
         net.train()
@@ -90,6 +92,7 @@ class OnlineTrainer:
         self.history: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS}
         self.tests: list[dict[str, float]] = []
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     # -- one sample -----------------------------------------------------------------------------
     def _drift(self, step: int) -> None:
@@ -205,7 +208,12 @@ class OnlineTrainer:
             "history": {k: list(v) for k, v in self.history.items()},
             "tests": list(self.tests),
             "final": self.metrics(),
-            "timing": {"seconds": self.seconds, "samples_per_second": self.step_count / max(self.seconds, 1e-9)},
+            "timing": {
+                "seconds": self.seconds,
+                "samples_per_second": self.step_count / max(self.seconds, 1e-9),
+                "cpu_seconds": self.cpu_seconds,
+                "samples_per_cpu_second": self.step_count / max(self.cpu_seconds, 1e-9),
+            },
         }
 
     # -- the loop -------------------------------------------------------------------------------
@@ -231,10 +239,11 @@ class OnlineTrainer:
                 if every:
                     stop = min(stop, (start // every + 1) * every)
             images, labels = self.stream.batch(start, stop)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for image, label in zip(images, labels.tolist(), strict=True):
                 self.learn_sample(image, label)
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
             if test_every and self.step_count % test_every == 0 and self.step_count < samples:
                 self.tests.append({"step": self.step_count, "accuracy": self.test_accuracy()})
             if checkpoint_every and checkpoint is not None and self.step_count % checkpoint_every == 0:
@@ -261,6 +270,7 @@ class OnlineTrainer:
             "history": {k: list(v) for k, v in self.history.items()},
             "tests": list(self.tests),
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -281,6 +291,7 @@ class OnlineTrainer:
         self.history = {k: list(state["history"][k]) for k in HISTORY_KEYS}
         self.tests = [dict(t) for t in state["tests"]]
         self.seconds = float(state["seconds"])
+        self.cpu_seconds = float(state["cpu_seconds"])
 
     def save(self, path: str | Path) -> None:
         """Atomic checkpoint of every piece of state (NVM, rule, RNGs, EMA, step, logs)."""
