@@ -42,7 +42,7 @@ def outputs(model: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> n
 
 
 def deployment_checks(qmodel: QuantizedModel, test: Dataset) -> dict[str, Any]:
-    """Integer-program mismatches and onnxruntime top-1 agreement on the whole test split."""
+    """Test top-1, integer-program mismatches and onnxruntime top-1 agreement on the whole test split."""
     reference = outputs(qmodel, test.images)
     start = time.perf_counter()
     integer = to_integer(qmodel).run(test.images)
@@ -54,6 +54,7 @@ def deployment_checks(qmodel: QuantizedModel, test: Dataset) -> dict[str, Any]:
         onnx_out = np.concatenate([session.run(None, {name: test.images[i : i + 1000].numpy()})[0]
                                    for i in range(0, len(test), 1000)])
     return {
+        "accuracy": float((reference.argmax(1) == test.labels.numpy()).mean()),
         "integer_mismatches": int((integer != reference).any(axis=1).sum()),
         "integer_top1_accuracy": float((integer.argmax(1) == test.labels.numpy()).mean()),
         "integer_seconds": round(int_seconds, 2),
@@ -76,16 +77,18 @@ def run_net(name: str, data: dict[str, Dataset], args: argparse.Namespace) -> di
     example, calib = data["train"].images[:1], data["train"].images[: args.calib]
     start = time.perf_counter()
     static = quantize(model, example, calib, QuantConfig(), mode="static")
-    row["int8_static"] = {"accuracy": evaluate(static, data["test"]), "calibration_seconds":
+    row["int8_static"] = {"calibration_seconds":
                           round(time.perf_counter() - start, 1), **deployment_checks(static, data["test"])}
     for key, bits in (("int8_retrained", 8), ("int4_retrained", 4)):
         qmodel = quantize(model, example, calib, QuantConfig(weight_bits=bits), mode="retrain")
         config = RetrainConfig(epochs=args.retrain_epochs, batch_size=args.batch_size, weight_lr=args.weight_lr,
                                seed=args.seed)
         start = time.perf_counter()
-        result = retrain(qmodel, data["train"], data["val"], config, progress=False)
+        train = data["train"].subset(args.retrain_samples) if args.retrain_samples else data["train"]
+        result = retrain(qmodel, train, data["val"], config, progress=False)
         row[key] = {
-            "accuracy": evaluate(qmodel, data["test"]), "epochs": args.retrain_epochs,
+            "epochs": round(args.retrain_epochs * len(train) / len(data["train"]), 3),
+            "train_images": len(train),
             "best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - start, 1),
             "weight_lr": args.weight_lr, "threshold_lr": config.threshold_lr, "batch_size": args.batch_size,
             **deployment_checks(qmodel, data["test"]),
@@ -108,8 +111,8 @@ def markdown(rows: list[dict[str, Any]], command: str, quick: bool) -> str:
         keys = ("int8_static", "int8_retrained", "int4_retrained")
         lines.append(
             f"| {r['model']} | {100 * r['fp32']['accuracy']:.2f} | {100 * r['int8_static']['accuracy']:.2f} | "
-            f"{100 * r['int8_retrained']['accuracy']:.2f} (best @ {r['int8_retrained']['best_epoch']:.1f} ep) | "
-            f"{100 * r['int4_retrained']['accuracy']:.2f} (best @ {r['int4_retrained']['best_epoch']:.1f} ep) | "
+            f"{100 * r['int8_retrained']['accuracy']:.2f} ({r['int8_retrained']['epochs']:.2f} ep) | "
+            f"{100 * r['int4_retrained']['accuracy']:.2f} ({r['int4_retrained']['epochs']:.2f} ep) | "
             f"{' / '.join(str(r[k]['integer_mismatches']) for k in keys)} | "
             f"{' / '.join('%.2f%%' % (100 * r[k]['onnx_top1_agreement']) for k in keys)} |"
         )
@@ -124,32 +127,54 @@ def markdown(rows: list[dict[str, Any]], command: str, quick: bool) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str) -> int:
+    """One result file (and markdown fragment) from the rows of several runs."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [row for part in parts for row in part["results"]]
+    command = " && ".join(part["command"] for part in parts)
+    result = parts[0] | {"command": command, "results": rows, "complete": all(p["complete"] for p in parts),
+                         "merged_from": paths}
+    (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{out}.md").write_text(markdown(rows, command, result["quick"]))
+    print((RESULTS / f"{out}.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(ZOO))
-    parser.add_argument("--float-epochs", type=int, default=3)
-    parser.add_argument("--retrain-epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--float-epochs", type=int, default=2)
+    parser.add_argument("--retrain-epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weight-lr", type=float, default=1e-4)
     parser.add_argument("--calib", type=int, default=512, help="calibration images")
+    parser.add_argument("--retrain-samples", type=int, default=0,
+                        help="retrain on the first N training images (0: all); epochs are reported as fractions")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="combine the JSON results of several partial runs into --out (no training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="subsets and one epoch each (smoke run)")
     parser.add_argument("--out", default="bench_zoo")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
     data = {split: load_dataset("fashion-mnist", split) for split in ("train", "val", "test")}
     if args.quick:
         data = {"train": data["train"].subset(3000), "val": data["val"].subset(500), "test": data["test"].subset(1000)}
         args.float_epochs, args.retrain_epochs, args.calib = 1, 1, 128
-    rows = [run_net(name, data, args) for name in args.models]
-    command = "python bench/bench_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"benchmark": "bench_zoo", "dataset": "fashion-mnist", "test_images": len(data["test"]),
-              "quick": args.quick, "threads": args.threads, "machine": platform.machine(),
-              "cpus": os.cpu_count(), "torch": torch.__version__, "command": command.strip(), "results": rows}
+    command = ("python bench/bench_zoo.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    rows: list[dict[str, Any]] = []
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(markdown(rows, command.strip(), args.quick))
+    for name in args.models:  # results are rewritten after every net, so a partial run keeps its rows
+        rows.append(run_net(name, data, args))
+        result = {"benchmark": "bench_zoo", "dataset": "fashion-mnist", "test_images": len(data["test"]),
+                  "quick": args.quick, "threads": args.threads, "machine": platform.machine(),
+                  "cpus": os.cpu_count(), "torch": torch.__version__, "command": command,
+                  "complete": len(rows) == len(args.models), "results": rows}
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
+        (RESULTS / f"{args.out}.md").write_text(markdown(rows, command, args.quick))
     print((RESULTS / f"{args.out}.md").read_text())
     return 0
 
