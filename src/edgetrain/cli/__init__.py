@@ -8,6 +8,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from edgetrain.pipeline.stages import StageError
+
 COMMAND_MODULES: tuple[str, ...] = ("edgetrain.cli.pipeline", "edgetrain.cli.adapt", "edgetrain.cli.quantize")
 
 
@@ -32,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError) as err:
+    except (CLIError, StageError, FileNotFoundError, ValueError) as err:
         print(f"edgetrain {args.command}: error: {err}", file=sys.stderr)
         return 2
 

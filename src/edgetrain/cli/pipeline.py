@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from edgetrain.data import DatasetNotFoundError
@@ -29,20 +30,21 @@ def fallback_to_digits(config: PipelineConfig) -> PipelineConfig:
 
 def run_demo(args: argparse.Namespace) -> int:
     config = demo_config(args.out)
+    command = f"edgetrain demo --out {shlex.quote(args.out)}"
     try:
-        return _report(run_pipeline(config))
+        return _report(run_pipeline(config, command))
     except DatasetNotFoundError as err:
         print(f"{err}\n\nFashion-MNIST is missing: running the demo on scikit-learn's 8x8 digits instead "
               "(quantization and export only; the adaptation scenarios need MNIST-style 28x28 data).",
               file=sys.stderr)
-        return _report(run_pipeline(fallback_to_digits(config)))
+        return _report(run_pipeline(fallback_to_digits(config), command))
 
 
 def run_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.out:
         config.output.dir = args.out
-    return _report(run_pipeline(config, config_path=args.config))
+    return _report(run_pipeline(config, f"edgetrain run {shlex.quote(args.config)}"))
 
 
 def _report(summary: dict) -> int:

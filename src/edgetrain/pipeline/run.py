@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from edgetrain.pipeline.config import PipelineConfig
 from edgetrain.pipeline.deploy import qnet_from_quantized
 from edgetrain.pipeline.models import build_model
 from edgetrain.pipeline.report import write_report
-from edgetrain.pipeline.stages import StageResult, fingerprint, run_stage, write_json_atomic
+from edgetrain.pipeline.stages import StageError, StageResult, fingerprint, run_stage, write_json_atomic
 from edgetrain.tqt import RetrainConfig, ThresholdHistory, retrain
 from edgetrain.training import evaluate, train_float
 
@@ -249,22 +248,22 @@ def adaptation_dataset(config: PipelineConfig) -> str:
     return config.data.dataset
 
 
-def reproduce_command(config_path: str | None) -> str:
-    """The command line that reruns this pipeline."""
-    if config_path:
-        return f"edgetrain run {shlex.quote(config_path)}"
-    return "edgetrain " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 1 else "edgetrain demo"
-
-
 def run_pipeline(
-    config: PipelineConfig, config_path: str | None = None, log: Callable[[str], None] = print
+    config: PipelineConfig, command: str | None = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run every stage (skipping the ones already done for the same inputs) and write the report.
 
+    The config is saved as ``<output.dir>/config.toml``; ``command`` is the command line the report
+    gives to reproduce the run (default: ``edgetrain run <output.dir>/config.toml``).
     Returns a summary dict; the report is at ``summary["report_html"]``.
     """
     start = time.perf_counter()
     out = Path(config.output.dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(config.to_toml())
+    except OSError as err:
+        raise StageError(f"cannot write to the output folder {out}: {err.strerror or err}; choose --out") from err
     data = load_pipeline_data(config)
     log(f"data: {data.train.name} train {len(data.train)} / val {len(data.val)} / test {len(data.test)}")
     pretrained = pretrain_stage(config, data, out, log)
@@ -274,7 +273,7 @@ def run_pipeline(
     if config.adapt.rules:
         stages.append(adapt_stage(config, data, out, pretrained, quantized, log))
     summary: dict[str, Any] = {stage.name: stage.summary for stage in stages}
-    summary["command"] = reproduce_command(config_path)
+    summary["command"] = command or f"edgetrain run {shlex.quote(str(out / 'config.toml'))}"
     summary["config"] = config.to_dict()
     summary["seconds"] = time.perf_counter() - start
     markdown, html = write_report(summary, config, out)

@@ -1,0 +1,92 @@
+"""The main job end to end at a tiny size: pretrain, quantize, export, adapt, report."""
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from edgetrain.data import DatasetNotFoundError, load_dataset
+from edgetrain.pipeline.config import PipelineConfig
+from edgetrain.pipeline.run import run_pipeline
+from edgetrain.report.browser import find_chromium, screenshot
+
+try:
+    load_dataset("fashion-mnist", "test")
+    HAVE_FASHION = True
+except DatasetNotFoundError:
+    HAVE_FASHION = False
+
+pytestmark = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST not installed (scripts/setup.sh)")
+
+
+def tiny_config(out: Path) -> PipelineConfig:
+    config = PipelineConfig()
+    config.data.train_samples, config.data.test_samples = 400, 200
+    config.pretrain.epochs = 1
+    config.quantize.calibration_samples, config.quantize.retrain_samples = 64, 200
+    config.adapt.samples, config.adapt.shift_block = 40, 20
+    config.output.dir = str(out)
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineConfig, dict, list[str]]:
+    config = tiny_config(tmp_path_factory.mktemp("pipeline"))
+    logs: list[str] = []
+    return config, run_pipeline(config, log=logs.append), logs
+
+
+def test_integer_program_is_bit_exact_and_onnx_agrees(run) -> None:
+    _, summary, _ = run
+    assert summary["export"]["verified_samples"] == 200
+    assert summary["export"]["integer_mismatches"] == 0
+    assert summary["export"]["onnx_agreement"] >= 0.999
+
+
+def test_every_stage_reports_numbers(run) -> None:
+    _, summary, _ = run
+    assert 0.1 < summary["pretrain"]["test_accuracy"] <= 1.0
+    assert summary["quantize"]["retrained"] and len(summary["quantize"]["quantizers"]) > 8
+    history = summary["quantize"]["threshold_history"]
+    assert history["steps"] and all(len(v) == len(history["steps"]) for v in history["values"].values())
+    rules = summary["adapt"]["rules"]
+    assert set(rules) == {"lowrank", "sgd", "bias-only"}
+    assert rules["bias-only"]["max_writes_paper"] == 0
+    assert rules["sgd"]["max_writes_paper"] > rules["lowrank"]["max_writes_paper"]
+
+
+def test_report_artifacts(run) -> None:
+    config, summary, _ = run
+    md, html = Path(summary["report_md"]), Path(summary["report_html"])
+    text = md.read_text()
+    for needle in ("Accuracy through the pipeline", "integer program", "Quantizers", "On-device adaptation",
+                   "edgetrain run", "[adapt]"):
+        assert needle in text, needle
+    pngs = sorted(md.parent.glob("figure_*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 10_000 for p in pngs)
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") == 2 and len(page) > 50_000
+    assert json.loads((Path(config.output.dir) / "summary.json").read_text())["export"]["integer_mismatches"] == 0
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (scripts/setup.sh installs it)")
+def test_report_renders_in_chromium(run, tmp_path: Path) -> None:
+    _, summary, _ = run
+    png = screenshot(Path(summary["report_html"]), tmp_path / "report.png", width=1100, height=3000)
+    image = plt.imread(png)
+    ink = (image[..., :3].mean(axis=2) < 0.5).mean()
+    assert 0.005 < ink < 0.5  # text, tables and plots drawn, not a blank or broken page
+
+
+def test_second_run_skips_every_stage_and_a_change_reruns_downstream(run) -> None:
+    config, first, _ = run
+    logs: list[str] = []
+    again = run_pipeline(config, log=logs.append)
+    assert sum("up to date, skipped" in line for line in logs) == 4
+    assert again["export"] == first["export"]
+    config.adapt.rules = ["bias-only"]
+    logs.clear()
+    run_pipeline(config, log=logs.append)
+    skipped = {line.split("]")[0].strip("[") for line in logs if "skipped" in line}
+    assert skipped == {"pretrain", "quantize", "export"}
