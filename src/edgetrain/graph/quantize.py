@@ -254,7 +254,6 @@ class _Builder:
         self.absorbed: set[fx.Node] = set()
         self.owner: dict[fx.Node, QuantModule] = {}  # new node -> the module whose out_q produced it
         self.unsigned: dict[fx.Node, bool] = {}  # new node -> its codes are unsigned
-        self.groups: list[list[TQTQuantizer]] = []
         weight_layers = [n for n in gm.graph.nodes if self.kind(n) in ("conv", "linear")]
         self.first_last = {weight_layers[0], weight_layers[-1]} if weight_layers else set()
 
@@ -304,7 +303,6 @@ class _Builder:
         """Make the quantizers hold one ``log2_t`` Parameter object (a shared-scale group)."""
         for q in quantizers[1:]:
             q.log2_t = quantizers[0].log2_t
-        self.groups.append(quantizers)
 
     def fuse_activation(self, node: fx.Node) -> tuple[str, fx.Node]:
         """ReLU/ReLU6 following ``node`` as its only user is merged into the producer."""
@@ -364,9 +362,6 @@ class _Builder:
             new = self.call(f"{node.name}_rescale", q, (new,), unsigned=False)
         self.env[node] = new
 
-    def emit_identity(self, node: fx.Node) -> None:  # removed by _normalize; kept for safety
-        self.env[node] = self.env[node.args[0]]
-
     def emit_conv(self, node: fx.Node) -> None:
         self.emit_compute(node, self.modules[node.target])
 
@@ -415,7 +410,6 @@ class _Builder:
         }
         module = QCompute(kind, weight, bias, copy.deepcopy(bn), activation, quantizers, conv_args,
                           bn_frozen=self.mode == "static")
-        self.groups.append([quantizers["acc_q"], quantizers["bias_q"]])
         new = self.call(node.target, module, (self.env[node.args[0]],), unsigned=not out_q.signed)
         chain = node
         while True:  # node -> [bn] -> [relu]: every absorbed node maps to the fused layer
