@@ -72,7 +72,8 @@ def main() -> None:
         model.load_state_dict(load_checkpoint(cached))
         float_result = None
     else:
-        float_result = train_float(model, train, val, epochs=float_epochs, checkpoint=args.cache / "float_ckpt.pt")
+        checkpoint = args.cache / f"float_{scale}_{float_epochs}ep_ckpt.pt"
+        float_result = train_float(model, train, val, epochs=float_epochs, checkpoint=checkpoint)
         torch.save(model.state_dict(), cached)
     rows["FP32"] = {"accuracy": evaluate(model, test), "epochs": float_result.best_epoch if float_result else None}
     print("FP32", rows["FP32"])
@@ -105,20 +106,28 @@ def main() -> None:
 
     images, labels = train.images[: args.batch_size], train.labels[: args.batch_size]
     qat = quantize(model, calib[:1], calib, QuantConfig(), mode="retrain")
+    qat_frozen = quantize(model, calib[:1], calib, QuantConfig(), mode="retrain")
+    for module in qat_frozen.modules():
+        if hasattr(module, "freeze_bn"):
+            module.freeze_bn()
     float_model = copy.deepcopy(model)
-    float_times, qat_times = [], []
+    times: dict[str, list[float]] = {"float": [], "qat": [], "qat_bn_frozen": []}
     for _ in range(5):  # interleave to share the machine's noise
-        float_times += step_time(float_model, images, labels, 6)
-        qat_times += step_time(qat, images, labels, 6)
-    float_ms, qat_ms = statistics.median(float_times) * 1e3, statistics.median(qat_times) * 1e3
+        times["float"] += step_time(float_model, images, labels, 6)
+        times["qat"] += step_time(qat, images, labels, 6)
+        times["qat_bn_frozen"] += step_time(qat_frozen, images, labels, 6)
+    step_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    float_ms, qat_ms, frozen_ms = step_ms["float"], step_ms["qat"], step_ms["qat_bn_frozen"]
 
-    fp32 = rows["FP32"]["accuracy"]
+    # the fair baseline: the float net trained with the same extra schedule (Graffitist's "FP32 (retrain wt)")
+    fp32 = max(rows["FP32"]["accuracy"], rows["FP32 fine-tuned (same schedule)"]["accuracy"])
     payload = {
         "recorded_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "scale": scale, "model": "mnistnet", "dataset": "fashion-mnist",
         "train_images": len(train), "test_images": len(test), "float_epochs": float_epochs,
         "retrain": recipe.as_dict(), "rows": rows,
-        "step_ms": {"float": float_ms, "qat": qat_ms, "ratio": qat_ms / float_ms, "batch": args.batch_size},
+        "step_ms": {**step_ms, "ratio": qat_ms / float_ms, "ratio_bn_frozen": frozen_ms / float_ms,
+                    "batch": args.batch_size},
         "targets": {"int8_gap_pt": 100 * (rows["INT8 retrained (wt, th)"]["accuracy"] - fp32),
                     "int4_gap_pt": 100 * (rows["INT4-weight retrained (wt, th)"]["accuracy"] - fp32)},
     }
@@ -131,7 +140,7 @@ def main() -> None:
         f"{retrain_epochs} epoch(s), batch {args.batch_size}, weight lr {args.weight_lr:g} (larger than "
         "Graffitist's 1e-6: a small dataset, see DESIGN.md section 3), threshold lr 1e-2, staircase decays.",
         "",
-        "| configuration | test accuracy | vs FP32 (pt) | epochs (best ckpt) |",
+        "| configuration | test accuracy | vs best FP32 (pt) | epochs (best ckpt) |",
         "|---|---|---|---|",
     ]
     for name, row in rows.items():
@@ -139,10 +148,12 @@ def main() -> None:
         lines.append(f"| {name} | {row['accuracy']:.4f} | {100 * (row['accuracy'] - fp32):+.2f} | {epochs} |")
     lines += [
         "",
-        f"QAT step {qat_ms:.1f} ms vs float step {float_ms:.1f} ms (batch {args.batch_size}, medians of 30): "
-        f"**{qat_ms / float_ms:.2f}x** (target <= 1.5x).",
+        f"Step time, batch {args.batch_size}, medians of 30 interleaved: float {float_ms:.1f} ms; QAT with the "
+        f"training-time BN fold (first epoch) {qat_ms:.1f} ms = **{qat_ms / float_ms:.2f}x**; QAT with BN frozen "
+        f"(later epochs) {frozen_ms:.1f} ms = **{frozen_ms / float_ms:.2f}x** (target <= 1.5x).",
         "",
         f"Command: `.venv/bin/python bench/bench_tqt.py{' --quick' if args.quick else ''}`. "
+        "Gaps are against the better FP32 row (the fine-tuned one gets the same extra training). "
         f"Targets: INT8 retrained >= FP32 - 0.2 pt (measured {payload['targets']['int8_gap_pt']:+.2f}), "
         f"INT4-weight >= FP32 - 1 pt (measured {payload['targets']['int4_gap_pt']:+.2f}).",
         "",

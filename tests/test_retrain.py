@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.data import load_dataset
-from edgetrain.training import Trainer, TrainHook, evaluate, load_checkpoint, staircase, train_float
 from edgetrain.tqt import RetrainConfig, TQTQuantizer, retrain, split_parameters
+from edgetrain.training import Trainer, TrainHook, evaluate, load_checkpoint, staircase, train_float
 
 
 class TinyQuantNet(nn.Module):
@@ -160,3 +160,12 @@ def test_diverging_loss_is_reported(digits) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=1.0)
     with pytest.raises(FloatingPointError, match="learning rate"):
         Trainer(net, opt, train.subset(32), None, epochs=1, batch_size=32, progress=False).run()
+
+
+def test_checkpoint_of_another_run_is_refused(digits, tmp_path: Path) -> None:
+    train, val = digits
+    ckpt = tmp_path / "run.pt"
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    make_trainer(net, train.subset(128), val, ckpt).run()
+    with pytest.raises(ValueError, match="belongs to another run"):
+        make_trainer(net, train, val, ckpt).run()

@@ -140,6 +140,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.running_loss = math.nan  # EMA (0.98) of the task loss, for display and the history
         self.loss_fn = nn.CrossEntropyLoss()
+        # what a checkpoint must match to be resumed by this run
+        self.signature = {"train_samples": len(train), "batch_size": batch_size, "epochs": epochs, "seed": seed}
 
     # -- checkpointing -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -154,10 +156,16 @@ class Trainer:
             "running_loss": self.running_loss,
             "hooks": [hook.state_dict() for hook in self.hooks],
             "rng": torch.get_rng_state(),
+            "signature": self.signature,
             "requires_grad": {n: p.requires_grad for n, p in self.model.named_parameters()},
         }
 
     def _resume(self, state: dict[str, Any]) -> None:
+        if state.get("signature") != self.signature:
+            raise ValueError(
+                f"checkpoint {self.checkpoint} belongs to another run ({state.get('signature')}, this run: "
+                f"{self.signature}); use another checkpoint path or delete it to start over"
+            )
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
