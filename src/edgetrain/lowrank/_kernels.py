@@ -213,15 +213,17 @@ def _svd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SVD c = u diag(s) vt of the small square core, s descending.
 
     One-sided Jacobi (Hestenes): rotate pairs of columns of c until they are orthogonal,
-    accumulating the rotations in vt; accurate to working precision. For q = 5 it is about twice as
-    fast as a LAPACK call (whose overhead dominates at this size), on par at q = 16 and about 3x
-    slower at q = 40 (chunk 32, rank 8). Columns of u for singular values that are exactly 0 are
-    left 0 (they only ever get weight 0).
+    accumulating the rotations in vt; accurate to working precision. Measured against numba's LAPACK
+    call: 1.8 vs 4.3 us at q = 5, 22 vs 36 us at q = 16, 260 vs 210 us at q = 40. Columns of u for
+    singular values that are exactly 0 are left 0 (they only ever get weight 0).
     """
     q = c.shape[0]
+    # Columns count as orthogonal when |<a_p, a_k>| <= q eps ||a_p|| ||a_k||, the rounding error of
+    # the dot product itself: a tighter bound is unreachable and would keep rotating forever.
+    tol = q * 2.3e-16
     a = c.T.copy()  # row j = column j of c
     vt = np.eye(q)  # row j = column j of v
-    for _ in range(60):
+    for _ in range(40):
         rotated = False
         for p in range(q - 1):
             ap = a[p]
@@ -236,7 +238,7 @@ def _svd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                     alpha += ap[i] * ap[i]
                     beta += ak[i] * ak[i]
                     gamma += ap[i] * ak[i]
-                if abs(gamma) <= 1e-15 * math.sqrt(alpha * beta):
+                if abs(gamma) <= tol * math.sqrt(alpha * beta):
                     continue
                 rotated = True
                 zeta = (beta - alpha) / (2.0 * gamma)
