@@ -313,7 +313,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", action="store_true", help="paper scale (full net, 100k-sample streams)")
     parser.add_argument("--quick", action="store_true", help="quick scale (the default)")
-    parser.add_argument("--parts", default="fig1,tables", help="comma list of: fig1, tables, timing")
+    parser.add_argument("--parts", default="fig1,tables", help="comma list of: pretrain, fig1, tables, timing")
     parser.add_argument("--timing-samples", type=int, default=500)
     parser.add_argument("--scenarios", default=",".join(FIG1_SCENARIOS))
     parser.add_argument("--rules", default=",".join(FIG1_RULES))
@@ -331,10 +331,11 @@ def main() -> None:
                             "recorded_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                             "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch threads "
                                        f"{args.threads}",
-                            "command": "  ".join([".venv/bin/python bench/bench_lrt.py", *sys.argv[1:]])}
-    if "fig1" in parts:
+                            "command": " ".join([".venv/bin/python bench/bench_lrt.py", *sys.argv[1:]])}
+    if parts & {"pretrain", "fig1"}:
         net, meta = pretrained(scale_name, scale)
         data["pretrained"] = meta["info"]
+    if "fig1" in parts:
         data["fig1"] = run_fig1(net, scale, args.scenarios.split(","), args.rules.split(","), runs)
     if "timing" in parts:
         data["timing"] = run_timing(scale, args.timing_samples)
