@@ -429,7 +429,7 @@ def _step(
         xl = ql[nb]
         xr = qr[nb]
         norm_l, nl = _project(ql, nb, dz[t], xl, gl[j])
-        norm_r, nr = _project(qr, nb, a[t], xr, gr[j])
+        norm_r, nr = _project(qr, nb, a[t], xr, gr[j]) if norm_l > 0.0 else (0.0, 0.0)
         if norm_l == 0.0 or norm_r == 0.0:
             gl[j] = 0.0
             gr[j] = 0.0
