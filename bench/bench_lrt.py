@@ -116,7 +116,8 @@ def pretrained(scale_name: str, scale: Scale) -> tuple[QNet, dict[str, Any]]:
 
 def fig1_run(net: QNet, scenario: str, rule: UpdateRule, scale: Scale, out: Path) -> dict[str, Any]:
     """One Fig. 1 run, logging every 10% of the stream (a partial log survives an interruption)."""
-    stream = make_scenario(scenario, "mnist", scale.fig1_samples, seed=0)
+    options = {"block_length": max(scale.fig1_samples // 10, 1)} if scenario == "shift" else {}
+    stream = make_scenario(scenario, "mnist", scale.fig1_samples, seed=0, **options)  # shift: all 10 blocks
     trainer = OnlineTrainer(copy.deepcopy(net), rule, stream, test_samples=scale.test_samples,
                             log_every=max(scale.fig1_samples // 200, 10))
     step = max(scale.fig1_samples // 10, 1)
