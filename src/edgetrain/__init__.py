@@ -1,26 +1,62 @@
 """edgetrain: networks for fixed-point edge hardware with weights in non-volatile memory.
 
-1. Quantize with Trained Quantization Thresholds (power-of-2, per-tensor scales): ``edgetrain.tqt``.
-2. Export a bit-exact integer program: ``edgetrain.export``.
-3. Keep learning on the device with Low-Rank Training: ``edgetrain.lowrank``, ``edgetrain.adapt``,
-   on a simulated NVM weight memory: ``edgetrain.nvm``.
+The life of a network, one module per step:
 
-Data loaders live in ``edgetrain.data``, model definitions in ``edgetrain.models``.
+1. Quantize with Trained Quantization Thresholds (power-of-2, per-tensor scales, trained log2
+   thresholds; Jain et al., MLSys 2020): ``quantize(model, example, calib_data, QuantConfig(...))``
+   rewrites any supported CNN with torch.fx (``edgetrain.graph``); ``edgetrain.tqt`` holds the
+   quantizer (``tqt_quantize``, ``TQTQuantizer``), ``calibrate`` and the ``retrain`` recipe.
+2. Deploy: ``to_integer(qmodel)`` is the bit-exact integer program (safetensors + JSON manifest,
+   NumPy executor), ``to_onnx`` a QDQ graph for onnxruntime (``edgetrain.export``).
+3. Adapt on the device with Low-Rank Training (Gural et al.): ``StreamingKroneckerSum`` keeps the
+   gradient sum as rank r (``edgetrain.lowrank``); ``qnet_from_quantized(qmodel)`` puts the TQT
+   model on the device model, and ``OnlineTrainer`` with the rules of
+   ``edgetrain.adapt.rules`` learns from a stream (``edgetrain.adapt.scenarios``) on weights held in a
+   simulated NVM (``NVMArray``: write counts, energy, endurance, drift; ``edgetrain.nvm``).
+4. The whole pipeline with a report: ``edgetrain demo`` / ``edgetrain run CONFIG``
+   (``edgetrain.pipeline``).
+
+Data: ``load_dataset`` (``edgetrain.data``); models: ``create_model`` (``edgetrain.models``).
 """
 
+from edgetrain.adapt import OnlineTrainer, make_rule, quantize_for_adaptation
+from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.data import load_dataset
+from edgetrain.export import IntegerProgram, to_integer, to_onnx
 from edgetrain.fixedpoint import FixedPointFormat, Rounding
+from edgetrain.graph import QuantConfig, QuantizedModel, quantize
+from edgetrain.lowrank import MaxNorm, StreamingKroneckerSum
 from edgetrain.models import create_model
-from edgetrain.tqt import TQTQuantizer, calibrate, tqt_quantize
+from edgetrain.nvm import DriftSpec, EnergyModel, NVMArray
+from edgetrain.pipeline.deploy import qnet_from_quantized
+from edgetrain.tqt import RetrainConfig, TQTQuantizer, calibrate, retrain, tqt_quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DriftSpec",
+    "EnergyModel",
     "FixedPointFormat",
+    "IntegerProgram",
+    "MaxNorm",
+    "NVMArray",
+    "OnlineTrainer",
+    "QuantConfig",
+    "QuantizedModel",
+    "RetrainConfig",
     "Rounding",
+    "StreamingKroneckerSum",
     "TQTQuantizer",
     "calibrate",
     "create_model",
     "load_dataset",
+    "make_rule",
+    "make_scenario",
+    "quantize",
+    "qnet_from_quantized",
+    "quantize_for_adaptation",
+    "retrain",
+    "to_integer",
+    "to_onnx",
     "tqt_quantize",
 ]

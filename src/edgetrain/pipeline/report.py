@@ -40,6 +40,19 @@ def _threshold_figure(history: dict[str, Any]) -> plt.Figure:
     return fig
 
 
+def _describe_scenario(scenario: dict[str, Any]) -> str:
+    parts = [f"{scenario.get('name')} on {scenario.get('dataset')} (elastic-deformed stream), "
+             f"{scenario.get('samples')} samples"]
+    blocks = scenario.get("blocks") or []
+    if len(blocks) > 1:
+        parts.append("shift blocks " + ", ".join(f"{b['start']}: {'+'.join(b['kinds']) or 'none'}" for b in blocks))
+    drift = scenario.get("drift")
+    if drift:
+        rate = f"bit-flip p = {drift['p']:.1e}" if drift["kind"] == "digital" else f"sigma = {drift['sigma']:.3g}"
+        parts.append(f"{drift['kind']} drift every {drift['period']} samples ({rate})")
+    return "; ".join(parts)
+
+
 def _lifetime(samples: float) -> str:
     return "no writes" if samples is None or math.isinf(samples) else f"{samples:.3g} samples"
 
@@ -73,7 +86,8 @@ def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> 
         adapt = summary["adapt"]
         scenario = adapt["scenario"]
         report.heading("On-device adaptation")
-        report.paragraph(f"Scenario: {json.dumps(scenario)}. Predict first, then learn, batch size 1.")
+        report.paragraph(f"Scenario: {_describe_scenario(scenario)}. Each sample is predicted first, then learned "
+                         "from (batch size 1); weights change only through NVM writes.")
         logs = [json.loads((out / "adapt" / rule / "log.json").read_text()) for rule in adapt["rules"]]
         png = plot_scenario(logs, out / "adapt" / "adaptation.png", str(scenario.get("name", "stream")))
         report.image(png, "Online accuracy and max writes per cell vs samples, one line per update rule")
