@@ -78,8 +78,8 @@ class AdaptSection:
     scenario: str = "shift"
     drift: str = "digital"  # "", "analog" or "digital": drift added on top of the scenario
     rules: list[str] = field(default_factory=lambda: ["lowrank", "sgd", "bias-only"])
-    samples: int = 4000
-    shift_block: int = 1000  # samples per distribution-shift block
+    samples: int = 3000
+    shift_block: int = 750  # samples per distribution-shift block
     rank: int = 4
     lr: float = 0.01
     seed: int = 0
