@@ -99,7 +99,7 @@ def run_net(name: str, data: dict[str, Dataset], args: argparse.Namespace) -> di
     return row
 
 
-def markdown(rows: list[dict[str, Any]], command: str, quick: bool) -> str:
+def markdown(rows: list[dict[str, Any]], command: str, quick: bool, note: str = "") -> str:
     lines = [
         "## Graph quantizer zoo (Fashion-MNIST)" + (" — quick run" if quick else ""),
         "",
@@ -123,19 +123,22 @@ def markdown(rows: list[dict[str, Any]], command: str, quick: bool) -> str:
     lines += ["", f"Command: `{command}`", "", verdict + " Retraining starts from the FP32 weights and runs "
               "the TQT recipe (Adam, thresholds lr 1e-2 halved every 1000*24/B steps) with a larger weight lr "
               "than Graffitist's 1e-6 (recorded in the JSON), so the retrained columns also include extra "
-              "training epochs the FP32 column did not get.", ""]
+              "training epochs the FP32 column did not get.", ""] + ([note, ""] if note else [])
     return "\n".join(lines)
 
 
 def merge(paths: list[str], out: str) -> int:
     """One result file (and markdown fragment) from the rows of several runs."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = [json.loads(Path(p).read_text()) for p in paths if Path(p).exists()]
     rows = [row for part in parts for row in part["results"]]
-    command = " && ".join(part["command"] for part in parts)
-    result = parts[0] | {"command": command, "results": rows, "complete": all(p["complete"] for p in parts),
+    command = " ; ".join(part["command"] for part in parts)
+    missing = sorted(set(ZOO) - {row["model"] for row in rows})
+    note = (f"Run as {len(parts)} partial runs side by side (one thread each, the machine being shared), "
+            "then combined with `--merge`." + (f" Not finished in time: {', '.join(missing)}." if missing else ""))
+    result = parts[0] | {"command": command, "results": rows, "complete": not missing, "missing": missing,
                          "merged_from": paths}
     (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{out}.md").write_text(markdown(rows, command, result["quick"]))
+    (RESULTS / f"{out}.md").write_text(markdown(rows, command, result["quick"], note))
     print((RESULTS / f"{out}.md").read_text())
     return 0
 
