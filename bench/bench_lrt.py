@@ -265,7 +265,7 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
         lines += [f"| {rule} | {t['samples']} | {t['samples_per_second']:.1f} | {t['samples_per_cpu_second']:.1f} "
                   f"| {t['minutes_per_100k_cpu']:.0f} min |" for rule, t in timing.items()]
         lines.append("")
-    lines += ["Command:", "", "```", data["command"], "```", "", data.get("verdict", ""), ""]
+    lines += ["Commands:", "", "```", *data.get("commands", [data["command"]]), "```", "", data.get("verdict", ""), ""]
     return "\n".join(lines)
 
 
@@ -303,11 +303,13 @@ def verdict(scale: Scale, data: dict[str, Any]) -> str:
 
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Fig. 1 results merge per scenario and rule (partial paper-scale runs add up); the rest replaces."""
+    """Fig. 1 results merge per scenario and rule (partial runs add up), the commands accumulate; the
+    rest replaces."""
     fig1 = {s: dict(r) for s, r in old.get("fig1", {}).items()}
     for scenario, rules in new.get("fig1", {}).items():
         fig1.setdefault(scenario, {}).update(rules)
-    return {**old, **new, "fig1": fig1}
+    commands = old.get("commands", [old["command"]] if "command" in old else []) + [new["command"]]
+    return {**old, **new, "fig1": fig1, "commands": commands}
 
 
 def main() -> None:
