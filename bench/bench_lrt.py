@@ -236,7 +236,13 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
                 lines.append(f"| {scenario} | {rule} | {r['online_accuracy']:.3f} | {PAPER_FIG1[scenario][rule]:.3f} "
                              f"| {r['max_writes_paper']} | {'-' if writes_paper is None else f'10^{writes_paper}'} |")
         lines += ["", "Max writes count the paper's way: SGD conv cells once per output pixel where a and dz are "
-                  "both non-zero (reference notes 3.5); low-rank writes are cells whose NVM code changed."]
+                  "both non-zero (reference notes 3.5); low-rank writes are cells whose NVM code changed. Counting "
+                  "only NVM code changes (one SGD write event per sample), SGD writes about as rarely as low-rank "
+                  "training: most per-sample updates round to zero on the 8-bit weight grid, which is also why SGD "
+                  "barely improves on bias-only training (the paper's observation).",
+                  "", "Caveat: our elastic stream deforms harder than the paper's (its generator smoothed the "
+                  "displacement over an extra channel axis, scaling it by the Gaussian's centre tap, 0.06-0.4), "
+                  "so even the control accuracy sits below the paper's."]
         ratios = data.get("write_ratios", {})
         if ratios:
             lines += ["", "| scenario | SGD / low-rank max-norm max writes (paper count) | (NVM count) |",
@@ -273,11 +279,14 @@ def verdict(scale: Scale, data: dict[str, Any]) -> str:
     """One honest sentence per target of DESIGN.md section 8 that this run can speak to."""
     fig1, notes = data.get("fig1", {}), []
     for scenario, target in (("analog-drift", 0.72), ("digital-drift", 0.85)):
-        run = fig1.get(scenario, {}).get("lowrank-max-norm")
+        run, base = (fig1.get(scenario, {}).get(rule) for rule in ("lowrank-max-norm", "inference"))
         if run:
-            ok = "meets" if run["online_accuracy"] >= target else "misses"
-            notes.append(f"{scenario}: low-rank max-norm reaches {run['online_accuracy']:.3f} after {run['samples']} "
-                         f"samples ({ok} the paper's {target} at 100k)")
+            verdict = ("meets" if run["online_accuracy"] >= target else "misses") + " the target"
+            if run["samples"] < 100_000:
+                verdict = "not comparable: the drift has acted for a fraction of the paper's 100k samples"
+            versus = f" vs inference only {base['online_accuracy']:.3f}" if base else ""
+            notes.append(f"{scenario}: low-rank max-norm {run['online_accuracy']:.3f}{versus} after {run['samples']} "
+                         f"samples (paper: {target} at 100k; {verdict})")
     for scenario, ratio in data.get("write_ratios", {}).items():
         ok = "meets" if ratio["paper_count"] >= 1000 else "misses"
         notes.append(f"{scenario}: SGD/low-rank max writes {ratio['paper_count']:.0f}x ({ok} the 1000x target; "
@@ -322,8 +331,12 @@ def main() -> None:
     parser.add_argument("--rules", default=",".join(FIG1_RULES))
     parser.add_argument("--samples", type=int, default=None, help="override the Fig. 1 stream length")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render", action="store_true", help="only rewrite lrt.md from lrt.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.render:
+        write_markdown(json.loads((RESULTS / "lrt.json").read_text()))
+        return
     scale_name = "paper" if args.paper else "quick"
     scale = SCALES[scale_name]
     if args.samples:
@@ -357,10 +370,19 @@ def main() -> None:
     everything[scale_name] = merged
     everything["recorded_at"] = data["recorded_at"]
     path.write_text(json.dumps(everything, indent=1))
-    sections = [markdown(name, SCALES[name] if name != scale_name else scale, everything[name])
-                for name in ("quick", "paper") if name in everything]
-    (RESULTS / "lrt.md").write_text("\n".join(sections))
+    write_markdown(everything, {scale_name: scale})
     print(f"wrote {path} and lrt.md", flush=True)
+
+
+def write_markdown(everything: dict[str, Any], scales: dict[str, Scale] | None = None) -> None:
+    """``lrt.md``: one section per scale present in ``lrt.json`` (verdicts recomputed)."""
+    sections = []
+    for name in ("quick", "paper"):
+        if name in everything:
+            scale = (scales or {}).get(name, Scale(**everything[name]["config"]))
+            everything[name]["verdict"] = verdict(scale, everything[name])
+            sections.append(markdown(name, scale, everything[name]))
+    (RESULTS / "lrt.md").write_text("\n".join(sections))
 
 
 if __name__ == "__main__":
