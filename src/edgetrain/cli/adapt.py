@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-every", type=int, default=10_000, help="samples between test-set scores")
     p.add_argument("--test-samples", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (batch 1: 1 is fastest)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run_adapt)
 
@@ -83,6 +84,8 @@ def write_log(log: dict[str, Any], path: Path) -> None:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
+    import torch
+
     from edgetrain.adapt import OnlineTrainer, make_rule
     from edgetrain.adapt.pretrain import load_for_adaptation
     from edgetrain.adapt.scenarios import make_scenario
@@ -93,6 +96,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         raise CLIError(f"--resume: no checkpoint {checkpoint} to continue from")
     if not args.resume and checkpoint.exists():
         raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    torch.set_num_threads(args.threads)
     net, meta = load_for_adaptation(args.model, args.arch)
     stream = make_scenario(args.scenario, dataset=args.dataset, samples=args.samples, seed=args.seed)
     trainer = OnlineTrainer(net, make_rule(args.rule, **rule_options(args)), stream, seed=args.seed,
