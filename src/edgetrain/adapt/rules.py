@@ -91,7 +91,7 @@ def write_update(layer: QWeight, array: NVMArray, step_codes: np.ndarray) -> int
 class UpdateRule:
     """Base rule: per-sample SGD on biases and BN parameters (``train_biases``), nothing else.
 
-    ``learns = False`` skips the backward pass; ``needs_grad`` says whether one is needed at all.
+    ``learns = False`` (inference only) skips the backward pass altogether.
     """
 
     name = "rule"
