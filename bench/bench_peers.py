@@ -166,7 +166,10 @@ def markdown(r: dict[str, Any], command: str, quick: bool) -> str:
               f"{gap:+.2f} pt against the best peer; our QAT step is {ratio['edgetrain_vs_float_step']:.2f}x the "
               f"float step (target <= 1.5x), {ratio['edgetrain_vs_brevitas_step']:.2f}x Brevitas' and "
               f"{ratio['edgetrain_vs_torch_ao_step']:.2f}x torch.ao's (targets <= 1x). torch.ao uses per-channel "
-              "weights and real-valued scales, a looser format than power-of-2 per-tensor.", ""]
+              "weights and real-valued scales, a looser format than power-of-2 per-tensor. The four models step "
+              "in turn on the same batches, so the ratios are comparable even though absolute times depend on the "
+              "machine's load; the steps with batch-norm statistics (before `freeze_bn()`) run a second float "
+              "convolution per layer and cost more, as the last row shows.", ""]
     return "\n".join(lines)
 
 
@@ -183,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="bench_peers")
+    parser.add_argument("--render", action="store_true", help="rewrite the markdown from the saved JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        (RESULTS / f"{args.out}.md").write_text(markdown(result, result["command"], result["quick"]))
+        return 0
     torch.set_num_threads(args.threads)
     data = {split: load_dataset("fashion-mnist", split) for split in ("train", "val", "test")}
     if args.quick:
