@@ -134,7 +134,10 @@ def merge(paths: list[str], out: str) -> int:
     command = " ; ".join(part["command"] for part in parts)
     missing = sorted(set(ZOO) - {row["model"] for row in rows})
     note = (f"Run as {len(parts)} partial runs side by side (one thread each, the machine being shared), "
-            "then combined with `--merge`." + (f" Not finished in time: {', '.join(missing)}." if missing else ""))
+            "then combined with `--merge`." + (f" Not finished in time: {', '.join(missing)}." if missing else "")
+            + f" Retraining saw {rows[0]['int8_retrained']['train_images']} training images "
+            f"({rows[0]['int8_retrained']['epochs']:.2f} epoch) to fit a shared machine; the INT4 gaps come from "
+            "that short schedule and were not re-measured with a longer one.")
     result = parts[0] | {"command": command, "results": rows, "complete": not missing, "missing": missing,
                          "merged_from": paths}
     (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=1))
