@@ -75,26 +75,52 @@ FIG1_RULES = {
 }
 # reference notes 3.6: Fig. 1 digitized at 100k samples (online accuracy; log10 max writes)
 PAPER_FIG1 = {
-    "control": {"inference": 0.985, "bias-only": 0.977, "sgd": 0.976, "lowrank-no-norm": 0.957,
-                "lowrank-max-norm": 0.949},
-    "shift": {"inference": 0.982, "bias-only": 0.938, "sgd": 0.952, "lowrank-no-norm": 0.925,
-              "lowrank-max-norm": 0.943},
-    "analog-drift": {"inference": 0.117, "bias-only": 0.112, "sgd": 0.135, "lowrank-no-norm": 0.574,
-                     "lowrank-max-norm": 0.722},
-    "digital-drift": {"inference": 0.098, "bias-only": 0.182, "sgd": 0.161, "lowrank-no-norm": 0.789,
-                      "lowrank-max-norm": 0.850},
+    "control": {
+        "inference": 0.985,
+        "bias-only": 0.977,
+        "sgd": 0.976,
+        "lowrank-no-norm": 0.957,
+        "lowrank-max-norm": 0.949,
+    },
+    "shift": {
+        "inference": 0.982,
+        "bias-only": 0.938,
+        "sgd": 0.952,
+        "lowrank-no-norm": 0.925,
+        "lowrank-max-norm": 0.943,
+    },
+    "analog-drift": {
+        "inference": 0.117,
+        "bias-only": 0.112,
+        "sgd": 0.135,
+        "lowrank-no-norm": 0.574,
+        "lowrank-max-norm": 0.722,
+    },
+    "digital-drift": {
+        "inference": 0.098,
+        "bias-only": 0.182,
+        "sgd": 0.161,
+        "lowrank-no-norm": 0.789,
+        "lowrank-max-norm": 0.850,
+    },
 }
 PAPER_LOG10_WRITES = {  # SGD, lowrank no-norm, lowrank max-norm
-    "control": (6.20, 3.76, 3.78), "shift": (7.28, 3.84, 3.79), "analog-drift": (7.14, 3.92, 3.81),
+    "control": (6.20, 3.76, 3.78),
+    "shift": (7.28, 3.84, 3.79),
+    "analog-drift": (7.14, 3.92, 3.81),
     "digital-drift": (7.13, 3.89, 3.80),
 }
 PAPER_TABLE1 = {  # (conv unbiased, fc unbiased) -> (no-norm, max-norm) %
-    (False, False): ("79.7 ± 1.1", "82.7 ± 1.3"), (False, True): ("83.0 ± 0.9", "82.4 ± 1.2"),
-    (True, False): ("77.7 ± 1.5", "84.6 ± 2.0"), (True, True): ("81.0 ± 0.9", "83.6 ± 2.5"),
+    (False, False): ("79.7 ± 1.1", "82.7 ± 1.3"),
+    (False, True): ("83.0 ± 0.9", "82.4 ± 1.2"),
+    (True, False): ("77.7 ± 1.5", "84.6 ± 2.0"),
+    (True, True): ("81.0 ± 0.9", "83.6 ± 2.5"),
 }
 PAPER_TABLE2 = {
-    "baseline": ("80.2 ± 1.0", "83.0 ± 1.1"), "bias-only training": ("51.8 ± 3.2", "68.6 ± 1.4"),
-    "no streaming batch norm": ("68.2 ± 1.9", "81.8 ± 1.3"), "no bias training": ("81.3 ± 1.0", "83.0 ± 1.4"),
+    "baseline": ("80.2 ± 1.0", "83.0 ± 1.1"),
+    "bias-only training": ("51.8 ± 3.2", "68.6 ± 1.4"),
+    "no streaming batch norm": ("68.2 ± 1.9", "81.8 ± 1.3"),
+    "no bias training": ("81.3 ± 1.0", "83.0 ± 1.4"),
     "kappa_th = 1e8": ("79.8 ± 1.4", "84.2 ± 1.4"),
 }
 
@@ -107,8 +133,12 @@ def pretrained(scale_name: str, scale: Scale) -> tuple[QNet, dict[str, Any]]:
         train = pretraining_set("mnist", scale.pretrain_samples, seed=0)
         val = pretraining_set("mnist", 2000, seed=1, split="val")
         net, val_acc = pretrain(scale.spec, train, val, epochs=scale.pretrain_epochs, progress=True)
-        info = {"val_accuracy": val_acc, "samples": scale.pretrain_samples, "epochs": scale.pretrain_epochs,
-                "seconds": time.perf_counter() - t0}
+        info = {
+            "val_accuracy": val_acc,
+            "samples": scale.pretrain_samples,
+            "epochs": scale.pretrain_epochs,
+            "seconds": time.perf_counter() - t0,
+        }
         save_model(net, scale.spec, path, info)
         print(f"pretrained {scale.spec}: val accuracy {val_acc:.4f} -> {path}", flush=True)
     return load_model(path)
@@ -118,15 +148,19 @@ def fig1_run(net: QNet, scenario: str, rule: UpdateRule, scale: Scale, out: Path
     """One Fig. 1 run, logging every 10% of the stream (a partial log survives an interruption)."""
     options = {"block_length": max(scale.fig1_samples // 10, 1)} if scenario == "shift" else {}
     stream = make_scenario(scenario, "mnist", scale.fig1_samples, seed=0, **options)  # shift: all 10 blocks
-    trainer = OnlineTrainer(copy.deepcopy(net), rule, stream, test_samples=scale.test_samples,
-                            log_every=max(scale.fig1_samples // 200, 10))
+    trainer = OnlineTrainer(
+        copy.deepcopy(net), rule, stream, test_samples=scale.test_samples, log_every=max(scale.fig1_samples // 200, 10)
+    )
     step = max(scale.fig1_samples // 10, 1)
     for stop in range(step, scale.fig1_samples + step, step):
         log = trainer.run(min(stop, scale.fig1_samples))
         write_log(log, out / "log.json")
-        print(f"  {scenario} {rule.config()['rule']}: {trainer.step_count} samples, online "
-              f"{trainer.online_accuracy:.3f}, max writes {trainer.max_writes_paper}, "
-              f"{log['timing']['samples_per_second']:.1f}/s", flush=True)
+        print(
+            f"  {scenario} {rule.config()['rule']}: {trainer.step_count} samples, online "
+            f"{trainer.online_accuracy:.3f}, max writes {trainer.max_writes_paper}, "
+            f"{log['timing']['samples_per_second']:.1f}/s",
+            flush=True,
+        )
     return log
 
 
@@ -161,10 +195,14 @@ def run_fig1(net: QNet, scale: Scale, scenarios: list[str], rules: list[str], ru
             log = fig1_run(net, scenario, FIG1_RULES[rule](), scale, out)
             final = log["final"]
             results.setdefault(scenario, {})[rule] = {
-                "online_accuracy": final["online_accuracy"], "test_accuracy": final["test_accuracy"],
-                "max_writes": final["max_writes"], "max_writes_paper": final["max_writes_paper"],
-                "write_density": final["write_density"], "energy_pj": final["energy_pj"]["total"],
-                "aux_memory_bits": sum(final["aux_memory_bits"].values()), "samples": final["samples"],
+                "online_accuracy": final["online_accuracy"],
+                "test_accuracy": final["test_accuracy"],
+                "max_writes": final["max_writes"],
+                "max_writes_paper": final["max_writes_paper"],
+                "write_density": final["write_density"],
+                "energy_pj": final["energy_pj"]["total"],
+                "aux_memory_bits": sum(final["aux_memory_bits"].values()),
+                "samples": final["samples"],
                 "samples_per_second": log["timing"]["samples_per_second"],
                 "samples_per_cpu_second": log["timing"].get("samples_per_cpu_second"),
             }
@@ -181,25 +219,36 @@ def run_timing(scale: Scale, samples: int) -> dict[str, Any]:
         stream = make_scenario("digital-drift", "mnist", samples, seed=0)
         trainer = OnlineTrainer(build_qnet(scale.spec), FIG1_RULES[rule](), stream, test_samples=10)
         timing = trainer.run(samples)["timing"]
-        results[rule] = {"samples": samples, **timing,
-                         "minutes_per_100k_cpu": 100_000 / timing["samples_per_cpu_second"] / 60,
-                         "minutes_per_100k_wall": 100_000 / timing["samples_per_second"] / 60}
-        print(f"  timing {rule}: {timing['samples_per_second']:.1f} samples/s wall, "
-              f"{timing['samples_per_cpu_second']:.1f} per CPU second", flush=True)
+        results[rule] = {
+            "samples": samples,
+            **timing,
+            "minutes_per_100k_cpu": 100_000 / timing["samples_per_cpu_second"] / 60,
+            "minutes_per_100k_wall": 100_000 / timing["samples_per_second"] / 60,
+        }
+        print(
+            f"  timing {rule}: {timing['samples_per_second']:.1f} samples/s wall, "
+            f"{timing['samples_per_cpu_second']:.1f} per CPU second",
+            flush=True,
+        )
     return results
 
 
 def run_tables(scale: Scale) -> tuple[dict[str, Any], dict[str, Any]]:
     table1: dict[str, Any] = {}
-    for (conv_unbiased, fc_unbiased) in PAPER_TABLE1:
+    for conv_unbiased, fc_unbiased in PAPER_TABLE1:
         key = f"conv {'unbiased' if conv_unbiased else 'biased'} / fc {'unbiased' if fc_unbiased else 'biased'}"
         for max_norm in (False, True):
-            accs = [tail_accuracy(scale.spec, LowRank(unbiased=conv_unbiased, unbiased_fc=fc_unbiased,
-                                                      max_norm=max_norm), scale, seed)
-                    for seed in range(scale.table_seeds)]
+            accs = [
+                tail_accuracy(
+                    scale.spec, LowRank(unbiased=conv_unbiased, unbiased_fc=fc_unbiased, max_norm=max_norm), scale, seed
+                )
+                for seed in range(scale.table_seeds)
+            ]
             table1.setdefault(key, {})["max-norm" if max_norm else "no-norm"] = seeds_summary(accs)
-            print(f"  table1 {key} max_norm={max_norm}: {fmt(table1[key]['max-norm' if max_norm else 'no-norm'])}",
-                  flush=True)
+            print(
+                f"  table1 {key} max_norm={max_norm}: {fmt(table1[key]['max-norm' if max_norm else 'no-norm'])}",
+                flush=True,
+            )
     table2: dict[str, Any] = {}
     for max_norm in (False, True):
         variants = {
@@ -210,8 +259,10 @@ def run_tables(scale: Scale) -> tuple[dict[str, Any], dict[str, Any]]:
             "kappa_th = 1e8": (LowRank, {"kappa_th": 1e8}, True),
         }
         for name, (cls, options, bn) in variants.items():
-            accs = [tail_accuracy(scale.spec, cls(max_norm=max_norm, **options), scale, seed, streaming_bn=bn)
-                    for seed in range(scale.table_seeds)]
+            accs = [
+                tail_accuracy(scale.spec, cls(max_norm=max_norm, **options), scale, seed, streaming_bn=bn)
+                for seed in range(scale.table_seeds)
+            ]
             table2.setdefault(name, {})["max-norm" if max_norm else "no-norm"] = seeds_summary(accs)
             print(f"  table2 {name} max_norm={max_norm}: {fmt(seeds_summary(accs))}", flush=True)
     return table1, table2
@@ -221,43 +272,66 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
     lines = [f"## Low-rank training on NVM: the LRT paper's adaptation experiments ({scale_name} scale)", ""]
     pre = data.get("pretrained")
     if pre:
-        lines += [f"Network {scale.spec} pretrained quantized-in-the-loop on {pre['samples']} elastic MNIST "
-                  f"samples x {pre['epochs']} epochs: validation accuracy {pre['val_accuracy']:.3f}.", ""]
+        lines += [
+            f"Network {scale.spec} pretrained quantized-in-the-loop on {pre['samples']} elastic MNIST "
+            f"samples x {pre['epochs']} epochs: validation accuracy {pre['val_accuracy']:.3f}.",
+            "",
+        ]
     fig1 = data.get("fig1", {})
     if fig1:
-        lines += [f"### Fig. 1: online accuracy (EMA 0.999) after {scale.fig1_samples} samples; paper at 100k", "",
-                  "| scenario | rule | ours | paper | max writes (ours) | max writes (paper, log10) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"### Fig. 1: online accuracy (EMA 0.999) after {scale.fig1_samples} samples; paper at 100k",
+            "",
+            "| scenario | rule | ours | paper | max writes (ours) | max writes (paper, log10) |",
+            "|---|---|---|---|---|---|",
+        ]
         for scenario, rules in fig1.items():
             paper_writes = PAPER_LOG10_WRITES[scenario]
             for rule, r in rules.items():
-                writes_paper = {"sgd": paper_writes[0], "lowrank-no-norm": paper_writes[1],
-                                "lowrank-max-norm": paper_writes[2]}.get(rule)
-                lines.append(f"| {scenario} | {rule} | {r['online_accuracy']:.3f} | {PAPER_FIG1[scenario][rule]:.3f} "
-                             f"| {r['max_writes_paper']} | {'-' if writes_paper is None else f'10^{writes_paper}'} |")
-        lines += ["", "Max writes count the paper's way: SGD conv cells once per output pixel where a and dz are "
-                  "both non-zero (reference notes 3.5); low-rank writes are cells whose NVM code changed. Counting "
-                  "only NVM code changes (one SGD write event per sample), SGD writes about as rarely as low-rank "
-                  "training: most per-sample updates round to zero on the 8-bit weight grid, which is also why SGD "
-                  "barely improves on bias-only training (the paper's observation).",
-                  "", "Caveat: our elastic stream deforms harder than the paper's (its generator smoothed the "
-                  "displacement over an extra channel axis, scaling it by the Gaussian's centre tap, 0.06-0.4), "
-                  "so even the control accuracy sits below the paper's."]
+                writes_paper = {
+                    "sgd": paper_writes[0],
+                    "lowrank-no-norm": paper_writes[1],
+                    "lowrank-max-norm": paper_writes[2],
+                }.get(rule)
+                lines.append(
+                    f"| {scenario} | {rule} | {r['online_accuracy']:.3f} | {PAPER_FIG1[scenario][rule]:.3f} "
+                    f"| {r['max_writes_paper']} | {'-' if writes_paper is None else f'10^{writes_paper}'} |"
+                )
+        lines += [
+            "",
+            "Max writes count the paper's way: SGD conv cells once per output pixel where a and dz are "
+            "both non-zero (reference notes 3.5); low-rank writes are cells whose NVM code changed. Counting "
+            "only NVM code changes (one SGD write event per sample), SGD writes about as rarely as low-rank "
+            "training: most per-sample updates round to zero on the 8-bit weight grid, which is also why SGD "
+            "barely improves on bias-only training (the paper's observation).",
+            "",
+            "Caveat: our elastic stream deforms harder than the paper's (its generator smoothed the "
+            "displacement over an extra channel axis, scaling it by the Gaussian's centre tap, 0.06-0.4), "
+            "so even the control accuracy sits below the paper's.",
+        ]
         ratios = data.get("write_ratios", {})
         if ratios:
-            lines += ["", "| scenario | SGD / low-rank max-norm max writes (paper count) | (NVM count) |",
-                      "|---|---|---|"]
+            lines += [
+                "",
+                "| scenario | SGD / low-rank max-norm max writes (paper count) | (NVM count) |",
+                "|---|---|---|",
+            ]
             lines += [f"| {s} | {r['paper_count']:.0f}x | {r['nvm_count']:.1f}x |" for s, r in ratios.items()]
         lines.append("")
-    for title, key, paper in (("Table 1: biased vs unbiased accumulator", "table1", PAPER_TABLE1),
-                              ("Table 2: ablations", "table2", PAPER_TABLE2)):
+    for title, key, paper in (
+        ("Table 1: biased vs unbiased accumulator", "table1", PAPER_TABLE1),
+        ("Table 2: ablations", "table2", PAPER_TABLE2),
+    ):
         table = data.get(key)
         if not table:
             continue
-        lines += [f"### {title} (from scratch, mean accuracy of the last {scale.tail} of {scale.table_samples} "
-                  f"samples, {scale.table_seeds} seeds; paper: last 500 of 10k, 5 seeds)", "",
-                  "| condition | no-norm (ours) | max-norm (ours) | no-norm (paper) | max-norm (paper) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"### {title} (from scratch, mean accuracy of the last {scale.tail} of {scale.table_samples} "
+            f"samples, {scale.table_seeds} seeds; paper: last 500 of 10k, 5 seeds)",
+            "",
+            "| condition | no-norm (ours) | max-norm (ours) | no-norm (paper) | max-norm (paper) |",
+            "|---|---|---|---|---|",
+        ]
         paper_rows = list(paper.values())
         for (name, row), paper_row in zip(table.items(), paper_rows, strict=True):
             ours = f"{fmt(row['no-norm'])} | {fmt(row['max-norm'])}"
@@ -265,11 +339,17 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
         lines.append("")
     timing = data.get("timing")
     if timing:
-        lines += [f"### Speed of the online loop ({scale.spec}, batch 1, 1 thread)", "",
-                  "| rule | samples timed | samples/s (wall) | samples per CPU second | 100k samples (CPU-time rate) |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {rule} | {t['samples']} | {t['samples_per_second']:.1f} | {t['samples_per_cpu_second']:.1f} "
-                  f"| {t['minutes_per_100k_cpu']:.0f} min |" for rule, t in timing.items()]
+        lines += [
+            f"### Speed of the online loop ({scale.spec}, batch 1, 1 thread)",
+            "",
+            "| rule | samples timed | samples/s (wall) | samples per CPU second | 100k samples (CPU-time rate) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {rule} | {t['samples']} | {t['samples_per_second']:.1f} | {t['samples_per_cpu_second']:.1f} "
+            f"| {t['minutes_per_100k_cpu']:.0f} min |"
+            for rule, t in timing.items()
+        ]
         lines.append("")
     lines += ["Commands:", "", "```", *data.get("commands", [data["command"]]), "```", "", data.get("verdict", ""), ""]
     return "\n".join(lines)
@@ -285,19 +365,25 @@ def verdict(scale: Scale, data: dict[str, Any]) -> str:
             if run["samples"] < 100_000:
                 verdict = "not comparable: the drift has acted for a fraction of the paper's 100k samples"
             versus = f" vs inference only {base['online_accuracy']:.3f}" if base else ""
-            notes.append(f"{scenario}: low-rank max-norm {run['online_accuracy']:.3f}{versus} after {run['samples']} "
-                         f"samples (paper: {target} at 100k; {verdict})")
+            notes.append(
+                f"{scenario}: low-rank max-norm {run['online_accuracy']:.3f}{versus} after {run['samples']} "
+                f"samples (paper: {target} at 100k; {verdict})"
+            )
     for scenario, ratio in data.get("write_ratios", {}).items():
         ok = "meets" if ratio["paper_count"] >= 1000 else "misses"
-        notes.append(f"{scenario}: SGD/low-rank max writes {ratio['paper_count']:.0f}x ({ok} the 1000x target; "
-                     f"{ratio['nvm_count']:.1f}x counting only NVM code changes)")
+        notes.append(
+            f"{scenario}: SGD/low-rank max writes {ratio['paper_count']:.0f}x ({ok} the 1000x target; "
+            f"{ratio['nvm_count']:.1f}x counting only NVM code changes)"
+        )
     timing = data.get("timing", {}).get("lowrank-max-norm")
     if timing:
         ok = "meets" if timing["minutes_per_100k_cpu"] <= 30 else "misses"
-        notes.append(f"the {scale.spec['width']}-channel net's online loop with low-rank max-norm runs at "
-                     f"{timing['samples_per_cpu_second']:.1f} samples per CPU second, "
-                     f"{timing['minutes_per_100k_cpu']:.0f} min per 100k samples on one core ({ok} the 30 min "
-                     f"target; wall clock here {timing['minutes_per_100k_wall']:.0f} min on the shared machine)")
+        notes.append(
+            f"the {scale.spec['width']}-channel net's online loop with low-rank max-norm runs at "
+            f"{timing['samples_per_cpu_second']:.1f} samples per CPU second, "
+            f"{timing['minutes_per_100k_cpu']:.0f} min per 100k samples on one core ({ok} the 30 min "
+            f"target; wall clock here {timing['minutes_per_100k_wall']:.0f} min on the shared machine)"
+        )
     lowrank = [r for rules in fig1.values() for name, r in rules.items() if name.startswith("lowrank")]
     if lowrank and not timing:
         wall = statistics.median(r["samples_per_second"] for r in lowrank)
@@ -306,8 +392,10 @@ def verdict(scale: Scale, data: dict[str, Any]) -> str:
         if cpu:
             speed += f", {statistics.median(cpu):.1f} per CPU second (1 thread)"
         best = statistics.median(cpu) if cpu else wall
-        notes.append(f"low-rank runs of net {scale.spec} process {speed}: {100_000 / best / 60:.0f} min per 100k "
-                     f"samples at the better rate (target <= 30 min for the paper net)")
+        notes.append(
+            f"low-rank runs of net {scale.spec} process {speed}: {100_000 / best / 60:.0f} min per 100k "
+            f"samples at the better rate (target <= 30 min for the paper net)"
+        )
     return ("Measured: " + "; ".join(notes) + ".") if notes else ""
 
 
@@ -343,11 +431,12 @@ def main() -> None:
         scale = Scale(**{**asdict(scale), "fig1_samples": args.samples})
     parts = set(args.parts.split(","))
     runs = RUNS / scale_name
-    data: dict[str, Any] = {"config": asdict(scale),
-                            "recorded_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                            "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch threads "
-                                       f"{args.threads}",
-                            "command": " ".join([".venv/bin/python bench/bench_lrt.py", *sys.argv[1:]])}
+    data: dict[str, Any] = {
+        "config": asdict(scale),
+        "recorded_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch threads {args.threads}",
+        "command": " ".join([".venv/bin/python bench/bench_lrt.py", *sys.argv[1:]]),
+    }
     if parts & {"pretrain", "fig1"}:
         net, meta = pretrained(scale_name, scale)
         data["pretrained"] = meta["info"]
@@ -362,9 +451,12 @@ def main() -> None:
     everything = json.loads(path.read_text()) if path.exists() else {}
     merged = merge(everything.get(scale_name, {}), data)
     merged["write_ratios"] = {
-        s: {"paper_count": r["sgd"]["max_writes_paper"] / max(r["lowrank-max-norm"]["max_writes"], 1),
-            "nvm_count": r["sgd"]["max_writes"] / max(r["lowrank-max-norm"]["max_writes"], 1)}
-        for s, r in merged["fig1"].items() if "sgd" in r and "lowrank-max-norm" in r
+        s: {
+            "paper_count": r["sgd"]["max_writes_paper"] / max(r["lowrank-max-norm"]["max_writes"], 1),
+            "nvm_count": r["sgd"]["max_writes"] / max(r["lowrank-max-norm"]["max_writes"], 1),
+        }
+        for s, r in merged["fig1"].items()
+        if "sgd" in r and "lowrank-max-norm" in r
     }
     merged["verdict"] = verdict(scale, merged)
     everything[scale_name] = merged

@@ -51,12 +51,17 @@ def brevitas_mnistnet(float_model: nn.Sequential) -> nn.Module:
     net = nn.Sequential(
         qnn.QuantIdentity(act_quant=Int8ActPerTensorFixedPoint),
         qnn.QuantConv2d(1, 32, 3, padding=1, bias=False, weight_quant=Int8WeightPerTensorFixedPoint),
-        copy.deepcopy(f[1]), qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint), nn.MaxPool2d(2),
+        copy.deepcopy(f[1]),
+        qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint),
+        nn.MaxPool2d(2),
         qnn.QuantConv2d(32, 64, 3, padding=1, bias=False, weight_quant=Int8WeightPerTensorFixedPoint),
-        copy.deepcopy(f[5]), qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint), nn.MaxPool2d(2),
+        copy.deepcopy(f[5]),
+        qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint),
+        nn.MaxPool2d(2),
         nn.Flatten(),
         qnn.QuantLinear(f[9].in_features, 128, bias=True, weight_quant=Int8WeightPerTensorFixedPoint),
-        qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint), nn.Dropout(0.25),
+        qnn.QuantReLU(act_quant=Uint8ActPerTensorFixedPoint),
+        nn.Dropout(0.25),
         qnn.QuantLinear(128, f[12].out_features, bias=True, weight_quant=Int8WeightPerTensorFixedPoint),
     )
     for dst, src in ((1, 0), (5, 4), (10, 9), (13, 12)):
@@ -85,8 +90,15 @@ def adam(model: nn.Module, is_scale: Any) -> torch.optim.Optimizer:
 def run(args: argparse.Namespace, data: dict[str, Dataset]) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     float_model = create_model("mnistnet")
-    train_float(float_model, data["train"], data["val"], epochs=args.float_epochs, batch_size=128, seed=args.seed,
-                progress=False)
+    train_float(
+        float_model,
+        data["train"],
+        data["val"],
+        epochs=args.float_epochs,
+        batch_size=128,
+        seed=args.seed,
+        progress=False,
+    )
     fp32 = evaluate(float_model, data["test"])
     example, calib = data["train"].images[:1], data["train"].images[: args.calib]
     models: dict[str, nn.Module] = {
@@ -110,8 +122,9 @@ def run(args: argparse.Namespace, data: dict[str, Dataset]) -> dict[str, Any]:
     total = min(total, args.max_steps) if args.max_steps else total
     freeze_at = int(args.bn_stat_fraction * total)
     for epoch in range(args.epochs):
-        for images, labels in epoch_batches(data["train"].images, data["train"].labels, args.batch_size,
-                                            args.seed, epoch):
+        for images, labels in epoch_batches(
+            data["train"].images, data["train"].labels, args.batch_size, args.seed, epoch
+        ):
             if step == freeze_at:  # the TQT recipe: batch statistics first, then frozen BN
                 bn_phase = times.pop("edgetrain")
                 times["edgetrain"] = []
@@ -137,39 +150,62 @@ def run(args: argparse.Namespace, data: dict[str, Dataset]) -> dict[str, Any]:
     step_ms = {name: 1000 * statistics.median(t[1:]) for name, t in times.items()}
     step_ms["edgetrain_bn_statistics_phase"] = 1000 * statistics.median(bn_phase[1:] or bn_phase)
     return {
-        "net": "mnistnet", "fp32_pretrained": fp32, "float_epochs": args.float_epochs, "qat_epochs": args.epochs,
-        "qat_steps": step, "batch_size": args.batch_size, "weight_lr": WEIGHT_LR, "scale_lr": SCALE_LR,
-        "accuracy": accuracy, "step_ms": step_ms,
-        "ratios": {"edgetrain_vs_float_step": step_ms["edgetrain"] / step_ms["float"],
-                   "edgetrain_vs_brevitas_step": step_ms["edgetrain"] / step_ms["brevitas"],
-                   "edgetrain_vs_torch_ao_step": step_ms["edgetrain"] / step_ms["torch_ao"]},
+        "net": "mnistnet",
+        "fp32_pretrained": fp32,
+        "float_epochs": args.float_epochs,
+        "qat_epochs": args.epochs,
+        "qat_steps": step,
+        "batch_size": args.batch_size,
+        "weight_lr": WEIGHT_LR,
+        "scale_lr": SCALE_LR,
+        "accuracy": accuracy,
+        "step_ms": step_ms,
+        "ratios": {
+            "edgetrain_vs_float_step": step_ms["edgetrain"] / step_ms["float"],
+            "edgetrain_vs_brevitas_step": step_ms["edgetrain"] / step_ms["brevitas"],
+            "edgetrain_vs_torch_ao_step": step_ms["edgetrain"] / step_ms["torch_ao"],
+        },
     }
 
 
 def markdown(r: dict[str, Any], command: str, quick: bool) -> str:
     acc, ms = r["accuracy"], r["step_ms"]
-    names = {"float": "float fine-tuning (FP32)", "edgetrain": "edgetrain TQT (int8 pow-2, BN fold)",
-             "brevitas": "Brevitas fixed-point (int8 pow-2)", "torch_ao": "torch.ao QAT (x86 default)"}
-    lines = [f"## QAT against peers: {r['net']} on Fashion-MNIST" + (" — quick run" if quick else ""), "",
-             "| method | test top-1 | QAT step (ms, median) | step vs float |", "|---|---|---|---|"]
+    names = {
+        "float": "float fine-tuning (FP32)",
+        "edgetrain": "edgetrain TQT (int8 pow-2, BN fold)",
+        "brevitas": "Brevitas fixed-point (int8 pow-2)",
+        "torch_ao": "torch.ao QAT (x86 default)",
+    }
+    lines = [
+        f"## QAT against peers: {r['net']} on Fashion-MNIST" + (" — quick run" if quick else ""),
+        "",
+        "| method | test top-1 | QAT step (ms, median) | step vs float |",
+        "|---|---|---|---|",
+    ]
     for k, label in names.items():
         lines.append(f"| {label} | {100 * acc[k]:.2f} | {ms[k]:.1f} | {ms[k] / ms['float']:.2f}x |")
     phase = ms["edgetrain_bn_statistics_phase"]
-    lines.append(f"| edgetrain, steps before freeze_bn (two convs per layer) | | {phase:.1f} | "
-                 f"{phase / ms['float']:.2f}x |")
+    lines.append(
+        f"| edgetrain, steps before freeze_bn (two convs per layer) | | {phase:.1f} | {phase / ms['float']:.2f}x |"
+    )
     best_peer = max(acc["brevitas"], acc["torch_ao"])
     gap = 100 * (acc["edgetrain"] - best_peer)
     ratio = r["ratios"]
-    lines += ["", f"Command: `{command}`", "",
-              f"Same pretrained FP32 start ({100 * r['fp32_pretrained']:.2f}%), {r['qat_steps']} steps of batch "
-              f"{r['batch_size']}, Adam (weights {WEIGHT_LR:g}, scales {SCALE_LR:g}). Our accuracy is "
-              f"{gap:+.2f} pt against the best peer; our QAT step is {ratio['edgetrain_vs_float_step']:.2f}x the "
-              f"float step (target <= 1.5x), {ratio['edgetrain_vs_brevitas_step']:.2f}x Brevitas' and "
-              f"{ratio['edgetrain_vs_torch_ao_step']:.2f}x torch.ao's (targets <= 1x). torch.ao uses per-channel "
-              "weights and real-valued scales, a looser format than power-of-2 per-tensor. The four models step "
-              "in turn on the same batches, so the ratios are comparable even though absolute times depend on the "
-              "machine's load; the steps with batch-norm statistics (before `freeze_bn()`) run a second float "
-              "convolution per layer and cost more, as the last row shows.", ""]
+    lines += [
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Same pretrained FP32 start ({100 * r['fp32_pretrained']:.2f}%), {r['qat_steps']} steps of batch "
+        f"{r['batch_size']}, Adam (weights {WEIGHT_LR:g}, scales {SCALE_LR:g}). Our accuracy is "
+        f"{gap:+.2f} pt against the best peer; our QAT step is {ratio['edgetrain_vs_float_step']:.2f}x the "
+        f"float step (target <= 1.5x), {ratio['edgetrain_vs_brevitas_step']:.2f}x Brevitas' and "
+        f"{ratio['edgetrain_vs_torch_ao_step']:.2f}x torch.ao's (targets <= 1x). torch.ao uses per-channel "
+        "weights and real-valued scales, a looser format than power-of-2 per-tensor. The four models step "
+        "in turn on the same batches, so the ratios are comparable even though absolute times depend on the "
+        "machine's load; the steps with batch-norm statistics (before `freeze_bn()`) run a second float "
+        "convolution per layer and cost more, as the last row shows.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -177,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--float-epochs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1, help="QAT epochs")
-    parser.add_argument("--bn-stat-fraction", type=float, default=0.5,
-                        help="fraction of the QAT steps with BN batch statistics (ours), then frozen BN")
+    parser.add_argument(
+        "--bn-stat-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of the QAT steps with BN batch statistics (ours), then frozen BN",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-steps", type=int, default=0, help="stop QAT after this many steps (0: no limit)")
     parser.add_argument("--calib", type=int, default=512)
@@ -199,9 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         args.float_epochs, args.calib = 1, 128
     result = run(args, data)
     command = ("python bench/bench_peers.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    result |= {"benchmark": "bench_peers", "quick": args.quick, "command": command, "threads": args.threads,
-               "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-               "test_images": len(data["test"])}
+    result |= {
+        "benchmark": "bench_peers",
+        "quick": args.quick,
+        "command": command,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "test_images": len(data["test"]),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.out}.md").write_text(markdown(result, command, args.quick))

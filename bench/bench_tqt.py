@@ -86,8 +86,10 @@ def main() -> None:
     recipe = RetrainConfig(epochs=retrain_epochs, batch_size=args.batch_size, weight_lr=args.weight_lr, eval_every=200)
     finetuned = copy.deepcopy(model)
     result = retrain(finetuned, train, val, recipe)  # same schedule, no quantizers: Graffitist's "FP32 (retrain wt)"
-    rows["FP32 fine-tuned (same schedule)"] = {"accuracy": evaluate(finetuned, test),
-                                               "epochs": round(result.best_epoch, 2)}
+    rows["FP32 fine-tuned (same schedule)"] = {
+        "accuracy": evaluate(finetuned, test),
+        "epochs": round(result.best_epoch, 2),
+    }
     print("FP32 fine-tuned", rows["FP32 fine-tuned (same schedule)"])
 
     variants = {
@@ -97,11 +99,19 @@ def main() -> None:
     }
     for name, (qconfig, train_thresholds) in variants.items():
         qmodel = quantize(model, calib[:1], calib, qconfig, mode="retrain")
-        recipe = RetrainConfig(epochs=retrain_epochs, batch_size=args.batch_size, weight_lr=args.weight_lr,
-                               train_thresholds=train_thresholds, eval_every=200)
+        recipe = RetrainConfig(
+            epochs=retrain_epochs,
+            batch_size=args.batch_size,
+            weight_lr=args.weight_lr,
+            train_thresholds=train_thresholds,
+            eval_every=200,
+        )
         result = retrain(qmodel, train, val, recipe)
-        rows[name] = {"accuracy": evaluate(qmodel, test), "epochs": round(result.best_epoch, 2),
-                      "seconds": result.seconds}
+        rows[name] = {
+            "accuracy": evaluate(qmodel, test),
+            "epochs": round(result.best_epoch, 2),
+            "seconds": result.seconds,
+        }
         print(name, rows[name])
 
     images, labels = train.images[: args.batch_size], train.labels[: args.batch_size]
@@ -123,13 +133,24 @@ def main() -> None:
     fp32 = max(rows["FP32"]["accuracy"], rows["FP32 fine-tuned (same schedule)"]["accuracy"])
     payload = {
         "recorded_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "scale": scale, "model": "mnistnet", "dataset": "fashion-mnist",
-        "train_images": len(train), "test_images": len(test), "float_epochs": float_epochs,
-        "retrain": recipe.as_dict(), "rows": rows,
-        "step_ms": {**step_ms, "ratio": qat_ms / float_ms, "ratio_bn_frozen": frozen_ms / float_ms,
-                    "batch": args.batch_size},
-        "targets": {"int8_gap_pt": 100 * (rows["INT8 retrained (wt, th)"]["accuracy"] - fp32),
-                    "int4_gap_pt": 100 * (rows["INT4-weight retrained (wt, th)"]["accuracy"] - fp32)},
+        "scale": scale,
+        "model": "mnistnet",
+        "dataset": "fashion-mnist",
+        "train_images": len(train),
+        "test_images": len(test),
+        "float_epochs": float_epochs,
+        "retrain": recipe.as_dict(),
+        "rows": rows,
+        "step_ms": {
+            **step_ms,
+            "ratio": qat_ms / float_ms,
+            "ratio_bn_frozen": frozen_ms / float_ms,
+            "batch": args.batch_size,
+        },
+        "targets": {
+            "int8_gap_pt": 100 * (rows["INT8 retrained (wt, th)"]["accuracy"] - fp32),
+            "int4_gap_pt": 100 * (rows["INT4-weight retrained (wt, th)"]["accuracy"] - fp32),
+        },
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tqt.json").write_text(json.dumps(payload, indent=2))

@@ -51,8 +51,9 @@ def deployment_checks(qmodel: QuantizedModel, test: Dataset) -> dict[str, Any]:
         path = to_onnx(qmodel, Path(tmp) / "model.onnx", test.images[:2])
         session = ort_session(path)
         name = session.get_inputs()[0].name
-        onnx_out = np.concatenate([session.run(None, {name: test.images[i : i + 1000].numpy()})[0]
-                                   for i in range(0, len(test), 1000)])
+        onnx_out = np.concatenate(
+            [session.run(None, {name: test.images[i : i + 1000].numpy()})[0] for i in range(0, len(test), 1000)]
+        )
     return {
         "accuracy": float((reference.argmax(1) == test.labels.numpy()).mean()),
         "integer_mismatches": int((integer != reference).any(axis=1).sum()),
@@ -67,34 +68,54 @@ def run_net(name: str, data: dict[str, Dataset], args: argparse.Namespace) -> di
     torch.manual_seed(args.seed)
     model = create_model(name)
     start = time.perf_counter()
-    float_result = train_float(model, data["train"], data["val"], epochs=args.float_epochs, lr=1e-3,
-                               batch_size=128, seed=args.seed, progress=False)
+    float_result = train_float(
+        model,
+        data["train"],
+        data["val"],
+        epochs=args.float_epochs,
+        lr=1e-3,
+        batch_size=128,
+        seed=args.seed,
+        progress=False,
+    )
     row: dict[str, Any] = {
         "model": name,
-        "fp32": {"accuracy": evaluate(model, data["test"]), "epochs": args.float_epochs,
-                 "best_epoch": float_result.best_epoch, "seconds": round(time.perf_counter() - start, 1)},
+        "fp32": {
+            "accuracy": evaluate(model, data["test"]),
+            "epochs": args.float_epochs,
+            "best_epoch": float_result.best_epoch,
+            "seconds": round(time.perf_counter() - start, 1),
+        },
     }
     example, calib = data["train"].images[:1], data["train"].images[: args.calib]
     start = time.perf_counter()
     static = quantize(model, example, calib, QuantConfig(), mode="static")
-    row["int8_static"] = {"calibration_seconds":
-                          round(time.perf_counter() - start, 1), **deployment_checks(static, data["test"])}
+    row["int8_static"] = {
+        "calibration_seconds": round(time.perf_counter() - start, 1),
+        **deployment_checks(static, data["test"]),
+    }
     for key, bits in (("int8_retrained", 8), ("int4_retrained", 4)):
         qmodel = quantize(model, example, calib, QuantConfig(weight_bits=bits), mode="retrain")
-        config = RetrainConfig(epochs=args.retrain_epochs, batch_size=args.batch_size, weight_lr=args.weight_lr,
-                               seed=args.seed)
+        config = RetrainConfig(
+            epochs=args.retrain_epochs, batch_size=args.batch_size, weight_lr=args.weight_lr, seed=args.seed
+        )
         start = time.perf_counter()
         train = data["train"].subset(args.retrain_samples) if args.retrain_samples else data["train"]
         result = retrain(qmodel, train, data["val"], config, progress=False)
         row[key] = {
             "epochs": round(args.retrain_epochs * len(train) / len(data["train"]), 3),
             "train_images": len(train),
-            "best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - start, 1),
-            "weight_lr": args.weight_lr, "threshold_lr": config.threshold_lr, "batch_size": args.batch_size,
+            "best_epoch": result.best_epoch,
+            "seconds": round(time.perf_counter() - start, 1),
+            "weight_lr": args.weight_lr,
+            "threshold_lr": config.threshold_lr,
+            "batch_size": args.batch_size,
             **deployment_checks(qmodel, data["test"]),
         }
-    row["gaps_pt"] = {k: round(100 * (row[k]["accuracy"] - row["fp32"]["accuracy"]), 2)
-                      for k in ("int8_static", "int8_retrained", "int4_retrained")}
+    row["gaps_pt"] = {
+        k: round(100 * (row[k]["accuracy"] - row["fp32"]["accuracy"]), 2)
+        for k in ("int8_static", "int8_retrained", "int4_retrained")
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -116,14 +137,27 @@ def markdown(rows: list[dict[str, Any]], command: str, quick: bool, note: str = 
             f"{' / '.join(str(r[k]['integer_mismatches']) for k in keys)} | "
             f"{' / '.join('%.2f%%' % (100 * r[k]['onnx_top1_agreement']) for k in keys)} |"
         )
-    misses = [f"{r['model']} {k} {g:+.2f} pt" for r in rows for k, g in r["gaps_pt"].items()
-              if (k == "int8_retrained" and g < -0.2) or (k == "int4_retrained" and g < -1.0)]
-    verdict = ("Targets (INT8 retrained >= FP32 - 0.2 pt, INT4 >= FP32 - 1 pt) met on every net."
-               if not misses else "Targets missed: " + "; ".join(misses) + ".")
-    lines += ["", f"Command: `{command}`", "", verdict + " Retraining starts from the FP32 weights and runs "
-              "the TQT recipe (Adam, thresholds lr 1e-2 halved every 1000*24/B steps) with a larger weight lr "
-              "than Graffitist's 1e-6 (recorded in the JSON), so the retrained columns also include extra "
-              "training epochs the FP32 column did not get.", ""] + ([note, ""] if note else [])
+    misses = [
+        f"{r['model']} {k} {g:+.2f} pt"
+        for r in rows
+        for k, g in r["gaps_pt"].items()
+        if (k == "int8_retrained" and g < -0.2) or (k == "int4_retrained" and g < -1.0)
+    ]
+    verdict = (
+        "Targets (INT8 retrained >= FP32 - 0.2 pt, INT4 >= FP32 - 1 pt) met on every net."
+        if not misses
+        else "Targets missed: " + "; ".join(misses) + "."
+    )
+    lines += [
+        "",
+        f"Command: `{command}`",
+        "",
+        verdict + " Retraining starts from the FP32 weights and runs "
+        "the TQT recipe (Adam, thresholds lr 1e-2 halved every 1000*24/B steps) with a larger weight lr "
+        "than Graffitist's 1e-6 (recorded in the JSON), so the retrained columns also include extra "
+        "training epochs the FP32 column did not get.",
+        "",
+    ] + ([note, ""] if note else [])
     return "\n".join(lines)
 
 
@@ -133,13 +167,21 @@ def merge(paths: list[str], out: str) -> int:
     rows = [row for part in parts for row in part["results"]]
     command = " ; ".join(part["command"] for part in parts)
     missing = sorted(set(ZOO) - {row["model"] for row in rows})
-    note = (f"Run as {len(parts)} partial runs side by side (one thread each, the machine being shared), "
-            "then combined with `--merge`." + (f" Not finished in time: {', '.join(missing)}." if missing else "")
-            + f" Retraining saw {rows[0]['int8_retrained']['train_images']} training images "
-            f"({rows[0]['int8_retrained']['epochs']:.2f} epoch) to fit a shared machine; the INT4 gaps come from "
-            "that short schedule and were not re-measured with a longer one.")
-    result = parts[0] | {"command": command, "results": rows, "complete": not missing, "missing": missing,
-                         "merged_from": paths}
+    note = (
+        f"Run as {len(parts)} partial runs side by side (one thread each, the machine being shared), "
+        "then combined with `--merge`."
+        + (f" Not finished in time: {', '.join(missing)}." if missing else "")
+        + f" Retraining saw {rows[0]['int8_retrained']['train_images']} training images "
+        f"({rows[0]['int8_retrained']['epochs']:.2f} epoch) to fit a shared machine; the INT4 gaps come from "
+        "that short schedule and were not re-measured with a longer one."
+    )
+    result = parts[0] | {
+        "command": command,
+        "results": rows,
+        "complete": not missing,
+        "missing": missing,
+        "merged_from": paths,
+    }
     (RESULTS / f"{out}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{out}.md").write_text(markdown(rows, command, result["quick"], note))
     print((RESULTS / f"{out}.md").read_text())
@@ -154,10 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weight-lr", type=float, default=1e-4)
     parser.add_argument("--calib", type=int, default=512, help="calibration images")
-    parser.add_argument("--retrain-samples", type=int, default=0,
-                        help="retrain on the first N training images (0: all); epochs are reported as fractions")
-    parser.add_argument("--merge", nargs="+", default=None,
-                        help="combine the JSON results of several partial runs into --out (no training)")
+    parser.add_argument(
+        "--retrain-samples",
+        type=int,
+        default=0,
+        help="retrain on the first N training images (0: all); epochs are reported as fractions",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="combine the JSON results of several partial runs into --out (no training)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="subsets and one epoch each (smoke run)")
@@ -175,10 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.models:  # results are rewritten after every net, so a partial run keeps its rows
         rows.append(run_net(name, data, args))
-        result = {"benchmark": "bench_zoo", "dataset": "fashion-mnist", "test_images": len(data["test"]),
-                  "quick": args.quick, "threads": args.threads, "machine": platform.machine(),
-                  "cpus": os.cpu_count(), "torch": torch.__version__, "command": command,
-                  "complete": len(rows) == len(args.models), "results": rows}
+        result = {
+            "benchmark": "bench_zoo",
+            "dataset": "fashion-mnist",
+            "test_images": len(data["test"]),
+            "quick": args.quick,
+            "threads": args.threads,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "command": command,
+            "complete": len(rows) == len(args.models),
+            "results": rows,
+        }
         (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
         (RESULTS / f"{args.out}.md").write_text(markdown(rows, command, args.quick))
     print((RESULTS / f"{args.out}.md").read_text())

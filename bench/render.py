@@ -22,8 +22,10 @@ its fragment, written by the command quoted under each table. Machine: 2-core x8
 
 
 def render() -> str:
-    fragments = sorted((ROOT / "results").glob("*.md"), key=lambda p: (p.stem not in ORDER, ORDER.index(p.stem)
-                                                                        if p.stem in ORDER else 0, p.stem))
+    fragments = sorted(
+        (ROOT / "results").glob("*.md"),
+        key=lambda p: (p.stem not in ORDER, ORDER.index(p.stem) if p.stem in ORDER else 0, p.stem),
+    )
     parts = [HEADER]
     for fragment in fragments:
         meta = ROOT / "results" / f"{fragment.stem}.json"

@@ -60,8 +60,16 @@ class DigitStream:
 def tiny_float_net() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.MaxPool2d(2), nn.ReLU(), nn.BatchNorm2d(16),
-        nn.Flatten(), nn.Linear(16 * 2 * 2, 32), nn.ReLU(), nn.Linear(32, 10),
+        nn.Conv2d(1, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.BatchNorm2d(16),
+        nn.Flatten(),
+        nn.Linear(16 * 2 * 2, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
     ).eval()
 
 

@@ -33,9 +33,27 @@ def model_file(tmp_path_factory):
 
 def adapt_args(model_file, out, *extra: str) -> list[str]:
     return [
-        "adapt", "--model", str(model_file), "--scenario", "digital-drift", "--rule", "lowrank", "--batch-fc", "20",
-        "--samples", "60", "--out", str(out), "--checkpoint-every", "20", "--test-every", "30", "--test-samples", "20",
-        "--no-progress", *extra,
+        "adapt",
+        "--model",
+        str(model_file),
+        "--scenario",
+        "digital-drift",
+        "--rule",
+        "lowrank",
+        "--batch-fc",
+        "20",
+        "--samples",
+        "60",
+        "--out",
+        str(out),
+        "--checkpoint-every",
+        "20",
+        "--test-every",
+        "30",
+        "--test-samples",
+        "20",
+        "--no-progress",
+        *extra,
     ]
 
 

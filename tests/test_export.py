@@ -76,8 +76,9 @@ class Concat(nn.Module):
 
 PER_OP = {
     "conv_bn_relu": lambda: nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
-    "depthwise_relu6": lambda: nn.Sequential(nn.Conv2d(1, 4, 1), nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4),
-                                             nn.ReLU6()),
+    "depthwise_relu6": lambda: nn.Sequential(
+        nn.Conv2d(1, 4, 1), nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), nn.ReLU6()
+    ),
     "linear_bn1d": lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)),
     "orphan_bn": lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.MaxPool2d(2), nn.ReLU(), nn.BatchNorm2d(3)),
     "leaky_relu": Leaky,
@@ -130,8 +131,9 @@ def test_retrained_model_stays_bit_exact_after_training_steps() -> None:
 @pytest.fixture(scope="module")
 def small_program() -> tuple[IntegerProgram, torch.Tensor]:
     x = images(16, seed=4)
-    model = trained_stats(nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                                        nn.Linear(108, 4)), x)
+    model = trained_stats(
+        nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(108, 4)), x
+    )
     return assert_bit_exact(quantize(model, x[:1], x), x), x
 
 
@@ -177,7 +179,6 @@ def test_corrupt_weights_give_a_clear_error(tmp_path, small_program) -> None:
     path.write_bytes(b"not a safetensors file")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
 
-
     manifest["weights_sha256"] = hashlib.sha256(b"not a safetensors file").hexdigest()
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegerProgramError, match="unreadable safetensors"):
@@ -186,8 +187,15 @@ def test_corrupt_weights_give_a_clear_error(tmp_path, small_program) -> None:
 
 def test_codes_out_of_range_are_rejected(small_program) -> None:
     program, _ = small_program
-    bad = IntegerProgram(program.quantizers, program.ops, dict(program.tensors), program.input, program.output,
-                         program.input_shape, program.shapes)
+    bad = IntegerProgram(
+        program.quantizers,
+        program.ops,
+        dict(program.tensors),
+        program.input,
+        program.output,
+        program.input_shape,
+        program.shapes,
+    )
     bad.tensors["0.weight"] = bad.tensors["0.weight"] + 1000
     with pytest.raises(IntegerProgramError, match="outside int8 range"):
         bad.validate()

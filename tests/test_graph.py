@@ -50,8 +50,15 @@ def disable_quantizers(qmodel) -> None:
 
 
 def conv_bn_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 6),
+        nn.BatchNorm1d(6),
+        nn.Linear(6, 3),
+    )
 
 
 def test_bn_folding_equals_unfolded_float_net_in_eval() -> None:
@@ -100,8 +107,9 @@ def test_retrain_mode_converges_and_keeps_shared_scales_shared() -> None:
     torch.manual_seed(0)
     x = calib(64, seed=3)
     y = (x.mean((1, 2, 3)) > x.mean()).long()
-    model = with_stats(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                                     nn.Linear(256, 2)), x)
+    model = with_stats(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 2)), x
+    )
     qmodel = quantize(model, x[:1], x, mode="retrain").train()
     opt = torch.optim.Adam(qmodel.parameters(), lr=1e-2)
     first = last = None
@@ -147,8 +155,14 @@ def test_conv_linear_rule_formats_and_bias_shares_accumulator() -> None:
 
 
 def test_int4_keeps_first_and_last_layers_at_8_bits() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(128, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(128, 3),
+    )
     q = rows(quantize(model, calib(1), calib(), QuantConfig(weight_bits=4), mode="retrain"))
     assert [q[f"{i}.weight_q"].bits for i in (0, 2, 5)] == [8, 4, 8]
     assert not q["0.weight_q"].frozen and q["0.out_q"].group is None
@@ -229,13 +243,22 @@ def test_concat_of_concat_collapses_and_shares_one_threshold() -> None:
 
 
 def test_maxpool_is_passthrough_and_avgpool_is_a_floor_rounded_reciprocal_conv() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.AvgPool2d(2),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AvgPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     q = rows(quantize(model, calib(1), calib()))
     assert not any(name.startswith("2.") for name in q)
     for pool in ("3", "4"):
         assert (q[f"{pool}.recip_q"].bits, q[f"{pool}.recip_q"].signed, q[f"{pool}.recip_q"].role) == (
-            8, False, "reciprocal")
+            8,
+            False,
+            "reciprocal",
+        )
         assert q[f"{pool}.out_q"].rounding == "floor" and q[f"{pool}.out_q"].signed is False
 
 

@@ -171,8 +171,9 @@ def test_state_dict_round_trip() -> None:
     state = arr.state_dict()
     assert all(isinstance(v, np.ndarray) for v in state.values())
     # as a checkpoint gives it back: torch tensors, scalars as shape (1,) (safetensors)
-    back = NVMArray.from_state_dict({k: torch.as_tensor(v).reshape(-1) if v.ndim == 0 else torch.as_tensor(v)
-                                     for k, v in state.items()})
+    back = NVMArray.from_state_dict(
+        {k: torch.as_tensor(v).reshape(-1) if v.ndim == 0 else torch.as_tensor(v) for k, v in state.items()}
+    )
     for key, value in back.state_dict().items():
         np.testing.assert_array_equal(value, state[key], err_msg=key)
     assert (back.max_writes, back.total_writes, back.energy_pj) == (arr.max_writes, arr.total_writes, arr.energy_pj)

@@ -60,8 +60,14 @@ def test_report_artifacts(run) -> None:
     config, summary, _ = run
     md, html = Path(summary["report_md"]), Path(summary["report_html"])
     text = md.read_text()
-    for needle in ("Accuracy through the pipeline", "integer program", "Quantizers", "On-device adaptation",
-                   "edgetrain run", "[adapt]"):
+    for needle in (
+        "Accuracy through the pipeline",
+        "integer program",
+        "Quantizers",
+        "On-device adaptation",
+        "edgetrain run",
+        "[adapt]",
+    ):
         assert needle in text, needle
     pngs = sorted(md.parent.glob("figure_*.png"))
     assert len(pngs) == 2 and all(p.stat().st_size > 10_000 for p in pngs)

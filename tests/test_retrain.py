@@ -52,8 +52,9 @@ def test_trained_thresholds_beat_fixed_thresholds(digits, pretrained) -> None:
     for train_thresholds in (True, False):
         net = TinyQuantNet(3, 1.0)  # 3-bit, thresholds too wide: weights are ~0.1
         net.load_state_dict({k: v for k, v in pretrained.items() if not k.endswith("log2_t")}, strict=False)
-        config = RetrainConfig(epochs=3, batch_size=32, weight_lr=1e-4, threshold_lr=5e-2,
-                               train_thresholds=train_thresholds)
+        config = RetrainConfig(
+            epochs=3, batch_size=32, weight_lr=1e-4, threshold_lr=5e-2, train_thresholds=train_thresholds
+        )
         retrain(net, train, val, config, progress=False)
         accuracies[train_thresholds] = evaluate(net, val)
         moved = net.q_w1.log2_t.item() != 1.0
@@ -86,8 +87,9 @@ def test_batch_norm_frozen_after_first_epoch(digits) -> None:
     from edgetrain.tqt.retrain import FreezeBatchNorm
 
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    trainer = Trainer(net, opt, train.subset(64), None, epochs=2, batch_size=32, hooks=[FreezeBatchNorm(1), Spy()],
-                      progress=False)
+    trainer = Trainer(
+        net, opt, train.subset(64), None, epochs=2, batch_size=32, hooks=[FreezeBatchNorm(1), Spy()], progress=False
+    )
     before = bn.running_mean.clone()
     trainer.run()
     assert [t for _, t in seen] == [True, True, False, False]
@@ -98,8 +100,15 @@ def test_incremental_threshold_freezing(digits, pretrained) -> None:
     train, val = digits
     net = TinyQuantNet(8, 0.0)
     net.load_state_dict(pretrained)
-    config = RetrainConfig(epochs=4, batch_size=32, weight_lr=1e-4, threshold_lr=1e-3, freeze_thresholds=True,
-                           freeze_start=48, freeze_every=10)
+    config = RetrainConfig(
+        epochs=4,
+        batch_size=32,
+        weight_lr=1e-4,
+        threshold_lr=1e-3,
+        freeze_thresholds=True,
+        freeze_start=48,
+        freeze_every=10,
+    )
     retrain(net, train, val, config, progress=False)
     frozen = [q.frozen for q in (net.q_in, net.q_w1, net.q_a1, net.q_w2)]
     assert any(frozen)
@@ -116,8 +125,9 @@ class StopAt(TrainHook):
 
 def make_trainer(net: nn.Module, train, val, checkpoint: Path | None, hooks=()) -> Trainer:
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    return Trainer(net, opt, train, val, epochs=3, batch_size=64, seed=5, hooks=hooks, checkpoint=checkpoint,
-                   progress=False)
+    return Trainer(
+        net, opt, train, val, epochs=3, batch_size=64, seed=5, hooks=hooks, checkpoint=checkpoint, progress=False
+    )
 
 
 def test_resume_reproduces_uninterrupted_run(digits, tmp_path: Path) -> None:

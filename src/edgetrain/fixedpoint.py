@@ -51,9 +51,7 @@ class FixedPointFormat:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
             raise TypeError(f"bits must be an int, got {type(self.bits).__name__}")
         if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(
-                f"bits={self.bits} is out of range: quantizers support {MIN_BITS} to {MAX_BITS} bits"
-            )
+            raise ValueError(f"bits={self.bits} is out of range: quantizers support {MIN_BITS} to {MAX_BITS} bits")
 
     @property
     def qmin(self) -> int:

@@ -268,7 +268,16 @@ def train_float(
     total = epochs * num_batches(len(train), batch_size)
     cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
     trainer = Trainer(
-        model, optimizer, train, val, epochs=epochs, batch_size=batch_size, seed=seed,
-        schedules=[cosine], checkpoint=checkpoint, progress=progress, description="float training",
+        model,
+        optimizer,
+        train,
+        val,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        schedules=[cosine],
+        checkpoint=checkpoint,
+        progress=progress,
+        description="float training",
     )
     return trainer.run()

@@ -388,10 +388,22 @@ def quantize_for_adaptation(
     weight grid (saturating), a ReLU right after a weight layer fused into it, BN made streaming."""
     if isinstance(model, LRTNet):
         named = [
-            ("conv1", model.conv1), ("", nn.ReLU()), ("conv2", model.conv2), ("", model.pool),
-            ("", nn.ReLU()), ("bn2", model.bn2), ("conv3", model.conv3), ("", nn.ReLU()),
-            ("conv4", model.conv4), ("", model.pool), ("", nn.ReLU()), ("bn4", model.bn4),
-            ("", nn.Flatten()), ("fc1", model.fc1), ("", nn.ReLU()), ("fc2", model.fc2),
+            ("conv1", model.conv1),
+            ("", nn.ReLU()),
+            ("conv2", model.conv2),
+            ("", model.pool),
+            ("", nn.ReLU()),
+            ("bn2", model.bn2),
+            ("conv3", model.conv3),
+            ("", nn.ReLU()),
+            ("conv4", model.conv4),
+            ("", model.pool),
+            ("", nn.ReLU()),
+            ("bn4", model.bn4),
+            ("", nn.Flatten()),
+            ("fc1", model.fc1),
+            ("", nn.ReLU()),
+            ("fc2", model.fc2),
         ]
     elif isinstance(model, nn.Sequential):
         named = list(model.named_children())
@@ -422,5 +434,3 @@ def quantize_for_adaptation(
             )
         i += 1
     return QNet(builder.stages, input_grid)
-
-

@@ -318,8 +318,14 @@ class LowRank(UpdateRule):
         for i, layer in enumerate(net.weight_layers):
             n, m = layer.shape2d
             acc = StreamingKroneckerSum(
-                n, m, rank=self.rank, unbiased=self.unbiased if layer.is_conv else self.unbiased_fc,
-                kappa_th=self.kappa_th, factor_bits=FACTOR_BITS, chunk=self.chunk, seed=seed * 1000 + i,
+                n,
+                m,
+                rank=self.rank,
+                unbiased=self.unbiased if layer.is_conv else self.unbiased_fc,
+                kappa_th=self.kappa_th,
+                factor_bits=FACTOR_BITS,
+                chunk=self.chunk,
+                seed=seed * 1000 + i,
             )
             norms = (MaxNorm(), MaxNorm()) if self.max_norm else (None, None)
             batch = self.batch_conv if layer.is_conv else self.batch_fc
@@ -358,9 +364,15 @@ class LowRank(UpdateRule):
 
     def config(self) -> dict[str, Any]:
         return {
-            **super().config(), "rank": self.rank, "batch_fc": self.batch_fc, "batch_conv": self.batch_conv,
-            "unbiased": self.unbiased, "unbiased_fc": self.unbiased_fc, "kappa_th": self.kappa_th,
-            "rho_min": self.rho_min, "chunk": self.chunk,
+            **super().config(),
+            "rank": self.rank,
+            "batch_fc": self.batch_fc,
+            "batch_conv": self.batch_conv,
+            "unbiased": self.unbiased,
+            "unbiased_fc": self.unbiased_fc,
+            "kappa_th": self.kappa_th,
+            "rho_min": self.rho_min,
+            "chunk": self.chunk,
         }
 
     def state_dict(self) -> dict[str, Any]:

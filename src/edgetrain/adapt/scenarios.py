@@ -214,9 +214,7 @@ class Scenario:
         }
 
 
-def make_scenario(
-    name: str, dataset: str = "mnist", samples: int = 100_000, seed: int = 0, **options: Any
-) -> Scenario:
+def make_scenario(name: str, dataset: str = "mnist", samples: int = 100_000, seed: int = 0, **options: Any) -> Scenario:
     """Build scenario ``name`` (one of ``SCENARIOS``) on ``dataset`` ("mnist" | "fashion-mnist").
 
     Options: ``block_length`` (shift block, default 10_000), ``blocks`` (a list of kind tuples for

@@ -74,8 +74,12 @@ class OnlineTrainer:
         self.fetch = fetch
         self.arrays = {
             layer.name: NVMArray(
-                layer.codes(), layer.formats.weight.fmt, energy=energy, endurance=endurance,
-                stuck_fraction=stuck_fraction, seed=seed * 100 + i,
+                layer.codes(),
+                layer.formats.weight.fmt,
+                energy=energy,
+                endurance=endurance,
+                stuck_fraction=stuck_fraction,
+                seed=seed * 100 + i,
             )
             for i, layer in enumerate(net.weight_layers)
         }
@@ -203,8 +207,13 @@ class OnlineTrainer:
     def log(self) -> dict[str, Any]:
         """The run log: config, history, tests, final metrics; wall-clock figures under "timing"."""
         return {
-            "config": {"stream": self.stream.describe(), "rule": self.rule.config(), "seed": self.seed,
-                       "ema_beta": self.ema_beta, "test_samples": self.test_samples},
+            "config": {
+                "stream": self.stream.describe(),
+                "rule": self.rule.config(),
+                "seed": self.seed,
+                "ema_beta": self.ema_beta,
+                "test_samples": self.test_samples,
+            },
             "history": {k: list(v) for k, v in self.history.items()},
             "tests": list(self.tests),
             "final": self.metrics(),

@@ -54,8 +54,13 @@ def rule_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword options of ``make_rule(args.rule, ...)`` taken from the command line."""
     if args.rule == "lowrank":
         return {
-            "rank": args.rank, "lr": args.lr, "batch_fc": args.batch_fc, "batch_conv": args.batch_conv,
-            "max_norm": not args.no_max_norm, "unbiased": not args.biased, "kappa_th": args.kappa_th,
+            "rank": args.rank,
+            "lr": args.lr,
+            "batch_fc": args.batch_fc,
+            "batch_conv": args.batch_conv,
+            "max_norm": not args.no_max_norm,
+            "unbiased": not args.biased,
+            "kappa_th": args.kappa_th,
             "rho_min": args.rho_min,
         }
     if args.rule == "bias-only":
@@ -69,6 +74,7 @@ def rule_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def write_log(log: dict[str, Any], path: Path) -> None:
     """JSON log (written to a temporary name, then moved into place); inf becomes null."""
+
     def clean(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             return None
@@ -99,19 +105,27 @@ def run_adapt(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     net, meta = load_for_adaptation(args.model, args.arch)
     stream = make_scenario(args.scenario, dataset=args.dataset, samples=args.samples, seed=args.seed)
-    trainer = OnlineTrainer(net, make_rule(args.rule, **rule_options(args)), stream, seed=args.seed,
-                            test_samples=args.test_samples)
+    trainer = OnlineTrainer(
+        net, make_rule(args.rule, **rule_options(args)), stream, seed=args.seed, test_samples=args.test_samples
+    )
     if args.resume:
         trainer.resume(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    log = trainer.run(args.samples, test_every=args.test_every, checkpoint_every=args.checkpoint_every,
-                      checkpoint=checkpoint, progress=not args.no_progress)
+    log = trainer.run(
+        args.samples,
+        test_every=args.test_every,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint=checkpoint,
+        progress=not args.no_progress,
+    )
     log["config"]["model"] = {"path": str(args.model), **meta}
     write_log(log, out / "log.json")
     trainer.save(checkpoint)
     final = log["final"]
-    print(f"online accuracy {final['online_accuracy']:.4f}, test accuracy {final['test_accuracy']:.4f}, "
-          f"max writes {final['max_writes_paper']}, {log['timing']['samples_per_second']:.1f} samples/s -> {out}")
+    print(
+        f"online accuracy {final['online_accuracy']:.4f}, test accuracy {final['test_accuracy']:.4f}, "
+        f"max writes {final['max_writes_paper']}, {log['timing']['samples_per_second']:.1f} samples/s -> {out}"
+    )
     return 0
 
 

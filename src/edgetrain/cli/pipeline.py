@@ -34,9 +34,11 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         return _report(run_pipeline(config, command))
     except DatasetNotFoundError as err:
-        print(f"{err}\n\nFashion-MNIST is missing: running the demo on scikit-learn's 8x8 digits instead "
-              "(quantization and export only; the adaptation scenarios need MNIST-style 28x28 data).",
-              file=sys.stderr)
+        print(
+            f"{err}\n\nFashion-MNIST is missing: running the demo on scikit-learn's 8x8 digits instead "
+            "(quantization and export only; the adaptation scenarios need MNIST-style 28x28 data).",
+            file=sys.stderr,
+        )
         return _report(run_pipeline(fallback_to_digits(config), command))
 
 
@@ -49,15 +51,18 @@ def run_config(args: argparse.Namespace) -> int:
 
 def _report(summary: dict) -> int:
     export = summary["export"]
-    print(f"\nbit-exact integer program: {export['integer_mismatches']} mismatches on {export['verified_samples']} "
-          "test images")
+    print(
+        f"\nbit-exact integer program: {export['integer_mismatches']} mismatches on {export['verified_samples']} "
+        "test images"
+    )
     print(f"report: {summary['report_html']}\n        {summary['report_md']}")
     return 0 if export["integer_mismatches"] == 0 else 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
-        "demo", help="the main job on the default data: pretrain, quantize, export, adapt, report",
+        "demo",
+        help="the main job on the default data: pretrain, quantize, export, adapt, report",
         description="Float pretraining of mnistnet on Fashion-MNIST, TQT quantization (static, then retrain), "
         "bit-exact integer export (+ONNX), on-device adaptation with LowRank / SGD / bias-only under a "
         "distribution shift with digital drift, and an HTML report. Stages are cached: rerunning is instant.",

@@ -47,8 +47,13 @@ def _split(name: str, split: str, samples: int | None) -> Dataset:
 
 def _model_meta(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
     c, h, _ = data.input_shape
-    return {"model": args.model, "num_classes": data.num_classes, "in_channels": c, "image_size": h,
-            "dataset": data.name}
+    return {
+        "model": args.model,
+        "num_classes": data.num_classes,
+        "in_channels": c,
+        "image_size": h,
+        "dataset": data.name,
+    }
 
 
 def _float_model(meta: dict[str, Any]) -> nn.Module:
@@ -81,11 +86,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     train, val = _split(args.data, "train", args.train_samples), _split(args.data, "val", None)
     meta = _model_meta(args, train)
     model = _float_model(meta)
-    result = train_float(model, train, val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         seed=args.seed, checkpoint=args.out + ".resume")
+    result = train_float(
+        model,
+        train,
+        val,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        checkpoint=args.out + ".resume",
+    )
     _save({"kind": "float", "meta": meta, "state_dict": model.state_dict()}, args.out)
-    print(f"float {args.model}: val top-1 {100 * result.best_val_accuracy:.2f}% (epoch {result.best_epoch:.1f}) "
-          f"-> {args.out}")
+    print(
+        f"float {args.model}: val top-1 {100 * result.best_val_accuracy:.2f}% (epoch {result.best_epoch:.1f}) "
+        f"-> {args.out}"
+    )
     return 0
 
 
@@ -96,20 +111,34 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} but {args.float} holds a {meta['model']}")
     train = _split(meta["dataset"] if args.data is None else args.data, "train", args.train_samples)
     val = _split(train.name, "val", None)
-    config = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits, rounding=Rounding.parse(args.rounding),
-                         weight_calibration=args.weight_calibration, allow_float=args.allow_float)
+    config = QuantConfig(
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
+        rounding=Rounding.parse(args.rounding),
+        weight_calibration=args.weight_calibration,
+        allow_float=args.allow_float,
+    )
     calib = train.images[: args.calib]
     qmodel = quantize(model, calib[:1], calib, config, mode=args.mode)
     if args.mode == "retrain":
-        recipe = RetrainConfig(epochs=args.epochs, batch_size=args.batch_size, weight_lr=args.weight_lr,
-                               seed=args.seed)
+        recipe = RetrainConfig(epochs=args.epochs, batch_size=args.batch_size, weight_lr=args.weight_lr, seed=args.seed)
         retrain(qmodel, train, val, recipe, checkpoint=args.out + ".resume")
-    print(f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}: val top-1 "
-          f"{100 * evaluate(qmodel, val):.2f}% (float {100 * evaluate(model, val):.2f}%)")
+    print(
+        f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}: val top-1 "
+        f"{100 * evaluate(qmodel, val):.2f}% (float {100 * evaluate(model, val):.2f}%)"
+    )
     if args.table:
         print(qmodel.quantizer_table())
-    _save({"kind": "quantized", "meta": meta, "config": config.as_dict(), "mode": args.mode,
-           "state_dict": qmodel.state_dict()}, args.out)
+    _save(
+        {
+            "kind": "quantized",
+            "meta": meta,
+            "config": config.as_dict(),
+            "mode": args.mode,
+            "state_dict": qmodel.state_dict(),
+        },
+        args.out,
+    )
     print(f"-> {args.out}")
     return 0
 

@@ -34,7 +34,16 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 FASHION_MNIST_VAL_SIZE = 5000
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
@@ -120,8 +129,7 @@ def _find_fashion_mnist(root: str | os.PathLike[str] | None) -> Path:
         "Fashion-MNIST is not installed (looked in: "
         + ", ".join(str(c) for c in candidates)
         + "). Install it with:\n    sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist\n"
-        "or pass root=/folder (or set EDGETRAIN_FASHION_MNIST) holding the four IDX files "
-        + ", ".join(needed)
+        "or pass root=/folder (or set EDGETRAIN_FASHION_MNIST) holding the four IDX files " + ", ".join(needed)
     )
 
 
@@ -245,9 +253,7 @@ def _load_folder(split: str, root: str | os.PathLike[str] | None, seed: int) -> 
     return Dataset("folder", split, torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(labels), classes)
 
 
-def load_dataset(
-    name: str, split: str = "train", root: str | os.PathLike[str] | None = None, seed: int = 0
-) -> Dataset:
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike[str] | None = None, seed: int = 0) -> Dataset:
     """Load split ``train``/``val``/``test`` of ``fashion-mnist``, ``mnist``, ``digits`` or ``folder``.
 
     ``root`` overrides where the files are looked for; ``seed`` fixes the train/val(/test) split.

@@ -14,7 +14,17 @@ import torch
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 ELASTIC_PAIRS: tuple[tuple[float, float], ...] = (
-    (1, 0), (2, 25), (2, 50), (3, 100), (3, 150), (4, 200), (4, 300), (5, 300), (5, 500), (6, 600), (7, 1200),
+    (1, 0),
+    (2, 25),
+    (2, 50),
+    (3, 100),
+    (3, 150),
+    (4, 200),
+    (4, 300),
+    (5, 300),
+    (5, 500),
+    (6, 600),
+    (7, 1200),
 )
 
 

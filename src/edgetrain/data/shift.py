@@ -28,8 +28,16 @@ SHIFT_KINDS = ("CD", "ST", "BG", "WN")
 # The paper's ten 10k-sample blocks (CD, ST, BG, WN): 1:CD 2:ST 3:BG 4:WN 5:ST+WN 6:ST+BG 7:BG+WN
 # 8:ST+BG+WN 9:all four 10:none.
 PAPER_SHIFT_BLOCKS: tuple[tuple[str, ...], ...] = (
-    ("CD",), ("ST",), ("BG",), ("WN",), ("ST", "WN"), ("ST", "BG"), ("BG", "WN"), ("ST", "BG", "WN"),
-    ("CD", "ST", "BG", "WN"), (),
+    ("CD",),
+    ("ST",),
+    ("BG",),
+    ("WN",),
+    ("ST", "WN"),
+    ("ST", "BG"),
+    ("BG", "WN"),
+    ("ST", "BG", "WN"),
+    ("CD", "ST", "BG", "WN"),
+    (),
 )
 
 
@@ -81,9 +89,7 @@ def scale_rotate_shift(
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     out_offsets = np.stack([yy, xx]).reshape(2, -1)[None] - (centre + shift)[:, :, None]  # n x 2 x HW
     src = np.einsum("nij,njp->nip", inv, out_offsets) + centre[None, :, None]
-    coords = np.stack(
-        [np.broadcast_to(np.arange(n)[:, None], (n, h * w)), src[:, 0], src[:, 1]]
-    ).reshape(3, n, h, w)
+    coords = np.stack([np.broadcast_to(np.arange(n)[:, None], (n, h * w)), src[:, 0], src[:, 1]]).reshape(3, n, h, w)
     out = map_coordinates(flat, coords, order=1, mode="constant", cval=0.0)
     return np.clip(out, 0.0, 1.0).astype(np.float32).reshape(shape)
 

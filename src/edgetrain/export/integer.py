@@ -42,8 +42,21 @@ WEIGHTS_FILE = "weights.safetensors"
 OP_FIELDS: dict[str, tuple[str, ...]] = {
     "quantize": ("input", "output", "quantizer"),
     "requantize": ("input", "output", "quantizer", "activation"),
-    "conv": ("input", "output", "weight", "bias", "weight_q", "acc_q", "bias_q", "out_q", "activation",
-             "stride", "padding", "dilation", "groups"),
+    "conv": (
+        "input",
+        "output",
+        "weight",
+        "bias",
+        "weight_q",
+        "acc_q",
+        "bias_q",
+        "out_q",
+        "activation",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+    ),
     "linear": ("input", "output", "weight", "bias", "weight_q", "acc_q", "bias_q", "out_q", "activation"),
     "scale": ("input", "output", "weight", "bias", "weight_q", "acc_q", "bias_q", "out_q", "activation"),
     "avgpool": ("input", "output", "reciprocal", "recip_q", "out_q", "kernel", "stride", "padding"),
@@ -68,8 +81,14 @@ class IntegerProgramError(ValueError):
 # integer kernels (NumPy int64)
 
 
-def _windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-             dilation: tuple[int, int], fill: int) -> np.ndarray:
+def _windows(
+    x: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    fill: int,
+) -> np.ndarray:
     """N x C x Ho x Wo x kh x kw view of the (padded) input windows."""
     xp = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=fill)
     span = ((kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1)
@@ -77,8 +96,14 @@ def _windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], pa
     return win[:, :, :: stride[0], :: stride[1], :: dilation[0], :: dilation[1]]
 
 
-def conv2d_int(x: np.ndarray, w: np.ndarray, stride: tuple[int, int], padding: tuple[int, int],
-               dilation: tuple[int, int], groups: int) -> np.ndarray:
+def conv2d_int(
+    x: np.ndarray,
+    w: np.ndarray,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> np.ndarray:
     """Exact grouped 2-D convolution of int64 codes (cross-correlation, as torch)."""
     n = x.shape[0]
     o, cg, kh, kw = w.shape
@@ -205,8 +230,14 @@ class IntegerProgram:
     # -- persistence
     def manifest(self) -> dict[str, Any]:
         return {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "input": self.input, "output": self.output,
-            "input_shape": self.input_shape, "quantizers": self.quantizers, "ops": self.ops, "shapes": self.shapes,
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "input": self.input,
+            "output": self.output,
+            "input_shape": self.input_shape,
+            "quantizers": self.quantizers,
+            "ops": self.ops,
+            "shapes": self.shapes,
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -249,8 +280,13 @@ class IntegerProgram:
             raise IntegerProgramError(f"{weights_path}: unreadable safetensors file ({err})") from None
         try:
             program = cls(
-                quantizers=manifest["quantizers"], ops=manifest["ops"], tensors=tensors, input=manifest["input"],
-                output=manifest["output"], input_shape=manifest["input_shape"], shapes=manifest.get("shapes", {}),
+                quantizers=manifest["quantizers"],
+                ops=manifest["ops"],
+                tensors=tensors,
+                input=manifest["input"],
+                output=manifest["output"],
+                input_shape=manifest["input_shape"],
+                shapes=manifest.get("shapes", {}),
             )
         except KeyError as err:
             raise IntegerProgramError(f"{manifest_path}: missing field {err}") from None
@@ -334,8 +370,12 @@ class _Exporter:
     def run(self) -> IntegerProgram:
         ShapeProp(self.net).propagate(torch.zeros(1, *self.qmodel.input_shape[1:]))
         handlers: dict[type, Callable[[fx.Node, Any], dict[str, Any]]] = {
-            QActivation: self.activation, QCompute: self.compute, QAvgPool: self.avgpool, QAdd: self.add,
-            QLeakyReLU: self.leaky, nn.MaxPool2d: self.maxpool,
+            QActivation: self.activation,
+            QCompute: self.compute,
+            QAvgPool: self.avgpool,
+            QAdd: self.add,
+            QLeakyReLU: self.leaky,
+            nn.MaxPool2d: self.maxpool,
         }
         shapes: dict[str, list[int]] = {}
         input_name = output_name = ""
@@ -363,54 +403,97 @@ class _Exporter:
             shapes[node.name] = list(node.meta["tensor_meta"].shape)
             self.ops.append(op)
         quantizers = {
-            q.name: {"role": q.role, "bits": q.bits, "signed": q.signed, "exponent": q.exponent,
-                     "rounding": q.rounding, "threshold": q.threshold, "log2_t": q.log2_t, "group": q.group}
+            q.name: {
+                "role": q.role,
+                "bits": q.bits,
+                "signed": q.signed,
+                "exponent": q.exponent,
+                "rounding": q.rounding,
+                "threshold": q.threshold,
+                "log2_t": q.log2_t,
+                "group": q.group,
+            }
             for q in self.qmodel.quantizers()
         }
-        program = IntegerProgram(quantizers, self.ops, self.tensors, input_name, output_name,
-                                 list(self.qmodel.input_shape), shapes)
+        program = IntegerProgram(
+            quantizers, self.ops, self.tensors, input_name, output_name, list(self.qmodel.input_shape), shapes
+        )
         program.validate()
         return program
 
     def activation(self, node: fx.Node, m: QActivation) -> dict[str, Any]:
         if m.role == "input":
             return {"op": "quantize", "input": node.args[0].name, "quantizer": self.qname(m.out_q)}
-        return {"op": "requantize", "input": node.args[0].name, "quantizer": self.qname(m.out_q),
-                "activation": m.activation}
+        return {
+            "op": "requantize",
+            "input": node.args[0].name,
+            "quantizer": self.qname(m.out_q),
+            "activation": m.activation,
+        }
 
     def compute(self, node: fx.Node, m: QCompute) -> dict[str, Any]:
         weight, bias, _ = m.folded()
         self.tensors[f"{node.target}.weight"] = _codes(m.weight_q, weight)
         self.tensors[f"{node.target}.bias"] = _codes(m.bias_q, bias)
-        op = {"op": m.kind, "input": node.args[0].name, "weight": f"{node.target}.weight",
-              "bias": f"{node.target}.bias", "weight_q": self.qname(m.weight_q), "acc_q": self.qname(m.acc_q),
-              "bias_q": self.qname(m.bias_q), "out_q": self.qname(m.out_q), "activation": m.activation}
+        op = {
+            "op": m.kind,
+            "input": node.args[0].name,
+            "weight": f"{node.target}.weight",
+            "bias": f"{node.target}.bias",
+            "weight_q": self.qname(m.weight_q),
+            "acc_q": self.qname(m.acc_q),
+            "bias_q": self.qname(m.bias_q),
+            "out_q": self.qname(m.out_q),
+            "activation": m.activation,
+        }
         if m.kind == "conv":
             op |= {k: list(v) if isinstance(v, tuple) else v for k, v in m.conv_args.items()}
         return op
 
     def avgpool(self, node: fx.Node, m: QAvgPool) -> dict[str, Any]:
         self.tensors[f"{node.target}.reciprocal"] = _codes(m.recip_q, m.reciprocal).reshape(1)
-        return {"op": "avgpool", "input": node.args[0].name, "reciprocal": f"{node.target}.reciprocal",
-                "recip_q": self.qname(m.recip_q), "out_q": self.qname(m.out_q), "kernel": list(m.kernel),
-                "stride": list(m.stride), "padding": list(m.padding)}
+        return {
+            "op": "avgpool",
+            "input": node.args[0].name,
+            "reciprocal": f"{node.target}.reciprocal",
+            "recip_q": self.qname(m.recip_q),
+            "out_q": self.qname(m.out_q),
+            "kernel": list(m.kernel),
+            "stride": list(m.stride),
+            "padding": list(m.padding),
+        }
 
     def add(self, node: fx.Node, m: QAdd) -> dict[str, Any]:
-        return {"op": "add", "inputs": [a.name for a in node.args], "out_q": self.qname(m.out_q),
-                "activation": m.activation}
+        return {
+            "op": "add",
+            "inputs": [a.name for a in node.args],
+            "out_q": self.qname(m.out_q),
+            "activation": m.activation,
+        }
 
     def leaky(self, node: fx.Node, m: QLeakyReLU) -> dict[str, Any]:
         self.tensors[f"{node.target}.alpha"] = _codes(m.alpha_q, m.alpha).reshape(1)
-        return {"op": "leaky_relu", "input": node.args[0].name, "alpha": f"{node.target}.alpha",
-                "alpha_q": self.qname(m.alpha_q), "prod_q": self.qname(m.prod_q), "out_q": self.qname(m.out_q)}
+        return {
+            "op": "leaky_relu",
+            "input": node.args[0].name,
+            "alpha": f"{node.target}.alpha",
+            "alpha_q": self.qname(m.alpha_q),
+            "prod_q": self.qname(m.prod_q),
+            "out_q": self.qname(m.out_q),
+        }
 
     def maxpool(self, node: fx.Node, m: nn.MaxPool2d) -> dict[str, Any]:
         def pair(v: Any) -> list[int]:
             return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
 
-        return {"op": "maxpool", "input": node.args[0].name, "kernel": pair(m.kernel_size),
-                "stride": pair(m.stride if m.stride is not None else m.kernel_size), "padding": pair(m.padding),
-                "dilation": pair(m.dilation)}
+        return {
+            "op": "maxpool",
+            "input": node.args[0].name,
+            "kernel": pair(m.kernel_size),
+            "stride": pair(m.stride if m.stride is not None else m.kernel_size),
+            "padding": pair(m.padding),
+            "dilation": pair(m.dilation),
+        }
 
 
 @torch.no_grad()

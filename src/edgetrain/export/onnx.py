@@ -108,8 +108,11 @@ class _Builder:
         source = op["inputs"][0] if "inputs" in op else op["input"]
         self.channels = self.shape(source)[1] if len(self.shape(source)) > 1 else 0
         self.ndim = len(self.shape(source))
-        op = op | {k: [self.alias[n] for n in op[k]] if k == "inputs" else self.alias.get(op[k], op[k])
-                   for k in ("input", "inputs") if k in op}
+        op = op | {
+            k: [self.alias[n] for n in op[k]] if k == "inputs" else self.alias.get(op[k], op[k])
+            for k in ("input", "inputs")
+            if k in op
+        }
         if kind == "quantize":
             y = self.qdq(op["input"], op["quantizer"])
         elif kind == "requantize":
@@ -119,8 +122,14 @@ class _Builder:
         elif kind == "avgpool":
             channels = self.channels
             ones = self.const(f"{out}.ones", np.ones((channels, 1, *op["kernel"]), np.float32))
-            window_sum = self.node("Conv", [op["input"], ones], group=channels, strides=op["stride"],
-                                   pads=op["padding"] * 2, kernel_shape=op["kernel"])
+            window_sum = self.node(
+                "Conv",
+                [op["input"], ones],
+                group=channels,
+                strides=op["stride"],
+                pads=op["padding"] * 2,
+                kernel_shape=op["kernel"],
+            )
             y = self.qdq(self.node("Mul", [window_sum, self.tensor(op["reciprocal"], op["recip_q"], ())]), op["out_q"])
         elif kind == "add":
             y = self.qdq(self.activation(self.node("Add", op["inputs"]), op["activation"]), op["out_q"])
@@ -130,8 +139,14 @@ class _Builder:
             y = self.qdq(self.node("Max", [op["input"], product]), op["out_q"])
         else:  # scale-preserving ops; a QDQ pair of the input's quantizer follows (exact: on-grid values)
             if kind == "maxpool":
-                y = self.node("MaxPool", [op["input"]], kernel_shape=op["kernel"], strides=op["stride"],
-                              pads=op["padding"] * 2, dilations=op["dilation"])
+                y = self.node(
+                    "MaxPool",
+                    [op["input"]],
+                    kernel_shape=op["kernel"],
+                    strides=op["stride"],
+                    pads=op["padding"] * 2,
+                    dilations=op["dilation"],
+                )
             elif kind == "concat":
                 y = self.node("Concat", op["inputs"], axis=int(op["axis"]))
             else:
@@ -146,8 +161,14 @@ class _Builder:
         if op["op"] == "conv":
             weight = self.tensor(op["weight"], op["weight_q"])
             p = op["padding"]
-            acc = self.node("Conv", [op["input"], weight], strides=op["stride"], pads=[p[0], p[1], p[0], p[1]],
-                            dilations=op["dilation"], group=int(op["groups"]))
+            acc = self.node(
+                "Conv",
+                [op["input"], weight],
+                strides=op["stride"],
+                pads=[p[0], p[1], p[0], p[1]],
+                dilations=op["dilation"],
+                group=int(op["groups"]),
+            )
         elif op["op"] == "linear":
             acc = self.node("Gemm", [op["input"], self.tensor(op["weight"], op["weight_q"])], transB=1)
         else:

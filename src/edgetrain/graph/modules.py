@@ -202,7 +202,7 @@ class QCompute(QuantModule):
 class QAvgPool(QuantModule):
     """Average pooling as a depthwise conv with the reciprocal 1/(kh kw) as an unsigned weight::
 
-        y = q_out_floor( sum_window x * q_r(1 / (kh kw)) )   (zero padding counted, DESIGN.md section 4)
+    y = q_out_floor( sum_window x * q_r(1 / (kh kw)) )   (zero padding counted, DESIGN.md section 4)
     """
 
     roles = {"recip_q": "reciprocal", "out_q": "activation"}

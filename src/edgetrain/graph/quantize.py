@@ -92,8 +92,14 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         self.rounding = Rounding.parse(self.rounding)
-        for name in ("weight_bits", "act_bits", "accum_bits", "relu_bits", "first_last_weight_bits",
-                     "avgpool_reciprocal_bits"):
+        for name in (
+            "weight_bits",
+            "act_bits",
+            "accum_bits",
+            "relu_bits",
+            "first_last_weight_bits",
+            "avgpool_reciprocal_bits",
+        ):
             FixedPointFormat(getattr(self, name))  # raises on a bad bit-width
         for method in (self.weight_calibration, self.activation_calibration):
             if method is not None and method not in CALIBRATION_METHODS:
@@ -154,9 +160,16 @@ class QuantizedModel(nn.Module):
             members.setdefault(id(q.log2_t), []).append(name)
         return [
             QuantizerInfo(
-                name=name, role=role, bits=q.bits, signed=q.signed, rounding=q.rounding.value,
-                log2_t=float(q.log2_t.detach()), exponent=q.exponent, threshold=q.threshold,
-                group=members[id(q.log2_t)][0] if len(members[id(q.log2_t)]) > 1 else None, frozen=q.frozen,
+                name=name,
+                role=role,
+                bits=q.bits,
+                signed=q.signed,
+                rounding=q.rounding.value,
+                log2_t=float(q.log2_t.detach()),
+                exponent=q.exponent,
+                threshold=q.threshold,
+                group=members[id(q.log2_t)][0] if len(members[id(q.log2_t)]) > 1 else None,
+                frozen=q.frozen,
             )
             for name, role, q in rows
         ]
@@ -186,17 +199,37 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 
 
 FUNCTION_KINDS: dict[Any, str] = {
-    F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky",
-    operator.add: "add", torch.add: "add", torch.cat: "concat", torch.concat: "concat",
-    F.max_pool2d: "maxpool", F.avg_pool2d: "avgpool", F.adaptive_avg_pool2d: "avgpool",
-    torch.flatten: "reshape", torch.reshape: "reshape", F.dropout: "identity", torch.mean: "mean",
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.relu6: "relu6",
+    F.leaky_relu: "leaky",
+    operator.add: "add",
+    torch.add: "add",
+    torch.cat: "concat",
+    torch.concat: "concat",
+    F.max_pool2d: "maxpool",
+    F.avg_pool2d: "avgpool",
+    F.adaptive_avg_pool2d: "avgpool",
+    torch.flatten: "reshape",
+    torch.reshape: "reshape",
+    F.dropout: "identity",
+    torch.mean: "mean",
 }
 METHOD_KINDS = {"relu": "relu", "flatten": "reshape", "view": "reshape", "reshape": "reshape", "mean": "mean"}
 MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.Conv2d, "conv"), (nn.Linear, "linear"), (nn.BatchNorm2d, "bn"), (nn.BatchNorm1d, "bn"),
-    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.LeakyReLU, "leaky"), (nn.MaxPool2d, "maxpool"),
-    (nn.AvgPool2d, "avgpool"), (nn.AdaptiveAvgPool2d, "avgpool"), (nn.Flatten, "reshape"),
-    (nn.Dropout, "identity"), (nn.Identity, "identity"),
+    (nn.Conv2d, "conv"),
+    (nn.Linear, "linear"),
+    (nn.BatchNorm2d, "bn"),
+    (nn.BatchNorm1d, "bn"),
+    (nn.ReLU, "relu"),
+    (nn.ReLU6, "relu6"),
+    (nn.LeakyReLU, "leaky"),
+    (nn.MaxPool2d, "maxpool"),
+    (nn.AvgPool2d, "avgpool"),
+    (nn.AdaptiveAvgPool2d, "avgpool"),
+    (nn.Flatten, "reshape"),
+    (nn.Dropout, "identity"),
+    (nn.Identity, "identity"),
 )
 
 
@@ -399,8 +432,12 @@ class _Builder:
                 if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                     self.unsupported(node, f" (padding {layer.padding!r}, {layer.padding_mode!r}; use integer zeros)")
                     return
-                conv_args = {"stride": _pair(layer.stride), "padding": _pair(layer.padding),
-                             "dilation": _pair(layer.dilation), "groups": int(layer.groups)}
+                conv_args = {
+                    "stride": _pair(layer.stride),
+                    "padding": _pair(layer.padding),
+                    "dilation": _pair(layer.dilation),
+                    "groups": int(layer.groups),
+                }
             weight_bits = cfg.first_last_weight_bits if node in self.first_last else cfg.weight_bits
         quantizers = {
             "weight_q": self.quantizer(weight_bits, True),
@@ -408,8 +445,9 @@ class _Builder:
             "bias_q": self.quantizer(cfg.accum_bits, True),
             "out_q": out_q,
         }
-        module = QCompute(kind, weight, bias, copy.deepcopy(bn), activation, quantizers, conv_args,
-                          bn_frozen=self.mode == "static")
+        module = QCompute(
+            kind, weight, bias, copy.deepcopy(bn), activation, quantizers, conv_args, bn_frozen=self.mode == "static"
+        )
         new = self.call(node.target, module, (self.env[node.args[0]],), unsigned=not out_q.signed)
         chain = node
         while True:  # node -> [bn] -> [relu]: every absorbed node maps to the fused layer
@@ -438,8 +476,9 @@ class _Builder:
         x, x_q = self.quantized_input(node.args[0], node, cfg.accum_bits, True, "x")
         prod_q = self.quantizer(cfg.accum_bits, True)
         self.share([x_q, prod_q])
-        module = QLeakyReLU(float(slope), self.quantizer(cfg.accum_bits, True).freeze(), prod_q,
-                            self.quantizer(cfg.act_bits, True))
+        module = QLeakyReLU(
+            float(slope), self.quantizer(cfg.accum_bits, True).freeze(), prod_q, self.quantizer(cfg.act_bits, True)
+        )
         self.env[node] = self.call(self.name_of(node), module, (x,), unsigned=False)
 
     def emit_add(self, node: fx.Node) -> None:
@@ -449,8 +488,9 @@ class _Builder:
         if len(node.args) != 2 or node.kwargs or not same_shape:
             self.unsupported(node, " (only the add of two tensors of the same shape is supported)")
             return
-        args, group = zip(*(self.quantized_input(a, node, cfg.act_bits, True, f"in{i}")
-                            for i, a in enumerate(inputs)), strict=True)
+        args, group = zip(
+            *(self.quantized_input(a, node, cfg.act_bits, True, f"in{i}") for i, a in enumerate(inputs)), strict=True
+        )
         self.share(list(group))
         activation, end = self.fuse_activation(node)
         out_q = self.quantizer(cfg.relu_bits, False) if activation != "none" else self.quantizer(cfg.act_bits, True)
@@ -463,8 +503,9 @@ class _Builder:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         unsigned = all(self.unsigned.get(self.env[t], False) for t in tensors)
         bits = cfg.relu_bits if unsigned else cfg.act_bits
-        args, group = zip(*(self.quantized_input(t, node, bits, not unsigned, f"in{i}")
-                            for i, t in enumerate(tensors)), strict=True)
+        args, group = zip(
+            *(self.quantized_input(t, node, bits, not unsigned, f"in{i}") for i, t in enumerate(tensors)), strict=True
+        )
         self.share(list(group))
         new = self.graph.call_function(torch.cat, (list(args), dim))
         self.unsigned[new] = unsigned
@@ -476,8 +517,13 @@ class _Builder:
             name = node.target
         else:
             a = node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True).kwargs
-            pool = nn.MaxPool2d(a["kernel_size"], a.get("stride") or None, a.get("padding", 0), a.get("dilation", 1),
-                                ceil_mode=a.get("ceil_mode", False))
+            pool = nn.MaxPool2d(
+                a["kernel_size"],
+                a.get("stride") or None,
+                a.get("padding", 0),
+                a.get("dilation", 1),
+                ceil_mode=a.get("ceil_mode", False),
+            )
             name = node.name
         if getattr(pool, "return_indices", False) or pool.ceil_mode:
             self.unsupported(node, " (return_indices / ceil_mode)")
@@ -490,8 +536,13 @@ class _Builder:
         module = self.modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, nn.AvgPool2d) or node.target is F.avg_pool2d:
             if module is None:
-                module = nn.AvgPool2d(**{k: v for k, v in node.normalized_arguments(
-                    self.gm, normalize_to_only_use_kwargs=True).kwargs.items() if k != "input"})
+                module = nn.AvgPool2d(
+                    **{
+                        k: v
+                        for k, v in node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True).kwargs.items()
+                        if k != "input"
+                    }
+                )
             kernel = _pair(module.kernel_size)
             stride = _pair(module.stride if module.stride is not None else module.kernel_size)
             padding = _pair(module.padding)
@@ -513,9 +564,13 @@ class _Builder:
     ) -> fx.Node:
         src = self.env[node.args[0]]
         unsigned = self.unsigned.get(src, False)
-        module = QAvgPool(kernel, stride, padding,
-                          self.quantizer(self.config.avgpool_reciprocal_bits, False).freeze(),
-                          self.quantizer(self.config.act_bits, not unsigned, Rounding.FLOOR))
+        module = QAvgPool(
+            kernel,
+            stride,
+            padding,
+            self.quantizer(self.config.avgpool_reciprocal_bits, False).freeze(),
+            self.quantizer(self.config.act_bits, not unsigned, Rounding.FLOOR),
+        )
         return self.call(self.name_of(node), module, (src,), unsigned=unsigned)
 
     def emit_mean(self, node: fx.Node) -> None:

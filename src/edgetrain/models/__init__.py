@@ -1,7 +1,9 @@
 """Model zoo (float definitions); ``create_model(name)`` builds one, ``MODELS`` lists them."""
 
-from edgetrain.models import basic  # noqa: F401  (registers mnistnet, lrt-cnn)
-from edgetrain.models import tiny  # noqa: F401  (registers the graph-rule zoo nets)
+from edgetrain.models import (
+    basic,  # noqa: F401  (registers mnistnet, lrt-cnn)
+    tiny,  # noqa: F401  (registers the graph-rule zoo nets)
+)
 from edgetrain.models.basic import LRTNet
 from edgetrain.models.registry import MODELS, create_model, register_model
 

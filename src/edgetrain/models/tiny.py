@@ -38,8 +38,10 @@ class InvertedResidual(nn.Module):
         hidden = c_in * expand
         self.use_residual = stride == 1 and c_in == c_out
         self.block = nn.Sequential(
-            *conv_bn(c_in, hidden, 1), nn.ReLU6(),
-            *conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(),
+            *conv_bn(c_in, hidden, 1),
+            nn.ReLU6(),
+            *conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.ReLU6(),
             *conv_bn(hidden, c_out, 1),
         )
 
@@ -128,9 +130,14 @@ class DarkNetTiny(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            *conv_bn(in_channels, 16), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
-            *conv_bn(16, 32), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
-            *conv_bn(32, 64), nn.LeakyReLU(0.1),
+            *conv_bn(in_channels, 16),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool2d(2),
+            *conv_bn(16, 32),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool2d(2),
+            *conv_bn(32, 64),
+            nn.LeakyReLU(0.1),
         )
         self.classifier = nn.Conv2d(64, num_classes, 1)
         self.avgpool = nn.AvgPool2d(image_size // 4)

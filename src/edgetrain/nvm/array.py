@@ -24,8 +24,21 @@ import torch
 from edgetrain.fixedpoint import FixedPointFormat
 
 STATE_KEYS = (
-    "bits", "signed", "write_pj_per_bit", "read_pj_per_bit", "endurance", "stuck_fraction", "seed",
-    "codes", "levels", "stuck", "write_counts", "update_events", "reads", "bits_written", "bits_read",
+    "bits",
+    "signed",
+    "write_pj_per_bit",
+    "read_pj_per_bit",
+    "endurance",
+    "stuck_fraction",
+    "seed",
+    "codes",
+    "levels",
+    "stuck",
+    "write_counts",
+    "update_events",
+    "reads",
+    "bits_written",
+    "bits_read",
 )
 
 

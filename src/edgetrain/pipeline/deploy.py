@@ -73,8 +73,11 @@ def qnet_from_quantized(qmodel: QuantizedModel, bn_batch: int = 10) -> QNet:
             accumulator = grid_of(module.acc_q)
             weight_grid = grid_of(module.weight_q)
             formats[name] = LayerFormats(
-                weight=Grid(weight_grid.bits, weight_grid.signed, 0), bias=accumulator, acc=accumulator,
-                act=grid_of(module.out_q), wmult_log2=weight_grid.log2_t,
+                weight=Grid(weight_grid.bits, weight_grid.signed, 0),
+                bias=accumulator,
+                acc=accumulator,
+                act=grid_of(module.out_q),
+                wmult_log2=weight_grid.log2_t,
             )
         elif isinstance(module, nn.MaxPool2d):
             layers.append(("", module))

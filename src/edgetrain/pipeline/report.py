@@ -16,13 +16,25 @@ from edgetrain.report.adaptation import plot_scenario
 
 def _accuracy_rows(summary: dict[str, Any]) -> list[list[Any]]:
     quantize, export = summary["quantize"], summary["export"]
-    rows = [["float (FP32)", f"{summary['pretrain']['test_accuracy']:.4f}", ""],
-            ["fake-quant, static calibration", f"{quantize['static_accuracy']:.4f}", ""]]
+    rows = [
+        ["float (FP32)", f"{summary['pretrain']['test_accuracy']:.4f}", ""],
+        ["fake-quant, static calibration", f"{quantize['static_accuracy']:.4f}", ""],
+    ]
     if quantize.get("retrained"):
-        rows.append(["fake-quant, TQT retrained", f"{quantize['retrained_accuracy']:.4f}",
-                     f"best after {quantize['retrain_best_epoch']:.2f} epochs"])
-    rows.append(["integer program", f"{export['integer_accuracy']:.4f}",
-                 f"{export['integer_mismatches']} mismatching outputs of {export['verified_samples']}"])
+        rows.append(
+            [
+                "fake-quant, TQT retrained",
+                f"{quantize['retrained_accuracy']:.4f}",
+                f"best after {quantize['retrain_best_epoch']:.2f} epochs",
+            ]
+        )
+    rows.append(
+        [
+            "integer program",
+            f"{export['integer_accuracy']:.4f}",
+            f"{export['integer_mismatches']} mismatching outputs of {export['verified_samples']}",
+        ]
+    )
     if "onnx_agreement" in export:
         rows.append(["ONNX (onnxruntime)", "", f"top-1 identical on {export['onnx_agreement']:.2%}"])
     return rows
@@ -41,8 +53,10 @@ def _threshold_figure(history: dict[str, Any]) -> plt.Figure:
 
 
 def _describe_scenario(scenario: dict[str, Any]) -> str:
-    parts = [f"{scenario.get('name')} on {scenario.get('dataset')} (elastic-deformed stream), "
-             f"{scenario.get('samples')} samples"]
+    parts = [
+        f"{scenario.get('name')} on {scenario.get('dataset')} (elastic-deformed stream), "
+        f"{scenario.get('samples')} samples"
+    ]
     blocks = scenario.get("blocks") or []
     if len(blocks) > 1:
         parts.append("shift blocks " + ", ".join(f"{b['start']}: {'+'.join(b['kinds']) or 'none'}" for b in blocks))
@@ -74,8 +88,17 @@ def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> 
     report.paragraph("Every tensor is int_b x 2^exponent; quantizers in one group share one threshold.")
     report.table(
         ["quantizer", "role", "format", "exponent", "log2 t", "shared group"],
-        [[q["name"].removeprefix("net."), q["role"], f"{'int' if q['signed'] else 'uint'}{q['bits']}", q["exponent"],
-          f"{q['log2_t']:.3f}", q["group"] or ""] for q in quantize["quantizers"]],
+        [
+            [
+                q["name"].removeprefix("net."),
+                q["role"],
+                f"{'int' if q['signed'] else 'uint'}{q['bits']}",
+                q["exponent"],
+                f"{q['log2_t']:.3f}",
+                q["group"] or "",
+            ]
+            for q in quantize["quantizers"]
+        ],
     )
     if quantize.get("threshold_history"):
         fig = _threshold_figure(quantize["threshold_history"])
@@ -86,18 +109,39 @@ def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> 
         adapt = summary["adapt"]
         scenario = adapt["scenario"]
         report.heading("On-device adaptation")
-        report.paragraph(f"Scenario: {_describe_scenario(scenario)}. Each sample is predicted first, then learned "
-                         "from (batch size 1); weights change only through NVM writes.")
+        report.paragraph(
+            f"Scenario: {_describe_scenario(scenario)}. Each sample is predicted first, then learned "
+            "from (batch size 1); weights change only through NVM writes."
+        )
         logs = [json.loads((out / "adapt" / rule / "log.json").read_text()) for rule in adapt["rules"]]
         png = plot_scenario(logs, out / "adapt" / "adaptation.png", str(scenario.get("name", "stream")))
         report.image(png, "Online accuracy and max writes per cell vs samples, one line per update rule")
         report.table(
-            ["rule", "online acc", "test acc", "max writes/cell", "write density", "energy (uJ)",
-             "aux memory (kbit)", "projected NVM lifetime", "samples/s"],
-            [[rule, f"{r['online_accuracy']:.3f}", f"{r['test_accuracy']:.3f}", r["max_writes_paper"],
-              f"{r['write_density']:.2e}", f"{r['energy_pj']['total'] / 1e6:.1f}",
-              f"{sum(r['aux_memory_bits'].values()) / 1e3:.1f}", _lifetime(r["projected_lifetime_samples"]),
-              f"{r['samples_per_second']:.0f}"] for rule, r in adapt["rules"].items()],
+            [
+                "rule",
+                "online acc",
+                "test acc",
+                "max writes/cell",
+                "write density",
+                "energy (uJ)",
+                "aux memory (kbit)",
+                "projected NVM lifetime",
+                "samples/s",
+            ],
+            [
+                [
+                    rule,
+                    f"{r['online_accuracy']:.3f}",
+                    f"{r['test_accuracy']:.3f}",
+                    r["max_writes_paper"],
+                    f"{r['write_density']:.2e}",
+                    f"{r['energy_pj']['total'] / 1e6:.1f}",
+                    f"{sum(r['aux_memory_bits'].values()) / 1e3:.1f}",
+                    _lifetime(r["projected_lifetime_samples"]),
+                    f"{r['samples_per_second']:.0f}",
+                ]
+                for rule, r in adapt["rules"].items()
+            ],
         )
     report.heading("Reproduce")
     report.code(summary["command"], "bash")

@@ -76,15 +76,25 @@ def pretrain_stage(config: PipelineConfig, data: PipelineData, out: Path, log: C
         model = build_model(config.model, data.train)
         section = config.pretrain
         result = train_float(
-            model, data.train, data.val, epochs=section.epochs, lr=section.lr, batch_size=section.batch_size,
-            seed=config.data.seed, checkpoint=directory / "checkpoint.pt",
+            model,
+            data.train,
+            data.val,
+            epochs=section.epochs,
+            lr=section.lr,
+            batch_size=section.batch_size,
+            seed=config.data.seed,
+            checkpoint=directory / "checkpoint.pt",
         )
         save_state(model, directory / "model.pt")
         (directory / "checkpoint.pt").unlink(missing_ok=True)
         accuracy = evaluate(model, data.test)
         log(f"[pretrain] float test accuracy {accuracy:.4f} ({result.seconds:.0f} s)")
-        return {"test_accuracy": accuracy, "val_accuracy": result.best_val_accuracy, "seconds": result.seconds,
-                "history": result.history}
+        return {
+            "test_accuracy": accuracy,
+            "val_accuracy": result.best_val_accuracy,
+            "seconds": result.seconds,
+            "history": result.history,
+        }
 
     return run_stage(out, "pretrain", key, body, log)
 
@@ -98,7 +108,8 @@ def float_model(config: PipelineConfig, data: PipelineData, stage: StageResult) 
 def quant_config(config: PipelineConfig) -> QuantConfig:
     section = config.quantize
     return QuantConfig(
-        weight_bits=section.weight_bits, act_bits=section.act_bits,
+        weight_bits=section.weight_bits,
+        act_bits=section.act_bits,
         first_last_weight_bits=section.first_last_weight_bits,
     )
 
@@ -119,7 +130,9 @@ def quantize_stage(
         if section.retrain_epochs > 0:
             qmodel = quantize(model, calib[:1], calib, quant_config(config), mode="retrain")
             recipe = RetrainConfig(
-                epochs=section.retrain_epochs, batch_size=section.batch_size, weight_lr=section.weight_lr,
+                epochs=section.retrain_epochs,
+                batch_size=section.batch_size,
+                weight_lr=section.weight_lr,
                 threshold_lr=section.threshold_lr,
             )
             train = data.train.subset(section.retrain_samples) if section.retrain_samples else data.train
@@ -127,8 +140,11 @@ def quantize_stage(
             result = retrain(qmodel, train, data.val, recipe, checkpoint=directory / "checkpoint.pt", hooks=[history])
             (directory / "checkpoint.pt").unlink(missing_ok=True)
             summary.update(
-                retrained=True, retrained_accuracy=evaluate(qmodel, data.test), retrain_seconds=result.seconds,
-                retrain_best_epoch=result.best_epoch, recipe=recipe.as_dict(),
+                retrained=True,
+                retrained_accuracy=evaluate(qmodel, data.test),
+                retrain_seconds=result.seconds,
+                retrain_best_epoch=result.best_epoch,
+                recipe=recipe.as_dict(),
                 threshold_history={"steps": history.steps, "values": history.values},
             )
             log(f"[quantize] TQT-retrained test accuracy {summary['retrained_accuracy']:.4f}")
@@ -155,7 +171,11 @@ def quantized_model(
 
 
 def export_stage(
-    config: PipelineConfig, data: PipelineData, out: Path, pretrained: StageResult, quantized: StageResult,
+    config: PipelineConfig,
+    data: PipelineData,
+    out: Path,
+    pretrained: StageResult,
+    quantized: StageResult,
     log: Callable[[str], None],
 ) -> StageResult:
     key = fingerprint("export", quantized.fingerprint, asdict(config.export), config.data.test_samples)
@@ -176,17 +196,25 @@ def export_stage(
             predictions.append(expected.argmax(1))
         reference = np.concatenate(predictions)
         integer_accuracy = float((reference == data.test.labels[: len(images)].numpy()).mean())
-        summary: dict[str, Any] = {"verified_samples": len(images), "integer_mismatches": mismatches,
-                                   "integer_accuracy": integer_accuracy}
-        log(f"[export] integer program: {mismatches} mismatching outputs out of {len(images)} (bit-exact: "
-            f"{'yes' if mismatches == 0 else 'NO'})")
+        summary: dict[str, Any] = {
+            "verified_samples": len(images),
+            "integer_mismatches": mismatches,
+            "integer_accuracy": integer_accuracy,
+        }
+        log(
+            f"[export] integer program: {mismatches} mismatching outputs out of {len(images)} (bit-exact: "
+            f"{'yes' if mismatches == 0 else 'NO'})"
+        )
         if config.export.onnx:
             path = to_onnx(qmodel, directory / "model.onnx", images[:1])
             session = ort_session(path)
             name = session.get_inputs()[0].name
-            onnx_top1 = np.concatenate([
-                session.run(None, {name: images[i : i + 500].numpy()})[0].argmax(1) for i in range(0, len(images), 500)
-            ])
+            onnx_top1 = np.concatenate(
+                [
+                    session.run(None, {name: images[i : i + 500].numpy()})[0].argmax(1)
+                    for i in range(0, len(images), 500)
+                ]
+            )
             summary["onnx_agreement"] = float((onnx_top1 == reference).mean())
             log(f"[export] onnxruntime top-1 agreement {summary['onnx_agreement']:.4%}")
         return summary
@@ -195,7 +223,11 @@ def export_stage(
 
 
 def adapt_stage(
-    config: PipelineConfig, data: PipelineData, out: Path, pretrained: StageResult, quantized: StageResult,
+    config: PipelineConfig,
+    data: PipelineData,
+    out: Path,
+    pretrained: StageResult,
+    quantized: StageResult,
     log: Callable[[str], None],
 ) -> StageResult:
     section = config.adapt
@@ -205,8 +237,9 @@ def adapt_stage(
         options: dict[str, Any] = {}
         if section.scenario == "shift":
             options["block_length"] = section.shift_block
-        scenario = make_scenario(section.scenario, dataset=adaptation_dataset(config), samples=section.samples,
-                                 seed=section.seed, **options)
+        scenario = make_scenario(
+            section.scenario, dataset=adaptation_dataset(config), samples=section.samples, seed=section.seed, **options
+        )
         if section.drift:
             scenario = dataclasses.replace(scenario, drift=DriftSpec(section.drift))
         results = {}
@@ -221,18 +254,33 @@ def adapt_stage(
             if checkpoint.exists():
                 trainer.resume(checkpoint)
             log(f"[adapt] {rule_name} on {section.scenario}{' + ' + section.drift + ' drift' if section.drift else ''}")
-            run_log = trainer.run(section.samples, test_every=max(section.samples // 4, 1),
-                                  checkpoint_every=max(section.samples // 10, 1), checkpoint=checkpoint,
-                                  progress=True)
+            run_log = trainer.run(
+                section.samples,
+                test_every=max(section.samples // 4, 1),
+                checkpoint_every=max(section.samples // 10, 1),
+                checkpoint=checkpoint,
+                progress=True,
+            )
             write_json_atomic(run_dir / "log.json", run_log)
             checkpoint.unlink(missing_ok=True)
             final = run_log["final"]
-            results[rule_name] = {k: final[k] for k in ("online_accuracy", "test_accuracy", "max_writes_paper",
-                                                        "write_density", "energy_pj", "projected_lifetime_samples",
-                                                        "aux_memory_bits")}
+            results[rule_name] = {
+                k: final[k]
+                for k in (
+                    "online_accuracy",
+                    "test_accuracy",
+                    "max_writes_paper",
+                    "write_density",
+                    "energy_pj",
+                    "projected_lifetime_samples",
+                    "aux_memory_bits",
+                )
+            }
             results[rule_name]["samples_per_second"] = run_log["timing"]["samples_per_second"]
-            log(f"[adapt] {rule_name}: online accuracy {final['online_accuracy']:.3f}, "
-                f"max writes per cell {final['max_writes_paper']}")
+            log(
+                f"[adapt] {rule_name}: online accuracy {final['online_accuracy']:.3f}, "
+                f"max writes per cell {final['max_writes_paper']}"
+            )
         return {"scenario": scenario.describe(), "rules": results}
 
     return run_stage(out, "adapt", key, body, log)

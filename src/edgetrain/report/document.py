@@ -83,9 +83,7 @@ class Report:
                 md += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
                 md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
                 head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-                cells = "".join(
-                    "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
-                )
+                cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
             elif block.kind in ("figure", "image"):
                 source, caption, name = block.payload

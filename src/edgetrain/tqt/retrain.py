@@ -175,8 +175,19 @@ def retrain(
         decayed = [w for w in weights if w.ndim > 1]
         regularizer = lambda: cfg.weight_decay * sum((w * w).sum() for w in decayed)  # noqa: E731
     trainer = Trainer(
-        model, optimizer, train, val, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-        schedules=schedules, hooks=[*recipe_hooks, *hooks], regularizer=regularizer, eval_every=cfg.eval_every,
-        checkpoint=checkpoint, progress=progress, description="TQT retraining",
+        model,
+        optimizer,
+        train,
+        val,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        schedules=schedules,
+        hooks=[*recipe_hooks, *hooks],
+        regularizer=regularizer,
+        eval_every=cfg.eval_every,
+        checkpoint=checkpoint,
+        progress=progress,
+        description="TQT retraining",
     )
     return trainer.run()
