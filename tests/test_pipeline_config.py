@@ -105,3 +105,21 @@ def test_read_only_output_folder(tmp_path: Path) -> None:
                 run_stage(tmp_path, "stage", "k", lambda d: {}, lambda _: None)
         finally:
             tmp_path.chmod(0o700)
+
+
+def test_disk_full_during_a_stage_is_a_clear_cli_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    import edgetrain.cli.pipeline as cli_pipeline
+    from edgetrain.cli import main
+
+    def full_disk(config, command):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "quantize" / "checkpoint.pt"))
+
+    monkeypatch.setattr(cli_pipeline, "run_pipeline", full_disk)
+    path = tmp_path / "run.toml"
+    path.write_text(PipelineConfig().to_toml())
+    assert main(["run", str(path)]) == 2
+    message = capsys.readouterr().err
+    assert "No space left on device" in message and "checkpoint.pt" in message
+    assert "writable output folder" in message and "reused" in message

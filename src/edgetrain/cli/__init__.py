@@ -37,6 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, StageError, FileNotFoundError, ValueError) as err:
         print(f"edgetrain {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, read-only folder: checkpoints are written atomically, nothing is lost
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"edgetrain {args.command}: error: {err.strerror or err}{where}. Free disk space or choose a writable "
+            "output folder, then run the same command again: finished stages and checkpoints are reused",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":
