@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.export import IntegerProgram, IntegerProgramError, ort_session, to_integer, to_onnx
+from edgetrain.export.integer import FLOAT64_EXACT_BOUND, conv2d_int, exact_dot_dtype, linear_int
 from edgetrain.graph import QuantConfig, quantize
 from edgetrain.models import create_model
 
@@ -222,3 +223,21 @@ def test_onnx_qdq_export_agrees_with_the_quantized_model(tmp_path, name: str) ->
     assert np.mean(out == reference) > 0.95
     ops = {node.op_type for node in __import__("onnx").load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+@pytest.mark.parametrize("magnitude", [2**7, 2**26])  # float64 BLAS path, and int64 past the 2^53 bound
+def test_integer_kernels_are_exact_in_both_arithmetic_paths(magnitude: int) -> None:
+    rng = np.random.default_rng(magnitude)
+    x = rng.integers(-magnitude, magnitude, (2, 4, 5, 6))
+    w = rng.integers(-magnitude, magnitude, (6, 2, 3, 3))
+    expected_dtype = np.float64 if 18 * magnitude**2 <= FLOAT64_EXACT_BOUND else np.int64
+    assert exact_dot_dtype(x, w, 18) is expected_dtype
+    out = conv2d_int(x, w, (2, 1), (1, 1), (1, 1), groups=2)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).tolist()
+    for n, o, i, j in np.ndindex(*out.shape):  # Python integers: exact at any size
+        g = o // 3
+        window = [xp[n][2 * g + c][2 * i + a][j + b] * int(w[o, c, a, b]) for c, a, b in np.ndindex(2, 3, 3)]
+        assert out[n, o, i, j] == sum(window)
+    xf, wf = x.reshape(2, -1)[:, :18], w.reshape(6, 18)
+    expected = [[sum(int(a) * int(b) for a, b in zip(row, col, strict=True)) for col in wf] for row in xf]
+    assert linear_int(xf, wf).tolist() == expected

@@ -96,6 +96,25 @@ def _windows(
     return win[:, :, :: stride[0], :: stride[1], :: dilation[0], :: dilation[1]]
 
 
+FLOAT64_EXACT_BOUND = 2**53  # every integer of magnitude <= 2^53 is a float64
+
+
+def exact_dot_dtype(x: np.ndarray, w: np.ndarray, terms: int) -> type[np.integer] | type[np.floating]:
+    """float64 when ``terms * max|x| * max|w| <= 2^53``, else int64.
+
+    Every partial sum of such a dot product is an integer no larger than that bound, so float64
+    (BLAS) arithmetic computes it exactly; int64 NumPy products are exact too but never use BLAS.
+    """
+    bound = terms * int(np.abs(x).max(initial=0)) * int(np.abs(w).max(initial=0))
+    return np.float64 if bound <= FLOAT64_EXACT_BOUND else np.int64
+
+
+def linear_int(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Exact ``x @ w.T`` of int64 codes."""
+    dtype = exact_dot_dtype(x, w, w.shape[1])
+    return (x.astype(dtype) @ w.T.astype(dtype)).astype(np.int64)
+
+
 def conv2d_int(
     x: np.ndarray,
     w: np.ndarray,
@@ -107,11 +126,14 @@ def conv2d_int(
     """Exact grouped 2-D convolution of int64 codes (cross-correlation, as torch)."""
     n = x.shape[0]
     o, cg, kh, kw = w.shape
-    win = _windows(x, (kh, kw), stride, padding, dilation, 0)
+    dtype = exact_dot_dtype(x, w, cg * kh * kw)
+    win = _windows(x.astype(dtype), (kh, kw), stride, padding, dilation, 0)
     ho, wo = win.shape[2:4]
-    win = win.reshape(n, groups, cg, ho, wo, kh, kw)
-    out = np.einsum("ngchwij,gocij->ngohw", win, w.reshape(groups, o // groups, cg, kh, kw), optimize=True)
-    return out.reshape(n, o, ho, wo)
+    # im2col: (g, n*ho*wo, cg*kh*kw) @ (g, cg*kh*kw, o/g), one GEMM per group (BLAS for float64)
+    cols = win.reshape(n, groups, cg, ho, wo, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6).reshape(groups, n * ho * wo, -1)
+    kernel = w.astype(dtype).reshape(groups, o // groups, -1).transpose(0, 2, 1)
+    out = np.matmul(cols, kernel).reshape(groups, n, ho, wo, o // groups)
+    return out.transpose(1, 0, 4, 2, 3).reshape(n, o, ho, wo).astype(np.int64)
 
 
 def _align(values: list[np.ndarray], exponents: list[int]) -> tuple[list[np.ndarray], int]:
@@ -219,7 +241,7 @@ class IntegerProgram:
         if op["op"] == "conv":
             acc = conv2d_int(codes, w, op["stride"], op["padding"], op["dilation"], int(op["groups"]))
         elif op["op"] == "linear":
-            acc = codes @ w.T
+            acc = linear_int(codes, w)
         else:
             acc = codes * _channel(w, codes.ndim)
         acc = self._requantize(acc, k_in + self._k(op["weight_q"]), op["acc_q"])
