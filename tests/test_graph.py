@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.graph import QuantConfig, UnsupportedOpError, build_quantized_model, quantize
-from edgetrain.graph.modules import FusedTQTQuantizer, QCompute
+from edgetrain.graph.modules import QCompute
 from edgetrain.models import create_model
-from edgetrain.tqt import TQTQuantizer
 
 torch.set_num_threads(1)
 
@@ -125,18 +124,6 @@ def test_retrain_mode_converges_and_keeps_shared_scales_shared() -> None:
     assert conv["acc_q"].log2_t == conv["bias_q"].log2_t
     net = dict(qmodel.net.named_modules())["0"]
     assert net.acc_q.log2_t is net.bias_q.log2_t
-
-
-def test_fused_quantizer_matches_tqt_function_exactly() -> None:
-    x = (torch.randn(4, 3, 5, 5) * 3).requires_grad_()
-    g = torch.randn_like(x)
-    for bits, signed, log2_t in ((8, True, 1.3), (8, False, -2.0), (16, True, 0.2), (4, True, 2.7)):
-        a, b = TQTQuantizer(bits, signed, log2_t=log2_t), FusedTQTQuantizer(bits, signed, log2_t=log2_t)
-        ya, yb = a(x), b(x)
-        grad_a = torch.autograd.grad((ya * g).sum(), (x, a.log2_t))
-        grad_b = torch.autograd.grad((yb * g).sum(), (x, b.log2_t))
-        assert torch.equal(ya, yb) and torch.equal(grad_a[0], grad_b[0])
-        torch.testing.assert_close(grad_a[1], grad_b[1], rtol=1e-5, atol=1e-6)
 
 
 # --- rules on minimal graphs ------------------------------------------------------------------

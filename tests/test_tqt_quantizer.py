@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from edgetrain.fixedpoint import FixedPointFormat
 from edgetrain.tqt import TQTQuantizer, tqt_quantize
+from edgetrain.tqt.quantizer import _TQTQuantizeFunction
 
 BITS = list(range(2, 17))
 
@@ -182,3 +183,27 @@ def test_bad_inputs() -> None:
 
 def test_empty_tensor_passes() -> None:
     assert tqt_quantize(torch.zeros(0), torch.tensor(0.0), 8).shape == (0,)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_fused_float32_path_equals_the_autograd_function(frozen: bool) -> None:
+    """float32 half-even runs torch's fused kernels: same values, same dq/dx, same threshold gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 9, 9) * 3
+    x.view(-1)[:200] = (torch.randint(-300, 300, (200,)) + 0.5) / 64  # exact ties on the int8 grid below
+    g = torch.randn_like(x)
+    for bits, signed, log2_t in ((8, True, 1.3), (8, False, -2.0), (16, True, 0.2), (4, True, 2.7), (2, False, 0.0)):
+        quantizer = TQTQuantizer(bits, signed, log2_t=log2_t)
+        if frozen:
+            quantizer.freeze()
+        xv = x.clone().requires_grad_()
+        y = quantizer(xv)
+        (y * g).sum().backward()
+        xr, tr = x.clone().requires_grad_(), torch.tensor(log2_t, requires_grad=True)
+        reference = _TQTQuantizeFunction.apply(xr, tr, quantizer.format, quantizer.rounding)
+        (reference * g).sum().backward()
+        assert torch.equal(y, reference) and torch.equal(xv.grad, xr.grad)
+        if frozen:
+            assert quantizer.log2_t.grad is None
+        else:
+            torch.testing.assert_close(quantizer.log2_t.grad, tr.grad, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetrain.fixedpoint import Rounding
 from edgetrain.tqt import TQTQuantizer
 
 ACTIVATIONS = ("none", "relu", "relu6")
@@ -33,29 +32,6 @@ def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
 def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-channel vector shaped to broadcast over an ``ndim`` tensor whose channels are dim 1."""
     return t.reshape(1, -1, *([1] * (ndim - 2)))
-
-
-class FusedTQTQuantizer(TQTQuantizer):
-    """A :class:`TQTQuantizer` whose float32 round-half-even case runs torch's fused learnable
-    fake-quant kernel (the training hot path; other cases use the parent's autograd Function).
-
-    The kernel computes q = clip(round(x/s), n, p) s with dq/dx = 1 inside, 0 outside, and
-    dq/ds = {round(x/s) - x/s inside; n below; p above} summed over the tensor (LSQ's form). With
-    s = 2^ceil(log2_t) / 2^(b-1) built with a straight-through ceil, ds/dlog2_t = s ln2, so the
-    threshold gradient is exactly TQT's (paper section 3; DESIGN.md section 3). The scale value is
-    the exact power of two.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        if x.dtype != torch.float32 or self.rounding is not Rounding.HALF_EVEN:
-            return super().forward(x)
-        ceil = self.log2_t + (torch.ceil(self.log2_t) - self.log2_t).detach()  # value ceil, gradient 1
-        smooth = torch.exp2(ceil - self.format.mantissa_bits)
-        scale = (self.scale + (smooth - smooth.detach())).reshape(1)  # exact 2^k, gradient s ln2
-        zero = torch.zeros(1, device=x.device)
-        return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero, self.format.qmin, self.format.qmax, 1.0)
 
 
 class QuantModule(nn.Module):

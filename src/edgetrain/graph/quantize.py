@@ -35,7 +35,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from edgetrain.fixedpoint import FixedPointFormat, Rounding
-from edgetrain.graph.modules import FusedTQTQuantizer, QActivation, QAdd, QAvgPool, QCompute, QLeakyReLU, QuantModule
+from edgetrain.graph.modules import QActivation, QAdd, QAvgPool, QCompute, QLeakyReLU, QuantModule
 from edgetrain.tqt import CALIBRATION_METHODS, TQTQuantizer, calibrate
 
 MODES = ("static", "retrain")
@@ -295,7 +295,7 @@ class _Builder:
         return _classify(node, self.modules)
 
     def quantizer(self, bits: int, signed: bool, rounding: Rounding | None = None) -> TQTQuantizer:
-        return FusedTQTQuantizer(bits, signed, rounding or self.config.rounding)
+        return TQTQuantizer(bits, signed, rounding or self.config.rounding)
 
     @staticmethod
     def name_of(node: fx.Node) -> str:

@@ -11,6 +11,12 @@ Backward, with ceil and round straight-through (the paper's exact threshold grad
     dq/dlog2_t  = s * ln2 * { round(x/s) - x/s  inside;  n  below;  p  above }
 
 The gradient with respect to ``log2_t`` is summed over the whole tensor (one threshold per tensor).
+
+The float32 round-half-even case (the training hot path) runs torch's fused fake-quant kernels: its
+learnable per-tensor kernel computes dq/dx and dq/ds = {round(x/s) - x/s inside; n below; p above}
+summed over the tensor (LSQ's form), and with s = 2^ceil(log2_t) / 2^m built through a
+straight-through ceil, ds/dlog2_t = s ln2: exactly the TQT gradient above. Every other case (float64,
+other rounding modes, formats wider than 16 bits) runs the autograd Function below.
 """
 
 from __future__ import annotations
@@ -61,6 +67,19 @@ class _TQTQuantizeFunction(torch.autograd.Function):
         return grad_x, grad_log2_t, None, None
 
 
+def _fake_quantize(x: torch.Tensor, log2_t: torch.Tensor, fmt: FixedPointFormat, rounding: Rounding) -> torch.Tensor:
+    """q(x) with the TQT gradients; torch's fused kernels where they compute exactly that (module docstring)."""
+    if x.dtype != torch.float32 or rounding is not Rounding.HALF_EVEN or fmt.bits > 16:
+        return _TQTQuantizeFunction.apply(x, log2_t, fmt, rounding)
+    scale = math.ldexp(1.0, fmt.exponent(float(log2_t.detach())))
+    if not log2_t.requires_grad:
+        return torch.fake_quantize_per_tensor_affine(x, scale, 0, fmt.qmin, fmt.qmax)
+    ceil = log2_t + (torch.ceil(log2_t) - log2_t).detach()  # value ceil(log2_t), gradient 1
+    smooth = torch.exp2(ceil - fmt.mantissa_bits)
+    scale_t = (scale + (smooth - smooth.detach())).reshape(1)  # value exactly 2^k, gradient s ln2
+    return torch._fake_quantize_learnable_per_tensor_affine(x, scale_t, x.new_zeros(1), fmt.qmin, fmt.qmax, 1.0)
+
+
 def tqt_quantize(
     x: torch.Tensor,
     log2_t: torch.Tensor,
@@ -79,7 +98,7 @@ def tqt_quantize(
         raise ValueError(f"log2_t must be a scalar (one threshold per tensor), got shape {tuple(log2_t.shape)}")
     if not torch.isfinite(log2_t).all():
         raise ValueError(f"log2_t is not finite ({log2_t.item()}): calibrate the quantizer first")
-    return _TQTQuantizeFunction.apply(x, log2_t.reshape(()), fmt, Rounding.parse(rounding))
+    return _fake_quantize(x, log2_t.reshape(()), fmt, Rounding.parse(rounding))
 
 
 class TQTQuantizer(nn.Module):
@@ -148,7 +167,7 @@ class TQTQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return _TQTQuantizeFunction.apply(x, self.log2_t, self.format, self.rounding)
+        return _fake_quantize(x, self.log2_t, self.format, self.rounding)
 
     def extra_repr(self) -> str:
         state = "frozen" if self.frozen else "trained"
