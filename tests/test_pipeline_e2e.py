@@ -42,6 +42,9 @@ def test_integer_program_is_bit_exact_and_onnx_agrees(run) -> None:
     assert summary["export"]["verified_samples"] == 200
     assert summary["export"]["integer_mismatches"] == 0
     assert summary["export"]["onnx_agreement"] >= 0.999
+    export, quantize = summary["export"], summary["quantize"]
+    assert export["integer_accuracy"] == pytest.approx(quantize["retrained_accuracy"], abs=1e-6)  # same 200 images
+    assert abs(export["onnx_accuracy"] - export["integer_accuracy"]) <= 1 - export["onnx_agreement"]
 
 
 def test_every_stage_reports_numbers(run) -> None:

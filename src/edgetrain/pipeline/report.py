@@ -36,7 +36,8 @@ def _accuracy_rows(summary: dict[str, Any]) -> list[list[Any]]:
         ]
     )
     if "onnx_agreement" in export:
-        rows.append(["ONNX (onnxruntime)", "", f"top-1 identical on {export['onnx_agreement']:.2%}"])
+        accuracy = f"{export['onnx_accuracy']:.4f}" if "onnx_accuracy" in export else ""
+        rows.append(["ONNX (onnxruntime)", accuracy, f"top-1 identical on {export['onnx_agreement']:.2%}"])
     return rows
 
 

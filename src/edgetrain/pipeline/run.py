@@ -186,16 +186,18 @@ def export_stage(
         program.save(directory / "integer")
         program = IntegerProgram.load(directory / "integer")  # verify what was written, not what is in memory
         images = data.test.images[: config.export.verify_samples or len(data.test)]
-        mismatches, predictions = 0, []
+        labels = data.test.labels[: len(images)].numpy()
+        mismatches, reference, integer_top1 = 0, [], []
         for start in tqdm(range(0, len(images), 500), desc="verify integer program", leave=False):
             batch = images[start : start + 500]
             with torch.no_grad():
                 expected = qmodel(batch).double().numpy()
             got = program.run(batch).astype(np.float64)
             mismatches += int(np.any(got != expected, axis=1).sum())
-            predictions.append(expected.argmax(1))
-        reference = np.concatenate(predictions)
-        integer_accuracy = float((reference == data.test.labels[: len(images)].numpy()).mean())
+            reference.append(expected.argmax(1))
+            integer_top1.append(got.argmax(1))
+        reference = np.concatenate(reference)
+        integer_accuracy = float((np.concatenate(integer_top1) == labels).mean())
         summary: dict[str, Any] = {
             "verified_samples": len(images),
             "integer_mismatches": mismatches,
@@ -216,6 +218,7 @@ def export_stage(
                 ]
             )
             summary["onnx_agreement"] = float((onnx_top1 == reference).mean())
+            summary["onnx_accuracy"] = float((onnx_top1 == labels).mean())
             log(f"[export] onnxruntime top-1 agreement {summary['onnx_agreement']:.4%}")
         return summary
 
