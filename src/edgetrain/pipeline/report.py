@@ -115,7 +115,9 @@ def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> 
             "from (batch size 1); weights change only through NVM writes."
         )
         logs = [json.loads((out / "adapt" / rule / "log.json").read_text()) for rule in adapt["rules"]]
-        png = plot_scenario(logs, out / "adapt" / "adaptation.png", str(scenario.get("name", "stream")))
+        drift = scenario.get("drift") or {}
+        title = str(scenario.get("name", "stream")) + (f" + {drift['kind']} drift" if drift.get("kind") else "")
+        png = plot_scenario(logs, out / "adapt" / "adaptation.png", title)
         report.image(png, "Online accuracy and max writes per cell vs samples, one line per update rule")
         report.table(
             [
