@@ -80,13 +80,7 @@ def pretrained_tiny_net() -> QNet:
     return net
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 work: intra-op threads only add barrier waits (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

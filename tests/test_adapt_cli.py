@@ -15,12 +15,7 @@ from edgetrain.cli import main
 SPEC = {"arch": "lrt-cnn", "width": 4, "hidden": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
