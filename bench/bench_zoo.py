@@ -164,16 +164,19 @@ def markdown(rows: list[dict[str, Any]], command: str, quick: bool, note: str = 
 def merge(paths: list[str], out: str) -> int:
     """One result file (and markdown fragment) from the rows of several runs."""
     parts = [json.loads(Path(p).read_text()) for p in paths if Path(p).exists()]
-    rows = [row for part in parts for row in part["results"]]
+    rows = list({row["model"]: row for part in parts for row in part["results"]}.values())  # later parts win
     command = " ; ".join(part["command"] for part in parts)
     missing = sorted(set(ZOO) - {row["model"] for row in rows})
     note = (
         f"Run as {len(parts)} partial runs side by side (one thread each, the machine being shared), "
         "then combined with `--merge`."
         + (f" Not finished in time: {', '.join(missing)}." if missing else "")
-        + f" Retraining saw {rows[0]['int8_retrained']['train_images']} training images "
-        f"({rows[0]['int8_retrained']['epochs']:.2f} epoch) to fit a shared machine; the INT4 gaps come from "
-        "that short schedule and were not re-measured with a longer one."
+        + " Retraining schedules (training images seen, epochs): "
+        + "; ".join(
+            f"{row['model']} {row['int8_retrained']['train_images']} ({row['int8_retrained']['epochs']:.2f} ep)"
+            for row in rows
+        )
+        + "."
     )
     result = parts[0] | {
         "command": command,
