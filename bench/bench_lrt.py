@@ -221,6 +221,7 @@ def run_timing(scale: Scale, samples: int) -> dict[str, Any]:
         timing = trainer.run(samples)["timing"]
         results[rule] = {
             "samples": samples,
+            "threads": torch.get_num_threads(),
             **timing,
             "minutes_per_100k_cpu": 100_000 / timing["samples_per_cpu_second"] / 60,
             "minutes_per_100k_wall": 100_000 / timing["samples_per_second"] / 60,
@@ -341,15 +342,17 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
         lines.append("")
     timing = data.get("timing")
     if timing:
+        threads = next(iter(timing.values())).get("threads", 1)
         lines += [
-            f"### Speed of the online loop ({scale.spec}, batch 1, 1 thread)",
+            f"### Speed of the online loop ({scale.spec}, batch 1, {threads} torch thread(s))",
             "",
-            "| rule | samples timed | samples/s (wall) | samples per CPU second | 100k samples (CPU-time rate) |",
-            "|---|---|---|---|---|",
+            "| rule | samples timed | samples/s (wall) | samples per CPU second | 100k samples (wall) "
+            "| 100k samples (CPU-time rate) |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {rule} | {t['samples']} | {t['samples_per_second']:.1f} | {t['samples_per_cpu_second']:.1f} "
-            f"| {t['minutes_per_100k_cpu']:.0f} min |"
+            f"| {t['minutes_per_100k_wall']:.0f} min | {t['minutes_per_100k_cpu']:.0f} min |"
             for rule, t in timing.items()
         ]
         lines.append("")
@@ -379,12 +382,15 @@ def verdict(scale: Scale, data: dict[str, Any]) -> str:
         )
     timing = data.get("timing", {}).get("lowrank-max-norm")
     if timing:
-        ok = "meets" if timing["minutes_per_100k_cpu"] <= 30 else "misses"
+        threads = timing.get("threads", 1)
+        # one thread: the CPU-time rate (robust to other jobs); more: the wall clock of that many threads
+        minutes = timing["minutes_per_100k_cpu"] if threads == 1 else timing["minutes_per_100k_wall"]
+        how = "on one core (CPU-time rate)" if threads == 1 else f"wall clock with {threads} torch threads"
+        ok = "meets" if minutes <= 30 else "misses"
         notes.append(
-            f"the {scale.spec['width']}-channel net's online loop with low-rank max-norm runs at "
-            f"{timing['samples_per_cpu_second']:.1f} samples per CPU second, "
-            f"{timing['minutes_per_100k_cpu']:.0f} min per 100k samples on one core ({ok} the 30 min "
-            f"target; wall clock here {timing['minutes_per_100k_wall']:.0f} min on the shared machine)"
+            f"the {scale.spec['width']}-channel net's online loop with low-rank max-norm: "
+            f"{timing['samples_per_second']:.1f} samples/s wall, {timing['samples_per_cpu_second']:.1f} per CPU "
+            f"second; {minutes:.0f} min per 100k samples {how} ({ok} the 30 min target)"
         )
     lowrank = [r for rules in fig1.values() for name, r in rules.items() if name.startswith("lowrank")]
     if lowrank and not timing:
