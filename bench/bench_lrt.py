@@ -344,8 +344,9 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
             "Max writes count the paper's way: SGD conv cells once per output pixel where a and dz are "
             "both non-zero (reference notes 3.5); low-rank writes are cells whose NVM code changed. Counting "
             "only NVM code changes (one SGD write event per sample), SGD writes about as rarely as low-rank "
-            "training: most per-sample updates round to zero on the 8-bit weight grid, which is also why SGD "
-            "barely improves on bias-only training (the paper's observation).",
+            "training or more rarely (the NVM-count column below): most per-sample updates round to zero on "
+            "the 8-bit weight grid, which is also why SGD barely improves on bias-only training (the paper's "
+            "observation).",
             "",
             f"The pretrained net's validation accuracy on the elastic stream ({pre['val_accuracy']:.3f} here; "
             "the paper's 128-channel net: about 0.98) bounds every rule's online accuracy: compare rules "
