@@ -362,7 +362,7 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
                 "|---|---|---|---|",
             ]
             lines += [
-                f"| {s} | {r.get('samples', '-')} | {r['paper_count']:.0f}x | {r['nvm_count']:.1f}x |"
+                f"| {s} | {r.get('samples', '-')} | {r['paper_count']:.0f}x | {r['nvm_count']:.2g}x |"
                 for s, r in ratios.items()
             ]
         lines.append("")
@@ -424,7 +424,7 @@ def verdict(scale: Scale, data: dict[str, Any]) -> str:
         at = f" at {ratio['samples']} samples" if "samples" in ratio else ""
         notes.append(
             f"{scenario}: SGD/low-rank max writes {ratio['paper_count']:.0f}x{at} ({ok} the 1000x target; "
-            f"{ratio['nvm_count']:.1f}x counting only NVM code changes)"
+            f"{ratio['nvm_count']:.2g}x counting only NVM code changes)"
         )
     timing = data.get("timing", {}).get("lowrank-max-norm")
     if timing:
