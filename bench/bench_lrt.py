@@ -229,9 +229,10 @@ def write_ratios(fig1: dict[str, Any], runs: Path) -> dict[str, Any]:
     """SGD / low-rank max-norm max writes per scenario, compared at the same number of samples (the
     shorter run's length; the longer run's value is read from its log history at that step)."""
 
-    def at(rule: str, rules: dict[str, Any], step: int) -> tuple[int, int]:
-        if rules[rule]["samples"] == step:
-            return rules[rule]["max_writes"], rules[rule]["max_writes_paper"]
+    def at(scenario: str, rule: str, step: int) -> tuple[int, int]:
+        run = fig1[scenario][rule]
+        if run["samples"] == step:
+            return run["max_writes"], run["max_writes_paper"]
         history = json.loads((runs / "fig1" / scenario / rule / "log.json").read_text())["history"]
         i = max(j for j, k in enumerate(history["step"]) if k <= step)
         return history["max_writes"][i], history["max_writes_paper"][i]
@@ -240,7 +241,7 @@ def write_ratios(fig1: dict[str, Any], runs: Path) -> dict[str, Any]:
     for scenario, rules in fig1.items():
         if "sgd" in rules and "lowrank-max-norm" in rules:
             step = min(rules["sgd"]["samples"], rules["lowrank-max-norm"]["samples"])
-            (sgd_nvm, sgd_paper), (lowrank, _) = at("sgd", rules, step), at("lowrank-max-norm", rules, step)
+            (sgd_nvm, sgd_paper), (lowrank, _) = at(scenario, "sgd", step), at(scenario, "lowrank-max-norm", step)
             ratios[scenario] = {
                 "samples": step,
                 "paper_count": sgd_paper / max(lowrank, 1),

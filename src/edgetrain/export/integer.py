@@ -3,10 +3,12 @@
 ``to_integer(qmodel)`` walks the fx graph of a :class:`~edgetrain.graph.QuantizedModel` and records,
 per quantizer, bits, sign, exponent k (scale 2^k), rounding and threshold, and per layer the integer
 codes of its (BN-folded) weights and biases (DESIGN.md section 4, "Every requantization is a shift").
-``IntegerProgram.run(x)`` executes it with NumPy int64 accumulators, shift requantization with
-round-to-nearest (``edgetrain.fixedpoint.requantize``) and saturation; its outputs equal the
-fake-quantized model's eval-mode outputs bit for bit. Saved as ``manifest.json`` + ``weights.safetensors``
-(a SHA-256 of the weights in the manifest); loading parses JSON and safetensors only.
+``IntegerProgram.run(x)`` executes it on integer codes: convolution and linear layers as im2col matrix
+products that are exact (float64 BLAS when the 2^53 bound proves it, int64 otherwise), int64
+accumulators, shift requantization with round-to-nearest (``edgetrain.fixedpoint.requantize``) and
+saturation; its outputs equal the fake-quantized model's eval-mode outputs bit for bit. Saved as
+``manifest.json`` + ``weights.safetensors`` (a SHA-256 of the weights in the manifest); loading parses
+JSON and safetensors only.
 
 Activations after ReLU/ReLU6 are handled exactly in the integer domain because rounding and clipping
 are monotone: ``q(min(max(y, 0), 6)) = min(max(q(y), 0), q(6))``.
@@ -78,7 +80,7 @@ class IntegerProgramError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# integer kernels (NumPy int64)
+# integer kernels (exact integer results; see exact_dot_dtype)
 
 
 def _windows(
