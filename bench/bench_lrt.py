@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_lrt.py --quick            # narrow LRT net, short streams (minutes)
     .venv/bin/python bench/bench_lrt.py --paper --parts fig1 --scenarios digital-drift --rules lowrank-max-norm
 
-Protocols (reference notes 3.3-3.5): the LRT CNN pretrained quantized-in-the-loop on elastic MNIST
+Protocols (the LRT paper, v1 section 6, and the authors' code): the LRT CNN pretrained quantized-in-the-loop on elastic MNIST
 (cached under ``runs/lrt-bench/``); Fig. 1: 4 scenarios x 5 rules from the pretrained net, online
 EMA accuracy and max writes per cell; Table 1 (biased/unbiased accumulator for conv x FC) and Table 2
 (ablations): from scratch on the control stream, mean accuracy over the last ``tail`` samples,
@@ -41,7 +41,7 @@ from edgetrain.adapt import (  # noqa: E402
 )
 from edgetrain.adapt.pretrain import build_qnet, load_model, pretrain, save_model  # noqa: E402
 from edgetrain.adapt.scenarios import make_scenario, pretraining_set  # noqa: E402
-from edgetrain.cli.adapt import write_log  # noqa: E402
+from edgetrain.atomic import write_json_atomic  # noqa: E402
 from edgetrain.report.adaptation import render  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -73,7 +73,7 @@ FIG1_RULES = {
     "lowrank-no-norm": lambda: LowRank(max_norm=False),
     "lowrank-max-norm": lambda: LowRank(max_norm=True),
 }
-# reference notes 3.6: Fig. 1 digitized at 100k samples (online accuracy; log10 max writes)
+# the LRT paper's Fig. 1, digitized at 100k samples (online accuracy; log10 max writes)
 PAPER_FIG1 = {
     "control": {
         "inference": 0.985,
@@ -154,7 +154,7 @@ def fig1_run(net: QNet, scenario: str, rule: UpdateRule, scale: Scale, out: Path
     step = max(scale.fig1_samples // 10, 1)
     for stop in range(step, scale.fig1_samples + step, step):
         log = trainer.run(min(stop, scale.fig1_samples))
-        write_log(log, out / "log.json")
+        write_json_atomic(out / "log.json", log)
         print(
             f"  {scenario} {rule.config()['rule']}: {trainer.step_count} samples, online "
             f"{trainer.online_accuracy:.3f}, max writes {trainer.max_writes_paper}, "
@@ -343,7 +343,7 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
         lines += [
             "",
             "Max writes count the paper's way: SGD conv cells once per output pixel where a and dz are "
-            "both non-zero (reference notes 3.5); low-rank writes are cells whose NVM code changed. Counting "
+            "both non-zero (the authors' code); low-rank writes are cells whose NVM code changed. Counting "
             "only NVM code changes (one SGD write event per sample), SGD writes about as rarely as low-rank "
             "training or more rarely (the NVM-count column below): most per-sample updates round to zero on "
             "the 8-bit weight grid, which is also why SGD barely improves on bias-only training (the paper's "
@@ -407,7 +407,7 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
 
 
 def verdict(scale: Scale, data: dict[str, Any]) -> str:
-    """One honest sentence per target of DESIGN.md section 8 that this run can speak to."""
+    """One honest sentence per target of docs/BENCHMARKS.md that this run can speak to."""
     fig1, notes = data.get("fig1", {}), []
     for scenario, target in (("analog-drift", 0.72), ("digital-drift", 0.85)):
         run, base = (fig1.get(scenario, {}).get(rule) for rule in ("lowrank-max-norm", "inference"))

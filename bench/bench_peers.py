@@ -1,4 +1,4 @@
-"""Peers benchmark (DESIGN.md section 8): our TQT QAT vs Brevitas fixed-point QAT vs torch.ao QAT.
+"""Peers benchmark: our TQT QAT vs Brevitas fixed-point QAT vs torch.ao QAT.
 
 One net (``mnistnet``), one float-pretrained starting point, the same data, batch order, epochs and
 optimizer (Adam, weights lr 1e-4; learned scales/thresholds lr 1e-2 where a method has them). The four

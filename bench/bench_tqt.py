@@ -159,7 +159,7 @@ def main() -> None:
         "",
         f"{len(train)} training images, full 10k test set; float {float_epochs} epoch(s); retraining "
         f"{retrain_epochs} epoch(s), batch {args.batch_size}, weight lr {args.weight_lr:g} (larger than "
-        "Graffitist's 1e-6: a small dataset, see DESIGN.md section 3), threshold lr 1e-2, staircase decays.",
+        "Graffitist's 1e-6: a small dataset, see docs/fixed-point.md), threshold lr 1e-2, staircase decays.",
         "",
         "| configuration | test accuracy | vs best FP32 (pt) | epochs (best ckpt) |",
         "|---|---|---|---|",

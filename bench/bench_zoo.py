@@ -1,4 +1,4 @@
-"""Zoo benchmark (DESIGN.md section 8): every graph-rule net on Fashion-MNIST.
+"""Zoo benchmark: every graph-rule net on Fashion-MNIST.
 
 Per net: FP32 (float pretraining), INT8 static (calibrated), INT8 retrained and INT4-weight retrained
 (TQT recipe, thresholds trained), each with test top-1; for every quantized model the number of

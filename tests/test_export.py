@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.export import IntegerProgram, IntegerProgramError, ort_session, to_integer, to_onnx
-from edgetrain.export.integer import FLOAT64_EXACT_BOUND, conv2d_int, exact_dot_dtype, linear_int
+from edgetrain.export.program import FLOAT64_EXACT_BOUND, conv2d_int, exact_dot_dtype, linear_int
 from edgetrain.graph import QuantConfig, quantize
 from edgetrain.models import create_model
 

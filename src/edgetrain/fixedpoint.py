@@ -1,7 +1,7 @@
 """Fixed-point formats, power-of-2 scales and integer shift requantization.
 
 A tensor on the target is ``int_b * 2^k`` with one exponent ``k`` per tensor (TQT, Jain et al. 2020,
-section 3; DESIGN.md section 3). Signed b-bit integers span ``[-2^(b-1), 2^(b-1)-1]``, unsigned
+section 3; docs/fixed-point.md). Signed b-bit integers span ``[-2^(b-1), 2^(b-1)-1]``, unsigned
 ``[0, 2^b-1]`` (full range, not narrow). A quantizer holds ``log2_t`` and its scale is
 
     s = 2^ceil(log2_t) / 2^(b-1)   (signed)        s = 2^ceil(log2_t) / 2^b   (unsigned)
@@ -22,6 +22,7 @@ import torch
 
 MIN_BITS = 2
 MAX_BITS = 16
+RELU6_CEILING = 6.0  # ReLU6 clips at 6 before its output quantizer
 
 
 class Rounding(StrEnum):

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgetrain.atomic import torch_save_atomic
 from edgetrain.data import Dataset, epoch_batches, num_batches
 
 LRSchedule = Callable[[int], float]  # global step -> multiplier of a param group's base lr
 
 
 def staircase(decay: float, period: int) -> LRSchedule:
-    """lr(step) = lr0 * decay ** floor(step / period) (TQT recipe, DESIGN.md section 3)."""
+    """lr(step) = lr0 * decay ** floor(step / period) (TQT recipe, docs/fixed-point.md)."""
     if period < 1:
         raise ValueError(f"decay period must be >= 1 step, got {period}")
     return lambda step: decay ** (step // period)
@@ -74,13 +75,6 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -199,7 +193,7 @@ class Trainer:
                 self.best_state = copy.deepcopy(self.model.state_dict())
         self.history.append(record)
         if self.checkpoint:
-            _atomic_save(self._state(), self.checkpoint)
+            torch_save_atomic(self._state(), self.checkpoint)
 
     def run(self) -> TrainResult:
         """Train (resuming from ``checkpoint`` if it exists); load the best weights at the end."""

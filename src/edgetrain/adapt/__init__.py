@@ -1,6 +1,6 @@
 """On-device adaptation: the online (batch-1) trainer, its update rules and the quantized network.
 
-DESIGN.md sections 5-6. ``quantize_for_adaptation`` turns a float model into a fixed-point
+docs/adaptation.md. ``quantize_for_adaptation`` turns a float model into a fixed-point
 :class:`QNet` (the LRT paper's formats by default); :class:`OnlineTrainer` streams a scenario
 through it with one of the rules of :mod:`edgetrain.adapt.rules`, weights held in ``NVMArray``s.
 """

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from edgetrain.atomic import atomic_write
+
 SEP = "/"
 
 
@@ -59,11 +61,8 @@ def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     _flatten(state, "", tensors, meta)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"edgetrain_state": json.dumps(meta, default=_json_default)})
-    os.replace(tmp, target)
+    header = {"edgetrain_state": json.dumps(meta, default=_json_default)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:

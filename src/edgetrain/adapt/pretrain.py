@@ -1,7 +1,7 @@
 """Offline pretraining of the network that will adapt on the device, and its model files.
 
 The LRT reference pretrains float then quantized-in-the-loop with the same 8/16/8-bit quantizers
-(reference notes 3.3). Here the :class:`QNet` itself is trained (quantized forward, STE backward,
+(the authors' code). Here the :class:`QNet` itself is trained (quantized forward, STE backward,
 full-precision gradients, batch statistics feeding the streaming-BN EMAs) with
 ``edgetrain.training.train_float``; what is saved is exactly the network the device starts from.
 Model files are safetensors (:mod:`edgetrain.adapt.checkpoint`) holding the architecture spec.

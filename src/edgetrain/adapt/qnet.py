@@ -1,6 +1,6 @@
 """The quantized network that adapts on the device: a list of fixed-point stages.
 
-LRT v1 section 5, appendix C (reference notes 2.9); DESIGN.md section 5. Every tensor lives on a
+LRT v1 section 5 and appendix C; docs/adaptation.md. Every tensor lives on a
 power-of-2 grid (:class:`Grid`, the TQT quantizer with a fixed ``log2_t``). A weight layer computes
 
     z = q_acc( q_acc(wmult * q_w(W) (*) a) + q_b(b) ),   a' = q_act(ReLU(z))   (ReLU optional)
@@ -85,7 +85,7 @@ class _STEQuantize(torch.autograd.Function):
 
 
 class _GradQuantize(torch.autograd.Function):
-    """Identity forward; backward rounds the incoming gradient onto ``grid`` (LRT notes 2.9)."""
+    """Identity forward; backward rounds the incoming gradient onto ``grid`` (LRT v1 appendix C)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, grid: Grid) -> torch.Tensor:  # type: ignore[override]
@@ -99,7 +99,7 @@ class _GradQuantize(torch.autograd.Function):
         return codes.mul_(grid.lsb), None
 
 
-# The paper's fixed formats (reference notes 2.9).
+# The paper's fixed formats (LRT v1 appendix C).
 PAPER_WEIGHT = Grid(8, True, 0)  # [-1, 1), LSB 2^-7
 PAPER_WIDE = Grid(16, True, 3)  # biases, accumulators, BN parameters: [-8, 8), LSB 2^-12
 PAPER_ACT = Grid(8, False, 1)  # ReLU outputs: [0, 2), LSB 2^-7

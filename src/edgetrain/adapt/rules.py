@@ -1,4 +1,4 @@
-"""Update rules of the online trainer, as small interchangeable objects (DESIGN.md sections 5, 6).
+"""Update rules of the online trainer, as small interchangeable objects (docs/adaptation.md).
 
 A rule is bound to a :class:`~edgetrain.adapt.qnet.QNet` and its NVM arrays, then called once per
 sample after the backward pass. Weights change only through ``NVMArray.write`` (one update event,
@@ -22,12 +22,12 @@ from edgetrain.adapt.qnet import QNet, QWeight
 from edgetrain.lowrank import MaxNorm, StreamingKroneckerSum
 from edgetrain.nvm import NVMArray
 
-FACTOR_BITS = 16  # LRT factors and accumulators: 16-bit (reference notes 2.9)
+FACTOR_BITS = 16  # LRT factors and accumulators: 16-bit (LRT v1 appendix C)
 SAMPLE_BITS = 8  # activations and gradients: 8-bit
 
 
 def lowrank_aux_bits(n: int, m: int, rank: int, bits: int = FACTOR_BITS) -> int:
-    """LRT state of an n x m layer: factors r (n + m) b bits plus the r weights c_x (DESIGN.md 5)."""
+    """LRT state of an n x m layer: factors r (n + m) b bits plus the r weights c_x (docs/adaptation.md)."""
     return rank * (n + m) * bits + rank * bits
 
 
@@ -174,7 +174,7 @@ class BiasOnly(UpdateRule):
 class SGD(UpdateRule):
     """Batch-1 SGD on every weight: dW_q = round(lr * sum_pixels dz a^T / lsb), written at once.
 
-    ``writes_pixel`` also counts writes the way the paper counts conv SGD (reference notes 3.5):
+    ``writes_pixel`` also counts writes the way the paper counts conv SGD (the authors' code):
     every output pixel where a and dz are both non-zero is one write to that cell, as when a
     convolution's update is applied pixel by pixel; FC layers count the cells written.
     """
@@ -216,7 +216,7 @@ class SGD(UpdateRule):
 
 class MinibatchSGD(UpdateRule):
     """SGD with a full-precision n x m accumulator G = sum dz a^T, written every ``batch`` samples
-    with dW_q = round(lr sqrt(B) G / lsb) (the sqrt scaling of DESIGN.md 5). The memory-hungry
+    with dW_q = round(lr sqrt(B) G / lsb) (the LRT paper's sqrt scaling, docs/adaptation.md). The memory-hungry
     baseline: n m 16 bits per layer."""
 
     name = "minibatch-sgd"
@@ -272,7 +272,7 @@ class _LowRankLayer:
 
 
 class LowRank(UpdateRule):
-    """Low-rank training (LRT v1 section 4, App. C; DESIGN.md section 5 "Applying updates").
+    """Low-rank training (LRT v1 section 4, App. C; docs/adaptation.md).
 
     Every sample (every pixel of a conv layer, im2col) feeds dz = wmult dL/dz and a to the layer's
     streaming Kronecker-sum accumulator. Every B samples (``batch_conv`` / ``batch_fc``):
@@ -346,7 +346,7 @@ class LowRank(UpdateRule):
         super().update(step)
 
     def _apply(self, layer: QWeight, state: _LowRankLayer) -> None:
-        """One update event attempt (DESIGN.md 5): gated by rho_min, reset after a write."""
+        """One update event attempt (docs/adaptation.md): gated by rho_min, reset after a write."""
         state.mult += state.batch
         left, right = state.acc.factors()
         if state.norm_l is not None and state.norm_r is not None:

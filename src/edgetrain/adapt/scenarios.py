@@ -1,4 +1,4 @@
-"""Adaptation scenarios: seeded, reproducible sample streams (DESIGN.md section 6; LRT notes 3.2, 3.4).
+"""Adaptation scenarios: seeded, reproducible sample streams (docs/adaptation.md; LRT v1 section 6).
 
 Each scenario is a stream of elastic-deformed digits (Simard et al.; the (sigma, alpha) pairs of
 ``ELASTIC_PAIRS``), on which the device predicts first and then learns:
@@ -62,8 +62,8 @@ def _check_dataset(dataset: str) -> None:
 
 
 def pretraining_set(dataset: str = "mnist", samples: int = 50_000, seed: int = 0, split: str = "train") -> Dataset:
-    """Elastic-deformed offline data for pretraining (the paper: 50k samples from 9k digits, LRT notes
-    3.2). ``split="train"`` draws from the pretraining digits only (disjoint from the online streams);
+    """Elastic-deformed offline data for pretraining (the authors' code: 50k samples from 9k
+    digits). ``split="train"`` draws from the pretraining digits only (disjoint from the online streams);
     ``"val"``/``"test"`` deform the dataset's validation/test split."""
     _check_dataset(dataset)
     if samples < 1:

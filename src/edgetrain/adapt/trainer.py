@@ -1,12 +1,12 @@
 """The online (batch-1) trainer: predict, then learn, on weights held in simulated NVM.
 
-DESIGN.md sections 5-6; LRT v1 section 6 and App. C (reference notes 2.6-2.9, 3.4-3.5). Per sample
+docs/adaptation.md; LRT v1 section 6 and App. C. Per sample
 ``t`` (0-based): drift the NVM arrays when ``t % d == 0`` (the stream's ``DriftSpec``), predict (the
 streaming BN statistics take the sample in), score the prediction, backpropagate the quantized loss
 gradient ``q_g(softmax(z) - onehot(y))`` with STE through every quantizer, and let the update rule
 change biases, BN parameters and (through ``NVMArray.write``) weights.
 
-Metrics (DESIGN.md 6): online accuracy = bias-corrected EMA (beta = 0.999) of predict-before-learn
+Metrics (docs/adaptation.md): online accuracy = bias-corrected EMA (beta = 0.999) of predict-before-learn
 correctness, ``ema_t / (1 - beta^t)``; test accuracy at checkpoints; max writes per cell; write
 density = writes / cells / samples; energy = NVM write energy + one full read of every array per
 sample; auxiliary memory per layer; samples/s (wall clock, and per CPU second of the process: what an
@@ -143,7 +143,7 @@ class OnlineTrainer:
 
     @property
     def max_writes_paper(self) -> int:
-        """As the paper counts them: SGD conv writes per pixel (reference notes 3.5), else max_writes."""
+        """As the paper counts them: SGD conv writes per pixel (the authors' code), else max_writes."""
         return self.rule.max_pixel_writes() if isinstance(self.rule, SGD) else self.max_writes
 
     def _record(self) -> None:

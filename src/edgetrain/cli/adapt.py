@@ -1,11 +1,9 @@
 """``edgetrain adapt``: online adaptation of a model on a scenario stream; ``edgetrain report DIR``:
-plots and a markdown table of the run logs under DIR (DESIGN.md sections 5-6)."""
+plots and a markdown table of the run logs under DIR (docs/adaptation.md)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -72,29 +70,13 @@ def rule_options(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def write_log(log: dict[str, Any], path: Path) -> None:
-    """JSON log (written to a temporary name, then moved into place); inf becomes null."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(log), indent=1))
-    tmp.replace(path)
-
-
 def run_adapt(args: argparse.Namespace) -> int:
     import torch
 
     from edgetrain.adapt import OnlineTrainer, make_rule
     from edgetrain.adapt.pretrain import load_for_adaptation
     from edgetrain.adapt.scenarios import make_scenario
+    from edgetrain.atomic import write_json_atomic
 
     out = Path(args.out)
     checkpoint = out / CHECKPOINT_NAME
@@ -119,7 +101,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     log["config"]["model"] = {"path": str(args.model), **meta}
-    write_log(log, out / "log.json")
+    write_json_atomic(out / "log.json", log)
     trainer.save(checkpoint)
     final = log["final"]
     print(

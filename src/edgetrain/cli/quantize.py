@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from edgetrain.atomic import torch_save_atomic
 from edgetrain.data import Dataset, load_dataset
 from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
 from edgetrain.fixedpoint import Rounding
@@ -32,12 +33,7 @@ from edgetrain.training import evaluate, load_checkpoint, train_float
 
 
 def _save(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    return torch_save_atomic(obj, path)
 
 
 def _split(name: str, split: str, samples: int | None) -> Dataset:

@@ -1,4 +1,4 @@
-"""Offline datasets, seeded batching and the elastic-deformation stream (DESIGN.md section 7)."""
+"""Offline datasets, seeded batching and the elastic-deformation stream (docs/user-guide.md)."""
 
 from edgetrain.data.datasets import (
     DATASETS,

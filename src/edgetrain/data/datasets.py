@@ -1,4 +1,4 @@
-"""Offline dataset loaders (DESIGN.md section 7). Nothing is downloaded at run time.
+"""Offline dataset loaders (docs/user-guide.md). Nothing is downloaded at run time.
 
 - ``fashion-mnist``: the four IDX .gz files of the Debian package ``dataset-fashion-mnist``, or any
   folder given by ``root=`` or the ``EDGETRAIN_FASHION_MNIST`` environment variable.

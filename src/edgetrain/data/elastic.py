@@ -4,7 +4,7 @@ A displacement field of uniform noise in [-1, 1] per pixel and axis is smoothed 
 width ``sigma`` (as the LRT reference does it, on an H x W x 1 array) and scaled by ``alpha``; the
 image is resampled at the displaced coordinates with
 bilinear interpolation. The LRT reference draws (sigma, alpha) uniformly from ``ELASTIC_PAIRS``
-(reference notes, section 3.2); (1, 0) is the identity.
+(the authors' code); (1, 0) is the identity.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Distribution-shift augmentations of the LRT paper's shift scenario (reference notes section 3.2).
+"""Distribution-shift augmentations of the LRT paper's shift scenario (the authors' code).
 
 Four kinds, combined per 10k-sample block in ``PAPER_SHIFT_BLOCKS``:
 

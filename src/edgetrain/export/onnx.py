@@ -23,9 +23,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgetrain.export.integer import IntegerProgram, to_integer
-from edgetrain.fixedpoint import FixedPointFormat, Rounding
-from edgetrain.graph.modules import RELU6_CEILING
+from edgetrain.atomic import atomic_write
+from edgetrain.export.exporter import to_integer
+from edgetrain.export.program import IntegerProgram
+from edgetrain.fixedpoint import RELU6_CEILING, FixedPointFormat, Rounding
 from edgetrain.graph.quantize import QuantizedModel
 
 OPSET = 21
@@ -209,11 +210,7 @@ def to_onnx(qmodel: QuantizedModel, path: str | os.PathLike[str], example_inputs
     """Write the QDQ ONNX model of ``qmodel`` to ``path`` (atomically) and check that onnxruntime runs
     it on ``example_inputs`` with the right output shape."""
     model = program_to_onnx(to_integer(qmodel))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    path = atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
     example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     session = ort_session(path)
     (out,) = session.run(None, {session.get_inputs()[0].name: example.detach().cpu().numpy().astype(np.float32)})

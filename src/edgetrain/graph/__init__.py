@@ -1,4 +1,4 @@
-"""torch.fx graph quantizer: fold BN, apply the DESIGN.md section 4 rules, share scales, calibrate."""
+"""torch.fx graph quantizer: fold BN, apply the Graffitist-style rules of docs/quantization.md, share scales, calibrate."""
 
 from edgetrain.graph.quantize import (
     SUPPORTED_OPS,

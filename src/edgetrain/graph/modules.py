@@ -1,4 +1,4 @@
-"""Fake-quantized layers inserted by the graph pass (DESIGN.md section 4; TQT paper section 3).
+"""Fake-quantized layers inserted by the graph pass (docs/quantization.md; TQT paper section 3).
 
 Each module holds its :class:`~edgetrain.tqt.TQTQuantizer` children and names their roles in
 ``quantizer_roles()``. In eval mode the multiply-accumulates run in float64, so that every sum of
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetrain.fixedpoint import RELU6_CEILING
 from edgetrain.tqt import TQTQuantizer
 
 ACTIVATIONS = ("none", "relu", "relu6")
-RELU6_CEILING = 6.0
 
 
 def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -68,7 +68,7 @@ class QActivation(QuantModule):
 
 
 class QCompute(QuantModule):
-    """Conv2d / depthwise Conv2d / Linear / per-channel scale with folded batch norm (DESIGN.md section 4)::
+    """Conv2d / depthwise Conv2d / Linear / per-channel scale with folded batch norm (docs/quantization.md)::
 
         y = q_out( act( q_acc( c * sum q_w(w') q(x) ) + q_bias(b') ) )
 
@@ -178,7 +178,7 @@ class QCompute(QuantModule):
 class QAvgPool(QuantModule):
     """Average pooling as a depthwise conv with the reciprocal 1/(kh kw) as an unsigned weight::
 
-    y = q_out_floor( sum_window x * q_r(1 / (kh kw)) )   (zero padding counted, DESIGN.md section 4)
+    y = q_out_floor( sum_window x * q_r(1 / (kh kw)) )   (zero padding counted, docs/quantization.md)
     """
 
     roles = {"recip_q": "reciprocal", "out_q": "activation"}
@@ -222,7 +222,7 @@ class QAdd(QuantModule):
 
 class QLeakyReLU(QuantModule):
     """``q8( max( q16(x), q16( q16(alpha) q16(x) ) ) )``: the input (already int16) and the product
-    share one threshold (DESIGN.md section 4); valid for 0 <= alpha <= 1."""
+    share one threshold (docs/quantization.md); valid for 0 <= alpha <= 1."""
 
     roles = {"alpha_q": "alpha", "prod_q": "product", "out_q": "activation"}
 

@@ -1,8 +1,8 @@
-"""The graph quantizer: trace a float CNN with torch.fx, apply the DESIGN.md section 4 rules, calibrate.
+"""The graph quantizer: trace a float CNN with torch.fx, apply the Graffitist-style rules of docs/quantization.md, calibrate.
 
 ``quantize(model, example_inputs, calib_data, config, mode)`` does what Graffitist's
 ``fold_batch_norms`` + ``preprocess_layers`` + ``quantize`` transforms did to TF graphs (TQT paper
-section 5 of the reference notes):
+the TQT paper, section 3 and appendix A):
 
 1. trace (torch.fx; custom modules are traced through), drop dropout/identity, collapse concat of concat;
 2. re-emit the graph with fake-quantized layers: conv/linear (+ folded BN, + merged ReLU/ReLU6),
@@ -65,7 +65,7 @@ class UnsupportedOpError(ValueError):
 
 @dataclass
 class QuantConfig:
-    """Bit-widths, calibration and rounding of the graph quantizer (defaults: Graffitist's, DESIGN.md 3-4).
+    """Bit-widths, calibration and rounding of the graph quantizer (defaults: Graffitist's, docs/fixed-point.md).
 
     weight_bits: conv/linear weights (8, or 4 for INT4; the first and last layer use
         ``first_last_weight_bits``). act_bits: int8 activations (input, layer outputs, add, rescale).
@@ -597,7 +597,7 @@ class _Builder:
 
 
 def _normalize(gm: fx.GraphModule) -> None:
-    """Remove dropout/identity and collapse concat-of-concat on the same dim (DESIGN.md section 4)."""
+    """Remove dropout/identity and collapse concat-of-concat on the same dim (docs/quantization.md)."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if _classify(node, modules) == "identity":
@@ -737,7 +737,7 @@ def quantize(
     config: QuantConfig | None = None,
     mode: str = "static",
 ) -> QuantizedModel:
-    """Fake-quantize a float CNN (DESIGN.md sections 3-4): trace, fold BN, insert and share quantizers,
+    """Fake-quantize a float CNN (docs/fixed-point.md, docs/quantization.md): trace, fold BN, insert and share quantizers,
     calibrate on ``calib_data`` (a tensor of inputs, a Dataset, or an iterable of batches).
 
     ``mode="static"``: BN folded with the moving statistics, thresholds calibrated and frozen.

@@ -34,7 +34,7 @@ def mnistnet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) 
 
 
 class LRTNet(nn.Module):
-    """The LRT paper's CNN (Gural et al., v1 section 6; reference notes section 3.1).
+    """The LRT paper's CNN (Gural et al., v1 section 6).
 
     conv1 3x3 1->128 + ReLU; conv2 3x3 128->128 -> maxpool 2 -> ReLU -> BN; conv3 3x3 + ReLU;
     conv4 3x3 -> maxpool 2 -> ReLU -> BN; fc1 2048->512 + ReLU; fc2 512->10. All convs 'valid':

@@ -1,4 +1,4 @@
-"""Small zoo nets that exercise every graph rule of DESIGN.md section 4 on 28x28 inputs.
+"""Small zoo nets that exercise every graph rule of docs/quantization.md on 28x28 inputs.
 
 - ``mobilenetv2-tiny``: depthwise convs, ReLU6, inverted residuals (add without ReLU), spatial mean head
 - ``resnet-tiny``: residual adds followed by ReLU, identity and projection shortcuts, adaptive avg-pool

@@ -1,6 +1,6 @@
 """A simulated non-volatile weight memory: integer codes, per-cell write counters, energy, faults.
 
-DESIGN.md section 6; LRT reference notes section 1.3. Pure bookkeeping, no training logic:
+docs/adaptation.md. Pure bookkeeping, no training logic:
 
 - a *write* is a cell whose code changes at an update event (``write``); unchanged cells cost nothing;
 - energy = written bits x E_write + read bits x E_read (10.9 / 1.76 pJ per bit by default, the 18 KB
@@ -206,7 +206,7 @@ class NVMArray:
         return self._codes.copy()
 
     def write_density(self, samples: int) -> float:
-        """Writes per cell per sample: total_writes / num_cells / samples (LRT notes 1.3)."""
+        """Writes per cell per sample: total_writes / num_cells / samples."""
         if samples <= 0:
             raise ValueError(f"samples must be > 0, got {samples}")
         return self._total_writes / self.num_cells / samples
@@ -221,7 +221,7 @@ class NVMArray:
         return self.endurance * samples / self._max_writes
 
     def apply_analog_drift(self, sigma_codes: float, rng: np.random.Generator) -> int:
-        """level += N(0, sigma_codes^2), then clip to [qmin, qmax] (DESIGN.md section 6). Not a write;
+        """level += N(0, sigma_codes^2), then clip to [qmin, qmax] (docs/adaptation.md). Not a write;
         stuck cells do not drift. Returns the number of cells whose stored code changed.
 
         The normals come from a torch generator seeded by ``rng`` (float32, about 3x faster than
@@ -246,7 +246,7 @@ class NVMArray:
 
     def apply_digital_drift(self, p: float, rng: np.random.Generator) -> int:
         """Flip each stored bit of each code (two's complement when signed) with probability ``p``
-        (DESIGN.md section 6). Not a write; stuck cells do not flip. Returns the number of cells changed.
+        (docs/adaptation.md). Not a write; stuck cells do not flip. Returns the number of cells changed.
 
         The flipped bit positions are drawn exactly as independent Bernoulli(p) trials by summing
         geometric gaps, so the cost is O(cells x bits x p) rather than O(cells x bits).

@@ -1,4 +1,4 @@
-"""Weight drift schedules of the LRT paper (v1 section 6, appendix F; DESIGN.md section 6).
+"""Weight drift schedules of the LRT paper (v1 section 6, appendix F; docs/adaptation.md).
 
 Every ``period`` = d steps, with N = horizon / d drift events in the paper's 1M-step horizon:
 

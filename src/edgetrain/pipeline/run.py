@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from edgetrain.adapt import OnlineTrainer, make_rule
 from edgetrain.adapt.scenarios import make_scenario
+from edgetrain.atomic import torch_save_atomic
 from edgetrain.data import Dataset, load_dataset
 from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
 from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
@@ -56,10 +57,8 @@ def load_pipeline_data(config: PipelineConfig) -> PipelineData:
 
 
 def save_state(module: torch.nn.Module, path: Path) -> None:
-    """state_dict via a temporary file and os.replace (loaded back with weights_only=True)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(module.state_dict(), tmp)
-    tmp.replace(path)
+    """The module's state_dict, written atomically (loaded back with weights_only=True)."""
+    torch_save_atomic(module.state_dict(), path)
 
 
 def load_state(module: torch.nn.Module, path: Path) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edgetrain import atomic
 
 STAGE_FILE = "stage.json"
 
@@ -34,12 +35,9 @@ def fingerprint(*parts: Any) -> str:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, path)
+        atomic.write_json_atomic(path, payload, indent=2)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise StageError(
             f"cannot write {path}: {err.strerror or err}. Free disk space or choose a writable output folder "
             "(--out); the stages already finished are kept and will be reused"

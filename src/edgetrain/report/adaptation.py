@@ -2,7 +2,7 @@
 
 One figure per scenario: online accuracy vs samples and max writes per cell vs samples (log scale),
 one line per update rule (LRT v1 Fig. 1 layout). The markdown table lists the final metrics of
-every run (DESIGN.md section 6).
+every run (docs/adaptation.md).
 """
 
 from __future__ import annotations

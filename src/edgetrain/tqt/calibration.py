@@ -1,4 +1,4 @@
-"""Threshold initialisation (calibration) for TQT quantizers (DESIGN.md section 3).
+"""Threshold initialisation (calibration) for TQT quantizers (docs/fixed-point.md).
 
 Each method maps a sample of a tensor to ``log2_t`` (the log2 of the clipping threshold):
 

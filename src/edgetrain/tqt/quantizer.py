@@ -1,6 +1,6 @@
 """The TQT quantizer: power-of-2 scale, trained log2 threshold (Jain et al. 2020, section 3).
 
-Forward (DESIGN.md section 3)::
+Forward (docs/fixed-point.md)::
 
     s    = 2^ceil(log2_t) / 2^(b-1)  (signed)   or   2^ceil(log2_t) / 2^b  (unsigned)
     q(x) = clip(round(x / s), n, p) * s

@@ -1,4 +1,4 @@
-"""The TQT retraining recipe (Jain et al. 2020; Graffitist ``train_imagenet_tf.py``; DESIGN.md section 3).
+"""The TQT retraining recipe (Jain et al. 2020; Graffitist ``train_imagenet_tf.py``; docs/fixed-point.md).
 
 - Two Adam groups (beta 0.9/0.999, eps 1e-8): weights lr 1e-6 x0.94 every 3000*(24/B) steps;
   thresholds (parameters named ``*log2_t``) lr 1e-2 x0.5 every 1000*(24/B) steps.

@@ -1,14 +1,17 @@
-"""The integer program: int weights and biases, a JSON manifest, and a pure-integer executor.
+"""The integer program: the hand-off between quantization and the device.
 
-``to_integer(qmodel)`` walks the fx graph of a :class:`~edgetrain.graph.QuantizedModel` and records,
-per quantizer, bits, sign, exponent k (scale 2^k), rounding and threshold, and per layer the integer
-codes of its (BN-folded) weights and biases (DESIGN.md section 4, "Every requantization is a shift").
-``IntegerProgram.run(x)`` executes it on integer codes: convolution and linear layers as im2col matrix
-products that are exact (float64 BLAS when the 2^53 bound proves it, int64 otherwise), int64
+An :class:`IntegerProgram` is what a fixed-point target runs and what the device adapts: per
+quantizer its bits, sign, exponent k (scale 2^k), rounding and threshold; per weight layer the
+integer codes of its (BN-folded) weights and biases; and the op sequence (TQT section 3 and
+appendix A; ``docs/quantization.md``). It depends only on :mod:`edgetrain.fixedpoint`: it is built by
+``edgetrain.export.exporter.to_integer`` and by the adapting device
+(``edgetrain.adapt.DeviceNet.to_program``), and read by the device (``DeviceNet.from_program``).
+
+``IntegerProgram.run(x)`` executes it on integer codes: convolution and linear layers as im2col
+matrix products that are exact (float64 BLAS when the 2^53 bound proves it, int64 otherwise), int64
 accumulators, shift requantization with round-to-nearest (``edgetrain.fixedpoint.requantize``) and
-saturation; its outputs equal the fake-quantized model's eval-mode outputs bit for bit. Saved as
-``manifest.json`` + ``weights.safetensors`` (a SHA-256 of the weights in the manifest); loading parses
-JSON and safetensors only.
+saturation. Saved as ``manifest.json`` + ``weights.safetensors`` (a SHA-256 of the weights in the
+manifest); loading parses JSON and safetensors only.
 
 Activations after ReLU/ReLU6 are handled exactly in the integer domain because rounding and clipping
 are monotone: ``q(min(max(y, 0), 6)) = min(max(q(y), 0), q(6))``.
@@ -19,23 +22,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
 from numpy.lib.stride_tricks import sliding_window_view
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
-from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from edgetrain.fixedpoint import FixedPointFormat, Rounding, quantize_to_codes, requantize, shift_round
-from edgetrain.graph.modules import RELU6_CEILING, QActivation, QAdd, QAvgPool, QCompute, QLeakyReLU
-from edgetrain.graph.quantize import QuantizedModel
+from edgetrain.atomic import atomic_write, write_json_atomic
+from edgetrain.fixedpoint import (
+    RELU6_CEILING,
+    FixedPointFormat,
+    Rounding,
+    quantize_to_codes,
+    requantize,
+    shift_round,
+)
 
 FORMAT_NAME = "edgetrain-integer-program"
 FORMAT_VERSION = 1
@@ -265,18 +270,12 @@ class IntegerProgram:
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``manifest.json`` and ``weights.safetensors`` (each via a temporary file + os.replace)."""
+        """Write ``weights.safetensors`` then ``manifest.json`` (each atomically, ``edgetrain.atomic``)."""
         folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: _narrow(codes) for name, codes in self.tensors.items()}
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp))
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, folder / WEIGHTS_FILE)
-        manifest = self.manifest() | {"weights_sha256": digest}
-        tmp = folder / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, folder / MANIFEST_FILE)
+        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
+        write_json_atomic(folder / MANIFEST_FILE, self.manifest() | {"weights_sha256": digest})
         return folder
 
     @classmethod
@@ -368,164 +367,3 @@ def _narrow(codes: np.ndarray) -> np.ndarray:
         if codes.size == 0 or (codes.min() >= info.min and codes.max() <= info.max):
             return np.ascontiguousarray(codes.astype(dtype))
     return np.ascontiguousarray(codes.astype(np.int64))
-
-
-# ----------------------------------------------------------------------------------------------
-# export
-
-
-def _codes(quantizer: nn.Module, values: torch.Tensor) -> np.ndarray:
-    """Integer codes of ``quantizer(values)`` (exact: a multiple of a power of two)."""
-    return torch.round(quantizer(values).double() / quantizer.scale).to(torch.int64).numpy()
-
-
-class _Exporter:
-    def __init__(self, qmodel: QuantizedModel) -> None:
-        self.qmodel = qmodel
-        self.net = qmodel.net
-        self.modules = dict(self.net.named_modules())
-        self.names = {id(q): name for name, _, q in qmodel.named_quantizers()}
-        self.ops: list[dict[str, Any]] = []
-        self.tensors: dict[str, np.ndarray] = {}
-
-    def qname(self, quantizer: nn.Module) -> str:
-        return self.names[id(quantizer)]
-
-    def run(self) -> IntegerProgram:
-        ShapeProp(self.net).propagate(torch.zeros(1, *self.qmodel.input_shape[1:]))
-        handlers: dict[type, Callable[[fx.Node, Any], dict[str, Any]]] = {
-            QActivation: self.activation,
-            QCompute: self.compute,
-            QAvgPool: self.avgpool,
-            QAdd: self.add,
-            QLeakyReLU: self.leaky,
-            nn.MaxPool2d: self.maxpool,
-        }
-        shapes: dict[str, list[int]] = {}
-        input_name = output_name = ""
-        for node in self.net.graph.nodes:
-            if node.op == "placeholder":
-                input_name = node.name
-                continue
-            if node.op == "output":
-                output_name = node.args[0].name if isinstance(node.args[0], fx.Node) else ""
-                if not output_name:
-                    raise IntegerProgramError("only models with a single tensor output can be exported")
-                continue
-            if node.op == "call_module" and type(self.modules[node.target]) in handlers:
-                op = handlers[type(self.modules[node.target])](node, self.modules[node.target])
-            elif node.op == "call_function" and node.target is torch.cat:
-                op = {"op": "concat", "inputs": [a.name for a in node.args[0]], "axis": int(node.args[1])}
-            elif node.op == "call_function" and node.target is torch.reshape:
-                op = {"op": "reshape", "input": node.args[0].name, "shape": [int(s) for s in node.args[1]]}
-            else:
-                raise IntegerProgramError(
-                    f"node {node.name!r} ({node.op} {node.target}) has no integer implementation; "
-                    "ops left in float (allow_float=True) cannot be exported to an integer program"
-                )
-            op["output"] = node.name
-            shapes[node.name] = list(node.meta["tensor_meta"].shape)
-            self.ops.append(op)
-        quantizers = {
-            q.name: {
-                "role": q.role,
-                "bits": q.bits,
-                "signed": q.signed,
-                "exponent": q.exponent,
-                "rounding": q.rounding,
-                "threshold": q.threshold,
-                "log2_t": q.log2_t,
-                "group": q.group,
-            }
-            for q in self.qmodel.quantizers()
-        }
-        program = IntegerProgram(
-            quantizers, self.ops, self.tensors, input_name, output_name, list(self.qmodel.input_shape), shapes
-        )
-        program.validate()
-        return program
-
-    def activation(self, node: fx.Node, m: QActivation) -> dict[str, Any]:
-        if m.role == "input":
-            return {"op": "quantize", "input": node.args[0].name, "quantizer": self.qname(m.out_q)}
-        return {
-            "op": "requantize",
-            "input": node.args[0].name,
-            "quantizer": self.qname(m.out_q),
-            "activation": m.activation,
-        }
-
-    def compute(self, node: fx.Node, m: QCompute) -> dict[str, Any]:
-        weight, bias, _ = m.folded()
-        self.tensors[f"{node.target}.weight"] = _codes(m.weight_q, weight)
-        self.tensors[f"{node.target}.bias"] = _codes(m.bias_q, bias)
-        op = {
-            "op": m.kind,
-            "input": node.args[0].name,
-            "weight": f"{node.target}.weight",
-            "bias": f"{node.target}.bias",
-            "weight_q": self.qname(m.weight_q),
-            "acc_q": self.qname(m.acc_q),
-            "bias_q": self.qname(m.bias_q),
-            "out_q": self.qname(m.out_q),
-            "activation": m.activation,
-        }
-        if m.kind == "conv":
-            op |= {k: list(v) if isinstance(v, tuple) else v for k, v in m.conv_args.items()}
-        return op
-
-    def avgpool(self, node: fx.Node, m: QAvgPool) -> dict[str, Any]:
-        self.tensors[f"{node.target}.reciprocal"] = _codes(m.recip_q, m.reciprocal).reshape(1)
-        return {
-            "op": "avgpool",
-            "input": node.args[0].name,
-            "reciprocal": f"{node.target}.reciprocal",
-            "recip_q": self.qname(m.recip_q),
-            "out_q": self.qname(m.out_q),
-            "kernel": list(m.kernel),
-            "stride": list(m.stride),
-            "padding": list(m.padding),
-        }
-
-    def add(self, node: fx.Node, m: QAdd) -> dict[str, Any]:
-        return {
-            "op": "add",
-            "inputs": [a.name for a in node.args],
-            "out_q": self.qname(m.out_q),
-            "activation": m.activation,
-        }
-
-    def leaky(self, node: fx.Node, m: QLeakyReLU) -> dict[str, Any]:
-        self.tensors[f"{node.target}.alpha"] = _codes(m.alpha_q, m.alpha).reshape(1)
-        return {
-            "op": "leaky_relu",
-            "input": node.args[0].name,
-            "alpha": f"{node.target}.alpha",
-            "alpha_q": self.qname(m.alpha_q),
-            "prod_q": self.qname(m.prod_q),
-            "out_q": self.qname(m.out_q),
-        }
-
-    def maxpool(self, node: fx.Node, m: nn.MaxPool2d) -> dict[str, Any]:
-        def pair(v: Any) -> list[int]:
-            return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
-
-        return {
-            "op": "maxpool",
-            "input": node.args[0].name,
-            "kernel": pair(m.kernel_size),
-            "stride": pair(m.stride if m.stride is not None else m.kernel_size),
-            "padding": pair(m.padding),
-            "dilation": pair(m.dilation),
-        }
-
-
-@torch.no_grad()
-def to_integer(qmodel: QuantizedModel) -> IntegerProgram:
-    """The integer program of a quantized model (its eval-mode behaviour: BN frozen to moving stats)."""
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        return _Exporter(qmodel).run()
-    finally:
-        qmodel.train(was_training)
