@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.export import IntegerProgram, IntegerProgramError, ort_session, to_integer, to_onnx
-from edgetrain.export.program import FLOAT64_EXACT_BOUND, conv2d_int, exact_dot_dtype, linear_int
+from edgetrain.export.program import FLOAT64_EXACT_BOUND, conv2d_int, exact_dot_dtype, linear_int, manifest_digest
 from edgetrain.graph import QuantConfig, quantize
 from edgetrain.models import create_model
 
@@ -159,11 +159,14 @@ def test_corrupt_manifest_gives_a_clear_error(tmp_path, small_program) -> None:
     manifest = json.loads(text)
     manifest["ops"][1]["op"] = "fft"
     path.write_text(json.dumps(manifest))
+    with pytest.raises(IntegerProgramError, match="SHA-256 does not match its content"):
+        IntegerProgram.load(tmp_path)
+    path.write_text(json.dumps(manifest | {"manifest_sha256": manifest_digest(manifest)}))  # re-signed edits
     with pytest.raises(IntegerProgramError, match="unknown op 'fft'"):
         IntegerProgram.load(tmp_path)
     manifest = json.loads(text)
     del manifest["quantizers"]["0.acc_q"]
-    path.write_text(json.dumps(manifest))
+    path.write_text(json.dumps(manifest | {"manifest_sha256": manifest_digest(manifest)}))
     with pytest.raises(IntegerProgramError, match="unknown quantizer '0.acc_q'"):
         IntegerProgram.load(tmp_path)
 
@@ -181,6 +184,7 @@ def test_corrupt_weights_give_a_clear_error(tmp_path, small_program) -> None:
     manifest = json.loads((tmp_path / "manifest.json").read_text())
 
     manifest["weights_sha256"] = hashlib.sha256(b"not a safetensors file").hexdigest()
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegerProgramError, match="unreadable safetensors"):
         IntegerProgram.load(tmp_path)

@@ -141,9 +141,29 @@ def requantize(
     return clip_to_format(shift_round(values, exponent_out - exponent_in, rounding), fmt)
 
 
+class NaNInputError(ValueError):
+    """NaN reached a quantizer: it has no integer code (inf and huge values saturate instead)."""
+
+
+def reject_nan(has_nan: bool, where: str) -> None:
+    """Raise :class:`NaNInputError` when ``has_nan``: the one NaN rule of the program, fake-quant and eval."""
+    if has_nan:
+        raise NaNInputError(
+            f"{where} contains NaN, which has no integer code (+-inf and huge values saturate to the "
+            "largest/smallest code); replace or drop the NaN samples first"
+        )
+
+
 def quantize_to_codes(
     x: np.ndarray, exponent: int, fmt: FixedPointFormat, rounding: Rounding | str = Rounding.HALF_EVEN
 ) -> np.ndarray:
-    """Float array to integer codes: ``clip(round(x / 2^exponent), n, p)`` as int64."""
-    scaled = torch.as_tensor(np.ldexp(np.asarray(x, dtype=np.float64), -exponent))
-    return clip_to_format(round_tensor(scaled, rounding).numpy().astype(np.int64), fmt)
+    """Float array to integer codes: ``clip(round(x / 2^exponent), n, p)`` as int64.
+
+    Saturating: +-inf and values beyond the int64 range clip to ``p`` / ``n`` in floating point
+    before the cast, as the fake-quant model and ONNX ``QuantizeLinear`` do. NaN raises
+    :class:`NaNInputError`.
+    """
+    values = np.asarray(x, dtype=np.float64)
+    reject_nan(bool(np.isnan(values).any()), "the input")
+    rounded = round_tensor(torch.as_tensor(np.ldexp(values, -exponent)), rounding).numpy()
+    return np.clip(rounded, fmt.qmin, fmt.qmax).astype(np.int64)

@@ -10,8 +10,16 @@ appendix A; ``docs/quantization.md``). It depends only on :mod:`edgetrain.fixedp
 ``IntegerProgram.run(x)`` executes it on integer codes: convolution and linear layers as im2col
 matrix products that are exact (float64 BLAS when the 2^53 bound proves it, int64 otherwise), int64
 accumulators, shift requantization with round-to-nearest (``edgetrain.fixedpoint.requantize``) and
-saturation. Saved as ``manifest.json`` + ``weights.safetensors`` (a SHA-256 of the weights in the
-manifest); loading parses JSON and safetensors only.
+saturation. Saved as ``manifest.json`` + ``weights.safetensors``; the manifest holds a SHA-256 of the
+weight file and a SHA-256 of its own content (quantizers, ops, shapes, MAC widths), so any edit to
+either file is refused on load; loading parses JSON and safetensors only.
+
+Integer semantics (docs/quantization.md): inputs are quantized saturating (+-inf and huge values to
+the largest/smallest code, NaN rejected, as in the fake-quant model); each conv/linear MAC is
+accumulated exactly, then shifted into its accumulator format and saturated there. ``stats`` counts
+those accumulator saturations and the largest MAC seen per layer; ``mac_bits()`` gives the width a
+hardware MAC needs per layer, worst case over all inputs and observed on the data run so far, and
+``save`` writes both into the manifest.
 
 Activations after ReLU/ReLU6 are handled exactly in the integer domain because rounding and clipping
 are monotone: ``q(min(max(y, 0), 6)) = min(max(q(y), 0), q(6))``.
@@ -37,6 +45,7 @@ from edgetrain.fixedpoint import (
     RELU6_CEILING,
     FixedPointFormat,
     Rounding,
+    clip_to_format,
     quantize_to_codes,
     requantize,
     shift_round,
@@ -153,6 +162,31 @@ def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape(1, -1, *([1] * (ndim - 2)))
 
 
+def signed_bits(magnitude: int) -> int:
+    """Bits of the two's-complement register that holds every integer in ``[-magnitude, magnitude]``."""
+    return int(magnitude).bit_length() + 1
+
+
+@dataclass
+class ExecutionStats:
+    """What ``IntegerProgram.run`` saw, per weight layer, since the program was built or ``reset``."""
+
+    samples: int = 0
+    accumulator_values: dict[str, int] = field(default_factory=dict)  # accumulator entries computed
+    accumulator_saturated: dict[str, int] = field(default_factory=dict)  # of those, clipped to the format
+    mac_max: dict[str, int] = field(default_factory=dict)  # largest |MAC| before the shift
+
+    def record(self, layer: str, mac: np.ndarray, shifted: np.ndarray, fmt: FixedPointFormat) -> None:
+        saturated = int(np.count_nonzero((shifted < fmt.qmin) | (shifted > fmt.qmax)))
+        self.accumulator_values[layer] = self.accumulator_values.get(layer, 0) + int(mac.size)
+        self.accumulator_saturated[layer] = self.accumulator_saturated.get(layer, 0) + saturated
+        self.mac_max[layer] = max(self.mac_max.get(layer, 0), int(np.abs(mac).max(initial=0)))
+
+    @property
+    def saturated_total(self) -> int:
+        return sum(self.accumulator_saturated.values())
+
+
 @dataclass
 class IntegerProgram:
     """Quantizers, integer tensors and the op sequence of a fixed-point network (see module docstring)."""
@@ -164,6 +198,8 @@ class IntegerProgram:
     output: str
     input_shape: list[int]
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # provenance: model, dataset, preprocessing
+    stats: ExecutionStats = field(default_factory=ExecutionStats, compare=False, repr=False)
 
     # -- execution
     def fmt(self, name: str) -> FixedPointFormat:
@@ -185,14 +221,28 @@ class IntegerProgram:
         return int(self.quantizers[qname]["exponent"])
 
     def run(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Execute on a float batch (N x C x H x W); returns float32 outputs ``codes * 2^k``."""
+        """Execute on a float batch (N x C x H x W); returns float32 outputs ``codes * 2^k``.
+
+        Raises ValueError for an empty batch, a wrong shape, integer or non-numeric dtypes (images
+        must be scaled like the training data) and NaN (see the module docstring)."""
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         x = np.asarray(x)
-        if list(x.shape[1:]) != list(self.input_shape[1:]):
-            raise ValueError(f"input shape {list(x.shape)} does not match the program's {self.input_shape}")
-        chunks = [self._run(x[i : i + BATCH]) for i in range(0, max(len(x), 1), BATCH)]
-        return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(
+                f"input dtype {x.dtype} is not floating point: pass float images scaled as in training "
+                "(e.g. uint8 pixels / 255), not raw integers"
+            )
+        if x.ndim != len(self.input_shape) or list(x.shape[1:]) != list(self.input_shape[1:]):
+            raise ValueError(
+                f"input shape {list(x.shape)} does not match the program's input N x "
+                + " x ".join(map(str, self.input_shape[1:]))
+            )
+        if len(x) == 0:
+            raise ValueError("empty batch: the input holds 0 samples")
+        outputs = np.concatenate([self._run(x[i : i + BATCH]) for i in range(0, len(x), BATCH)])
+        self.stats.samples += len(x)
+        return outputs
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         env: dict[str, tuple[np.ndarray, int]] = {}
@@ -251,10 +301,46 @@ class IntegerProgram:
             acc = linear_int(codes, w)
         else:
             acc = codes * _channel(w, codes.ndim)
-        acc = self._requantize(acc, k_in + self._k(op["weight_q"]), op["acc_q"])
+        acc_fmt = self.fmt(op["acc_q"])
+        shifted = shift_round(
+            acc, self._k(op["acc_q"]) - k_in - self._k(op["weight_q"]), self.quantizers[op["acc_q"]]["rounding"]
+        )
+        self.stats.record(op["weight"], acc, shifted, acc_fmt)
+        acc = clip_to_format(shifted, acc_fmt)
         bias = _channel(self.tensors[op["bias"]], acc.ndim)
         (acc, bias), k = _align([acc, bias], [self._k(op["acc_q"]), self._k(op["bias_q"])])
         return self._requantize(acc + bias, k, op["out_q"], op["activation"]), self._k(op["out_q"])
+
+    # -- MAC widths
+    def mac_bits(self) -> dict[str, dict[str, Any]]:
+        """Per weight layer: the signed MAC width (bits) before the shift into the accumulator.
+
+        ``worst_case`` = bits of ``max_o sum_j |w_oj| * max|x|`` with ``max|x|`` the largest code
+        of the layer's input format (any input); ``observed`` = bits of the largest |MAC| in
+        ``stats`` (None before any run), over ``stats.samples`` samples.
+        """
+        largest: dict[str, int] = {self.input: 0}
+        widths: dict[str, dict[str, Any]] = {}
+        for op in self.ops:
+            sources = op["inputs"] if "inputs" in op else [op["input"]]
+            qname = op.get("out_q", op.get("quantizer"))
+            if qname is not None:
+                fmt = self.fmt(qname)
+                largest[op["output"]] = max(-fmt.qmin, fmt.qmax)
+            else:  # maxpool, reshape, concat keep their input's codes
+                largest[op["output"]] = max(largest.get(name, 0) for name in sources)
+            if op["op"] in ("conv", "linear", "scale"):
+                w = np.abs(self.tensors[op["weight"]])
+                row_sums = w.reshape(len(w), -1).sum(axis=1) if op["op"] != "scale" else w
+                worst = int(row_sums.max(initial=0)) * largest.get(op["input"], 0)
+                observed = self.stats.mac_max.get(op["weight"])
+                widths[op["weight"]] = {
+                    "worst_case": signed_bits(worst),
+                    "observed": None if observed is None else signed_bits(observed),
+                    "accumulator": self.fmt(op["acc_q"]).bits,
+                    "observed_samples": self.stats.samples,
+                }
+        return widths
 
     # -- persistence
     def manifest(self) -> dict[str, Any]:
@@ -267,6 +353,8 @@ class IntegerProgram:
             "quantizers": self.quantizers,
             "ops": self.ops,
             "shapes": self.shapes,
+            "meta": self.meta,
+            "mac_bits": self.mac_bits(),
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -275,7 +363,8 @@ class IntegerProgram:
         tensors = {name: _narrow(codes) for name, codes in self.tensors.items()}
         atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
-        write_json_atomic(folder / MANIFEST_FILE, self.manifest() | {"weights_sha256": digest})
+        manifest = self.manifest() | {"weights_sha256": digest}
+        write_json_atomic(folder / MANIFEST_FILE, manifest | {"manifest_sha256": manifest_digest(manifest)})
         return folder
 
     @classmethod
@@ -294,13 +383,25 @@ class IntegerProgram:
             raise IntegerProgramError(f"{manifest_path}: not an {FORMAT_NAME} manifest")
         if manifest.get("version") != FORMAT_VERSION:
             raise IntegerProgramError(f"{manifest_path}: unsupported version {manifest.get('version')!r}")
+        recorded = manifest.pop("manifest_sha256", None)
+        if recorded != manifest_digest(manifest):
+            raise IntegerProgramError(
+                f"{manifest_path}: its SHA-256 does not match its content (edited or written by an older "
+                "edgetrain); export the program again"
+            )
         blob = weights_path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != manifest.get("weights_sha256"):
             raise IntegerProgramError(f"{weights_path}: SHA-256 does not match the manifest (corrupt or replaced)")
         try:
-            tensors = {k: v.astype(np.int64) for k, v in load_file(str(weights_path)).items()}
-        except (SafetensorError, ValueError) as err:
-            raise IntegerProgramError(f"{weights_path}: unreadable safetensors file ({err})") from None
+            arrays = load_file(str(weights_path))
+        except (SafetensorError, ValueError, TypeError, KeyError, OverflowError, MemoryError) as err:  # crafted header
+            raise IntegerProgramError(
+                f"{weights_path}: unreadable safetensors file ({type(err).__name__}: {err})"
+            ) from None
+        floats = sorted(k for k, v in arrays.items() if not np.issubdtype(v.dtype, np.integer))
+        if floats:
+            raise IntegerProgramError(f"{weights_path}: tensors {floats[:3]} are not integer codes")
+        tensors = {k: v.astype(np.int64) for k, v in arrays.items()}
         try:
             program = cls(
                 quantizers=manifest["quantizers"],
@@ -310,6 +411,7 @@ class IntegerProgram:
                 output=manifest["output"],
                 input_shape=manifest["input_shape"],
                 shapes=manifest.get("shapes", {}),
+                meta=manifest.get("meta", {}),
             )
         except KeyError as err:
             raise IntegerProgramError(f"{manifest_path}: missing field {err}") from None
@@ -358,6 +460,12 @@ class IntegerProgram:
             defined.add(op["output"])
         if self.output not in defined:
             raise IntegerProgramError(f"output {self.output!r} is not produced by any op")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys), without its own digest field."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _narrow(codes: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from edgetrain.fixedpoint import FixedPointFormat, Rounding, round_tensor
+from edgetrain.fixedpoint import FixedPointFormat, Rounding, reject_nan, round_tensor
 
 LN2 = math.log(2.0)
 
@@ -167,6 +167,8 @@ class TQTQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if not self.training:  # inference: NaN is an error, as in the integer program (fixedpoint.reject_nan)
+            reject_nan(bool(torch.isnan(x).any()), "the input of a quantizer")
         return _fake_quantize(x, self.log2_t, self.format, self.rounding)
 
     def extra_repr(self) -> str:
