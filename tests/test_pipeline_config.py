@@ -119,7 +119,7 @@ def test_disk_full_during_a_stage_is_a_clear_cli_error(tmp_path: Path, monkeypat
     monkeypatch.setattr(cli_pipeline, "run_pipeline", full_disk)
     path = tmp_path / "run.toml"
     path.write_text(PipelineConfig().to_toml())
-    assert main(["run", str(path)]) == 2
+    assert main(["run", str(path)]) == 1  # a failure, not a usage error
     message = capsys.readouterr().err
     assert "No space left on device" in message and "checkpoint.pt" in message
-    assert "writable output folder" in message and "reused" in message
+    assert "Free disk space" in message and "reused" in message and len(message.strip().splitlines()) == 1

@@ -1,13 +1,17 @@
 """A small report builder: the same content written as ``report.md`` (with PNG files beside it)
-and as a self-contained ``report.html`` (PNG plots embedded as base64, inline CSS, no scripts)."""
+and as a self-contained ``report.html`` (PNG plots embedded as base64, inline CSS, no scripts).
+
+Every file is written atomically (``edgetrain.atomic``), the two documents last, and figures left
+over from an earlier report in the same folder are removed only after the new report is complete:
+an interrupted write leaves the previous report whole."""
 
 from __future__ import annotations
 
 import base64
 import html
 import os
-import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
+
+from edgetrain.atomic import atomic_write, write_bytes_atomic, write_text_atomic  # noqa: E402
+
+FIGURE_PATTERN = "figure_*.png"
 
 CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1000px;
@@ -88,9 +96,9 @@ class Report:
             elif block.kind in ("figure", "image"):
                 source, caption, name = block.payload
                 if block.kind == "figure":
-                    source.savefig(out / name, dpi=110, bbox_inches="tight")
+                    atomic_write(out / name, partial(_save_png, source))
                 else:
-                    shutil.copyfile(source, out / name)
+                    write_bytes_atomic(out / name, Path(source).read_bytes())
                 encoded = base64.b64encode((out / name).read_bytes()).decode()
                 md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
                 body.append(
@@ -102,14 +110,23 @@ class Report:
                 md += [f"```{language}", text.rstrip(), "```", ""]
                 body.append(f"<pre><code>{html.escape(text.rstrip())}</code></pre>")
         markdown_path, html_path = out / "report.md", out / "report.html"
-        markdown_path.write_text("\n".join(md))
-        html_path.write_text(
+        write_text_atomic(markdown_path, "\n".join(md))
+        write_text_atomic(
+            html_path,
             "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(self.title)}</title><style>{CSS}</style></head><body>"
             + "\n".join(body)
-            + "</body></html>"
+            + "</body></html>",
         )
+        current = {b.payload[2] for b in self.blocks if b.kind in ("figure", "image")}
+        for stale in out.glob(FIGURE_PATTERN):
+            if stale.name not in current:
+                stale.unlink()
         return markdown_path, html_path
+
+
+def _save_png(figure: Figure, path: Path) -> None:
+    figure.savefig(path, dpi=110, bbox_inches="tight", format="png")
 
 
 def _cell(value: Any) -> str:
