@@ -85,8 +85,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(
-            f"checkpoint {path} is corrupt or not an edgetrain checkpoint ({type(err).__name__}: {err}); "
+        raise ValueError(  # torch's own message suggests weights_only=False: not advice to pass on
+            f"checkpoint {path} is corrupt or not an edgetrain checkpoint ({type(err).__name__}); "
             "delete it to start over"
         ) from err
 
@@ -134,8 +134,15 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.running_loss = math.nan  # EMA (0.98) of the task loss, for display and the history
         self.loss_fn = nn.CrossEntropyLoss()
-        # what a checkpoint must match to be resumed by this run
-        self.signature = {"train_samples": len(train), "batch_size": batch_size, "epochs": epochs, "seed": seed}
+        # what a checkpoint must match to be resumed by this run: everything that determines the result
+        self.signature = {
+            "dataset": train.name,
+            "train_samples": len(train),
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "seed": seed,
+            "lr": self.base_lrs,
+        }
 
     # -- checkpointing -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -155,10 +162,17 @@ class Trainer:
         }
 
     def _resume(self, state: dict[str, Any]) -> None:
-        if state.get("signature") != self.signature:
+        saved = state.get("signature")
+        if saved != self.signature:
+            saved = saved if isinstance(saved, dict) else {}
+            differences = ", ".join(
+                f"{key} {saved.get(key, '(unset)')} there, {value} here"
+                for key, value in self.signature.items()
+                if saved.get(key) != value
+            )
             raise ValueError(
-                f"checkpoint {self.checkpoint} belongs to another run ({state.get('signature')}, this run: "
-                f"{self.signature}); use another checkpoint path or delete it to start over"
+                f"checkpoint {self.checkpoint} belongs to another run ({differences}); "
+                "use another output path or delete it to start over"
             )
         try:
             self.model.load_state_dict(state["model"])
@@ -229,7 +243,10 @@ class Trainer:
                 previous = self.running_loss
                 self.running_loss = value if math.isnan(previous) else 0.98 * previous + 0.02 * value
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.running_loss:.3f}", best_val=f"{max(self.best_val, 0):.4f}")
+                shown = {"loss": f"{self.running_loss:.3f}"}
+                if self.val is not None and self.history:  # no validation split: no best_val to show
+                    shown["best_val"] = f"{max(self.best_val, 0):.4f}"
+                bar.set_postfix(shown)
                 if self.step % self.eval_every == 0 or self.step == total:
                     self._validate(self.running_loss)
         bar.close()

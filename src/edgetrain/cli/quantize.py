@@ -23,9 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 from edgetrain.atomic import torch_save_atomic
+from edgetrain.cli import CLIError, positive_float, positive_int
 from edgetrain.data import Dataset, load_dataset
 from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
-from edgetrain.fixedpoint import Rounding
+from edgetrain.fixedpoint import Rounding, reject_nan
 from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
 from edgetrain.models import MODELS, create_model
 from edgetrain.tqt.retrain import RetrainConfig, retrain
@@ -33,7 +34,17 @@ from edgetrain.training import evaluate, load_checkpoint, train_float
 
 
 def _save(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    if Path(path).is_dir():
+        raise CLIError(
+            f"--out {path} is a folder; give a file path for the checkpoint (e.g. {Path(path) / 'model.pt'})"
+        )
     return torch_save_atomic(obj, path)
+
+
+def _finish(obj: dict[str, Any], out: str) -> None:
+    """Save the result, then drop the ``<out>.resume`` checkpoint of the finished run."""
+    _save(obj, out)
+    Path(out + ".resume").unlink(missing_ok=True)
 
 
 def _split(name: str, split: str, samples: int | None) -> Dataset:
@@ -79,6 +90,8 @@ def load_quantized(path: str | os.PathLike[str]) -> tuple[QuantizedModel, dict[s
 
 def cmd_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a folder; give a file path for the checkpoint")
     train, val = _split(args.data, "train", args.train_samples), _split(args.data, "val", None)
     meta = _model_meta(args, train)
     model = _float_model(meta)
@@ -92,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint=args.out + ".resume",
     )
-    _save({"kind": "float", "meta": meta, "state_dict": model.state_dict()}, args.out)
+    _finish({"kind": "float", "meta": meta, "state_dict": model.state_dict()}, args.out)
     print(
         f"float {args.model}: val top-1 {100 * result.best_val_accuracy:.2f}% (epoch {result.best_epoch:.1f}) "
         f"-> {args.out}"
@@ -125,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if args.table:
         print(qmodel.quantizer_table())
-    _save(
+    _finish(
         {
             "kind": "quantized",
             "meta": meta,
@@ -142,6 +155,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     qmodel, meta = load_quantized(args.checkpoint)
     if args.format == "integer":
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise CLIError(f"--out {args.out} is a file; an integer program is a folder (manifest + weights)")
         path = to_integer(qmodel).save(args.out)
     else:
         example = torch.zeros(2, meta["in_channels"], meta["image_size"], meta["image_size"])
@@ -167,12 +182,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, _ = load_float(args.float)
         with torch.no_grad():
             rows.insert(0, ("float", _batched(lambda x: model(x).numpy(), data.images, "float"), ""))
+    integer_program = None
     if args.integer:
-        program = IntegerProgram.load(args.integer)
-        out = _batched(program.run, data.images, "integer")
-        rows.append(("integer", out, f"{int((out != fake).any(axis=1).sum())} outputs differ from fake-quant"))
+        integer_program = IntegerProgram.load(args.integer)
+        out = _batched(integer_program.run, data.images, "integer")
+        saturated = integer_program.stats.saturated_total
+        rows.append(
+            (
+                "integer",
+                out,
+                f"{int((out != fake).any(axis=1).sum())} outputs differ from fake-quant; "
+                f"{saturated} accumulator values saturated",
+            )
+        )
     if args.onnx:
-        session = ort_session(args.onnx)
+        try:
+            session = ort_session(args.onnx)
+        except Exception as err:  # onnxruntime raises its own types for files that are not ONNX
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(
+                f"{args.onnx} is not a loadable ONNX model ({type(err).__name__}: {first[:200]})"
+            ) from None
+        reject_nan(bool(torch.isnan(data.images).any()), "the evaluation data")  # the graph cannot raise itself
         name = session.get_inputs()[0].name
         out = _batched(lambda x: session.run(None, {name: x.numpy()})[0], data.images, "onnx")
         agreement = 100 * np.mean(out.argmax(1) == fake.argmax(1))
@@ -181,23 +212,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{'model':<11} {'top-1':>7}  note")
     for label, out, note in rows:
         print(f"{label:<11} {100 * np.mean(out.argmax(1) == labels):>6.2f}%  {note}")
+    if integer_program is not None:
+        _print_mac_table(integer_program)
     return 0
+
+
+def _print_mac_table(program: IntegerProgram) -> None:
+    """Per layer: MAC width (worst case, observed here), accumulator width and saturated accumulator values."""
+    stats = program.stats
+    print(f"\n{'layer':<24} {'MAC bits worst':>14} {'observed':>8} {'accumulator':>11} {'saturated':>10}")
+    for layer, widths in program.mac_bits().items():
+        saturated = stats.accumulator_saturated.get(layer, 0)
+        share = saturated / max(stats.accumulator_values.get(layer, 0), 1)
+        print(
+            f"{layer:<24} {widths['worst_case']:>14} {widths['observed'] or '-':>8} "
+            f"{'int' + str(widths['accumulator']):>11} {saturated:>10} ({share:.2%})"
+        )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     models = ", ".join(sorted(MODELS))
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+        p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
         p.add_argument("--seed", type=int, default=0)
 
     p = subparsers.add_parser("train", help="float pretraining of a zoo model (checkpointed)")
     p.add_argument("--model", required=True, help=f"one of: {models}")
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist | mnist | digits")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-samples", type=int, default=None, help="use the first N training images")
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--train-samples", type=positive_int, default=None, help="use the first N training images")
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
     common(p)
     p.set_defaults(handler=cmd_train)
@@ -212,11 +258,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rounding", default="half_even", choices=[r.value for r in Rounding])
     p.add_argument("--weight-calibration", default=None, help="max | 3sd | kl_j | percentile | mse")
     p.add_argument("--allow-float", action="store_true", help="leave unsupported ops in float")
-    p.add_argument("--calib", type=int, default=512, help="calibration images")
-    p.add_argument("--epochs", type=int, default=1, help="retraining epochs")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--weight-lr", type=float, default=1e-4)
-    p.add_argument("--train-samples", type=int, default=None)
+    p.add_argument("--calib", type=positive_int, default=512, help="calibration images")
+    p.add_argument("--epochs", type=positive_int, default=1, help="retraining epochs")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--weight-lr", type=positive_float, default=1e-4)
+    p.add_argument("--train-samples", type=positive_int, default=None)
     p.add_argument("--table", action="store_true", help="print every quantizer")
     p.add_argument("--out", required=True)
     common(p)
@@ -235,6 +281,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", help="ONNX file")
     p.add_argument("--data", default=None)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--samples", type=int, default=None, help="first N images of the split")
+    p.add_argument("--samples", type=positive_int, default=None, help="first N images of the split")
     common(p)
     p.set_defaults(handler=cmd_eval)

@@ -1,7 +1,11 @@
 """The pipeline configuration: one TOML (or YAML) file, one typed section per stage.
 
 Every key has a documented default, so a config only names what it changes. Unknown sections or
-keys are errors that list the valid ones (with a close match when there is one).
+keys are errors that list the valid ones (with a close match when there is one). A config is
+validated whole before any stage runs (:func:`validate_config`: every number range-checked, every
+rule, scenario, drift and dataset name known, all problems reported together), and
+:func:`preflight` checks what needs the data and the model: it builds the model and traces it
+through the quantization graph pass (every op supported), before anything is trained or deleted.
 
 ```toml
 [model]
@@ -26,10 +30,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgetrain.data import Dataset
+
+SUPPORTED_WEIGHT_BITS = (4, 8)  # the graph pass and the integer program are tested at INT8 and INT4
+DRIFTS = ("", "analog", "digital")
+ADAPTATION_DATASETS = ("mnist", "fashion-mnist")  # the scenario streams are built from these
 
 
 @dataclass
@@ -161,6 +173,140 @@ def config_from_dict(raw: dict[str, Any]) -> PipelineConfig:
     return config
 
 
+def _range_problems(config: PipelineConfig) -> list[str]:
+    """Every out-of-range number of the config, as ``[section] key must be ..., got ...``."""
+    problems: list[str] = []
+
+    def need(section: str, key: str, ok: bool, rule: str) -> None:
+        if not ok:
+            problems.append(f"[{section}] {key} must be {rule}, got {getattr(getattr(config, section), key)!r}")
+
+    def positive_number(section: str, key: str) -> None:
+        value = getattr(getattr(config, section), key)
+        need(section, key, math.isfinite(value) and value > 0, "a number > 0")
+
+    data, pretrain, quant, adapt = config.data, config.pretrain, config.quantize, config.adapt
+    for key in ("train_samples", "test_samples", "seed"):
+        need("data", key, getattr(data, key) >= 0, ">= 0 (0: all)" if key != "seed" else ">= 0")
+    need("pretrain", "epochs", pretrain.epochs >= 1, ">= 1")
+    need("pretrain", "batch_size", pretrain.batch_size >= 1, ">= 1")
+    positive_number("pretrain", "lr")
+    bits = " or ".join(map(str, SUPPORTED_WEIGHT_BITS))
+    need("quantize", "weight_bits", quant.weight_bits in SUPPORTED_WEIGHT_BITS, bits)
+    need("quantize", "first_last_weight_bits", quant.first_last_weight_bits in SUPPORTED_WEIGHT_BITS, bits)
+    need("quantize", "act_bits", 2 <= quant.act_bits <= 16, "2 to 16")
+    need("quantize", "calibration_samples", quant.calibration_samples >= 1, ">= 1")
+    need("quantize", "retrain_epochs", quant.retrain_epochs >= 0, ">= 0 (0: static quantization only)")
+    need("quantize", "retrain_samples", quant.retrain_samples >= 0, ">= 0 (0: all)")
+    need("quantize", "batch_size", quant.batch_size >= 1, ">= 1")
+    positive_number("quantize", "weight_lr")
+    positive_number("quantize", "threshold_lr")
+    need("export", "verify_samples", config.export.verify_samples >= 0, ">= 0 (0: the whole test split)")
+    need("adapt", "samples", adapt.samples >= 1, ">= 1")
+    need("adapt", "shift_block", adapt.shift_block >= 1, ">= 1")
+    need("adapt", "rank", adapt.rank >= 1, ">= 1")
+    need("adapt", "seed", adapt.seed >= 0, ">= 0")
+    positive_number("adapt", "lr")
+    need("output", "dir", bool(config.output.dir.strip()), "a folder path")
+    return problems
+
+
+def _name_problems(config: PipelineConfig) -> list[str]:
+    """Unknown model, dataset, scenario, drift or rule names (each with the valid ones)."""
+    from edgetrain.adapt import rules
+    from edgetrain.adapt.scenarios import SCENARIOS
+    from edgetrain.data.datasets import DATASETS
+    from edgetrain.models import MODELS
+
+    problems: list[str] = []
+
+    def known(section: str, key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+        if value not in choices:
+            shown = ", ".join(repr(c) if c == "" else c for c in choices)
+            problems.append(f"[{section}] {key} = {value!r} is unknown{_suggest(value, list(choices))}; valid: {shown}")
+
+    model = config.model
+    if model.import_path:
+        module, _, attribute = model.import_path.partition(":")
+        if not module or not attribute:
+            problems.append(f"[model] import = {model.import_path!r} must look like 'package.module:callable'")
+    else:
+        known("model", "name", model.name, sorted(MODELS))
+    known("data", "dataset", config.data.dataset, DATASETS)
+    if config.data.dataset == "folder" and not config.data.root:
+        problems.append('[data] dataset = "folder" needs root = "<folder with the image files>"')
+    adapt = config.adapt
+    if not adapt.rules:
+        return problems  # no adaptation stage: its settings are unused
+    if config.data.dataset not in ADAPTATION_DATASETS:
+        problems.append(
+            f"[adapt] the scenario streams are built from {' or '.join(ADAPTATION_DATASETS)}, not "
+            f"{config.data.dataset!r}; set [adapt] rules = [] to stop after the export"
+        )
+    known("adapt", "scenario", adapt.scenario, SCENARIOS)
+    known("adapt", "drift", adapt.drift, DRIFTS)
+    if len(set(adapt.rules)) != len(adapt.rules):
+        problems.append(f"[adapt] rules lists a rule twice: {adapt.rules}")
+    for rule in adapt.rules:
+        if rule not in rules.RULES:
+            known("adapt", "rules", rule, list(rules.RULES))
+        elif hasattr(rules, "parse_rule_options"):
+            try:
+                rules.parse_rule_options(rule, rule_options(config, rule))
+            except (TypeError, ValueError) as err:
+                problems.append(f"[adapt] rule {rule!r}: {err}")
+    return problems
+
+
+def rule_options(config: PipelineConfig, rule: str) -> dict[str, Any]:
+    """The ``[adapt]`` settings that rule ``rule`` takes (``lr`` for every learning rule, ``rank`` for lowrank)."""
+    from edgetrain.adapt import rules
+
+    offered = {"lr": config.adapt.lr, "rank": config.adapt.rank}
+    accepted = {f.name for f in dataclasses.fields(rules.RULE_OPTIONS[rule])} if hasattr(rules, "RULE_OPTIONS") else {}
+    return {key: value for key, value in offered.items() if key in accepted}
+
+
+def validate_config(config: PipelineConfig) -> PipelineConfig:
+    """Check the whole config (ranges and names) and raise one ConfigError listing every problem."""
+    problems = _range_problems(config) + _name_problems(config)
+    if problems:
+        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+        raise ConfigError(f"config has {count}: " + "; ".join(problems))
+    return config
+
+
+def preflight(config: PipelineConfig, train: Dataset) -> None:
+    """What the config will do, checked before the first stage: the data is usable and the model
+    builds for it and traces through the quantization graph pass with every op supported.
+
+    Cheap: one graph rewrite of the untrained model on one zero image, no calibration or training."""
+    import torch
+
+    from edgetrain.graph import QuantConfig, build_quantized_model
+    from edgetrain.graph.quantize import UnsupportedOpError
+    from edgetrain.pipeline.models import build_model
+
+    if len(train) == 0:
+        raise ConfigError(f"the training split of {config.data.dataset!r} holds 0 images; check [data]")
+    model = build_model(config.model, train)
+    quant = config.quantize
+    settings = QuantConfig(
+        weight_bits=quant.weight_bits, act_bits=quant.act_bits, first_last_weight_bits=quant.first_last_weight_bits
+    )
+    example = torch.zeros(1, *train.images.shape[1:])
+    try:
+        build_quantized_model(model.eval(), example, settings, "static")
+    except UnsupportedOpError as err:
+        first = " ".join(line.strip() for line in str(err).splitlines())
+        raise ConfigError(f"[model] cannot be quantized: {first}") from err
+    except Exception as err:  # a model that does not trace or does not accept the data's shape
+        raise ConfigError(
+            f"[model] does not run on {config.data.dataset} images of shape {list(train.images.shape[1:])} "
+            f"({type(err).__name__}: {err})"
+        ) from err
+
+
 def load_config(path: str | Path) -> PipelineConfig:
     """Read a ``.toml`` (or ``.yaml``/``.yml`` when PyYAML is installed) pipeline config."""
     path = Path(path)
@@ -182,4 +328,4 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a table of sections")
-    return config_from_dict(raw)
+    return validate_config(config_from_dict(raw))
