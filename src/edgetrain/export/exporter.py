@@ -14,17 +14,69 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from edgetrain.export.program import IntegerProgram, IntegerProgramError
-from edgetrain.graph.modules import QActivation, QAdd, QAvgPool, QCompute, QLeakyReLU
+from edgetrain.graph.modules import (
+    QActivation,
+    QAdd,
+    QAvgPool,
+    QCompute,
+    QLeakyReLU,
+    QLookup,
+    QMean,
+    QMul,
+    upsample_nearest,
+)
 from edgetrain.graph.quantize import QuantizedModel
+
+
+def _bn_record(bn: nn.modules.batchnorm._BatchNorm) -> dict[str, Any]:
+    """The float statistics and parameters of a BN that stays a ``scale`` op (device metadata)."""
+    channels = bn.running_mean.numel()
+    gamma = bn.weight if bn.affine else torch.ones(channels)
+    beta = bn.bias if bn.affine else torch.zeros(channels)
+    return {
+        "mean": bn.running_mean.tolist(),
+        "var": bn.running_var.tolist(),
+        "eps": float(bn.eps),
+        "gamma": gamma.detach().tolist(),
+        "beta": beta.detach().tolist(),
+    }
 
 
 def _codes(quantizer: nn.Module, values: torch.Tensor) -> np.ndarray:
     """Integer codes of ``quantizer(values)`` (exact: a multiple of a power of two)."""
     return torch.round(quantizer(values).double() / quantizer.scale).to(torch.int64).numpy()
+
+
+MOVES: dict[Any, str] = {  # data-movement functions of the quantized graph -> program ops
+    torch.reshape: "reshape",
+    F.pad: "pad",
+    upsample_nearest: "upsample",
+    torch.permute: "transpose",
+    torch.narrow: "slice",
+}
+
+
+def _move_fields(node: fx.Node) -> dict[str, Any]:
+    """The parameters of a data-movement op (pads in ONNX order: every axis' begin, then its end)."""
+    kind, args = MOVES[node.target], node.args[1:]
+    if kind == "reshape":
+        return {"shape": [int(s) for s in args[0]]}
+    if kind == "pad":
+        ndim = len(node.args[0].meta["tensor_meta"].shape)
+        torch_pads = list(args[0]) + [0] * (2 * ndim - len(args[0]))  # last axis first, (begin, end) pairs
+        begins = [int(torch_pads[2 * (ndim - 1 - d)]) for d in range(ndim)]
+        ends = [int(torch_pads[2 * (ndim - 1 - d) + 1]) for d in range(ndim)]
+        return {"pads": begins + ends}
+    if kind == "upsample":
+        return {"scale": [int(args[0]), int(args[1])]}
+    if kind == "transpose":
+        return {"perm": [int(d) for d in args[0]]}
+    return {"axis": int(args[0]), "start": int(args[1]), "length": int(args[2])}
 
 
 class _Exporter:
@@ -47,6 +99,9 @@ class _Exporter:
             QAvgPool: self.avgpool,
             QAdd: self.add,
             QLeakyReLU: self.leaky,
+            QLookup: self.lookup,
+            QMul: self.mul,
+            QMean: self.mean,
             nn.MaxPool2d: self.maxpool,
         }
         shapes: dict[str, list[int]] = {}
@@ -64,8 +119,8 @@ class _Exporter:
                 op = handlers[type(self.modules[node.target])](node, self.modules[node.target])
             elif node.op == "call_function" and node.target is torch.cat:
                 op = {"op": "concat", "inputs": [a.name for a in node.args[0]], "axis": int(node.args[1])}
-            elif node.op == "call_function" and node.target is torch.reshape:
-                op = {"op": "reshape", "input": node.args[0].name, "shape": [int(s) for s in node.args[1]]}
+            elif node.op == "call_function" and node.target in MOVES:
+                op = {"op": MOVES[node.target], "input": node.args[0].name} | _move_fields(node)
             else:
                 raise IntegerProgramError(
                     f"node {node.name!r} ({node.op} {node.target}) has no integer implementation; "
@@ -120,6 +175,8 @@ class _Exporter:
         }
         if m.kind == "conv":
             op |= {k: list(v) if isinstance(v, tuple) else v for k, v in m.conv_args.items()}
+        if m.kind == "scale" and m.bn is not None:
+            op["bn"] = _bn_record(m.bn)  # the device keeps it as a streaming batch norm
         return op
 
     def avgpool(self, node: fx.Node, m: QAvgPool) -> dict[str, Any]:
@@ -137,7 +194,7 @@ class _Exporter:
 
     def add(self, node: fx.Node, m: QAdd) -> dict[str, Any]:
         return {
-            "op": "add",
+            "op": "sub" if m.subtract else "add",
             "inputs": [a.name for a in node.args],
             "out_q": self.qname(m.out_q),
             "activation": m.activation,
@@ -154,6 +211,31 @@ class _Exporter:
             "out_q": self.qname(m.out_q),
         }
 
+    def lookup(self, node: fx.Node, m: QLookup) -> dict[str, Any]:
+        self.tensors[f"{node.target}.table"] = _codes(m.out_q, m.table())
+        return {
+            "op": "lookup",
+            "input": node.args[0].name,
+            "table": f"{node.target}.table",
+            "in_q": self.qname(m.in_q),
+            "out_q": self.qname(m.out_q),
+        }
+
+    def mul(self, node: fx.Node, m: QMul) -> dict[str, Any]:
+        return {"op": "mul", "inputs": [a.name for a in node.args], "out_q": self.qname(m.out_q)}
+
+    def mean(self, node: fx.Node, m: QMean) -> dict[str, Any]:
+        self.tensors[f"{node.target}.reciprocal"] = _codes(m.recip_q, m.reciprocal).reshape(1)
+        return {
+            "op": "mean",
+            "input": node.args[0].name,
+            "axes": list(m.dims),
+            "keepdim": m.keepdim,
+            "reciprocal": f"{node.target}.reciprocal",
+            "recip_q": self.qname(m.recip_q),
+            "out_q": self.qname(m.out_q),
+        }
+
     def maxpool(self, node: fx.Node, m: nn.MaxPool2d) -> dict[str, Any]:
         def pair(v: Any) -> list[int]:
             return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
@@ -165,15 +247,21 @@ class _Exporter:
             "stride": pair(m.stride if m.stride is not None else m.kernel_size),
             "padding": pair(m.padding),
             "dilation": pair(m.dilation),
-        }
+        } | ({"ceil_mode": True} if m.ceil_mode else {})
 
 
 @torch.no_grad()
-def to_integer(qmodel: QuantizedModel) -> IntegerProgram:
-    """The integer program of a quantized model (its eval-mode behaviour: BN frozen to moving stats)."""
+def to_integer(qmodel: QuantizedModel, meta: dict[str, Any] | None = None) -> IntegerProgram:
+    """The integer program of a quantized model (its eval-mode behaviour: BN frozen to moving stats).
+
+    ``meta`` (JSON-able) is stored in the manifest: the model and dataset it came from, so that
+    ``edgetrain adapt --program`` and ``eval --program`` need no further flags.
+    """
     was_training = qmodel.training
     qmodel.eval()
     try:
-        return _Exporter(qmodel).run()
+        program = _Exporter(qmodel).run()
+        program.meta = dict(meta or {})
+        return program
     finally:
         qmodel.train(was_training)

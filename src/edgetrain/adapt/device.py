@@ -1,0 +1,431 @@
+"""The device that adapts: an exported :class:`~edgetrain.export.IntegerProgram` run on NVM weight codes.
+
+``DeviceNet.from_program(program)`` builds the on-device network from the integer program alone
+(codes, exponents, op graph; no float model, no fx graph). Its forward executes the program's ops
+in torch on *values* ``code * 2^k`` held in float64, mirroring the integer executor op for op:
+
+- every requantization is ``clip(round(v / 2^k), lo, hi) * 2^k`` with the quantizer's rounding
+  (a shift of the integer code by the exponent difference, TQT appendix A);
+- a conv / linear / scale op is ``q_out(act(q_acc(sum w x) + b))`` with ``w`` and ``b`` the current
+  codes; the multiply-accumulate is exact in float64 for every partial sum below 2^53, the same bound
+  under which the integer executor uses float64 BLAS;
+
+so the forward is the integer program bit for bit, at every step of adaptation, and
+``to_program()`` exports the adapted device as a program whose outputs equal the device's forward.
+
+Backward (LRT v1 section 5, appendix C): straight-through through every quantizer (the gradient is
+masked where the code clipped, and by the ReLU); in online mode the gradient is quantized onto the
+8-bit [-1, 1) grid at every weight layer's input and before every activation. Each weight layer
+exposes, for the update rules, the last sample's im2col terms ``a`` (input patches) and
+``dz = wmult * dL/dz`` with ``wmult = 2^(k_w + b - 1)``: the stored weight is ``W = code * 2^-(b-1)``
+in [-1, 1) (the paper's weight unit) and the real weight is ``wmult * W``.
+
+Batch norm: the TQT export folds every BN that follows a conv/linear into its weights and bias, so on
+the device those BNs no longer exist: their statistics are frozen into the stored codes, and
+adaptation moves the folded weights and biases directly. A BN that cannot be folded (after a
+pool/ReLU, as in the LRT paper's net) is a ``scale`` op; with ``streaming_bn=True`` (the default,
+as in the paper, App. E) the device keeps it as a streaming batch norm: per-channel EMAs
+(eta = 1 - 1/B) of the mean and mean square of its input, 16-bit gamma and beta learned per sample,
+and the op's codes ``w = q_w(gamma / sigma)``, ``b = q_b(beta - gamma mu / sigma)`` recomputed from
+them at every forward; ``to_program()`` writes those codes. ``streaming_bn=False`` keeps the
+exported codes fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetrain.adapt.qnet import PAPER_GRAD, GradQuantMixin, Grid, LayerFormats
+from edgetrain.export.program import IntegerProgram
+from edgetrain.fixedpoint import RELU6_CEILING, FixedPointFormat, Rounding, round_tensor
+
+WEIGHT_OPS = ("conv", "linear")
+BN_WARM_STEPS = 10_000  # EMAs start at the exported statistics, as if after this many samples
+
+
+class _Requantize(torch.autograd.Function):
+    """``clip(round(v / 2^k), lo, hi) * 2^k``; straight-through inside [lo, hi] (and v > 0 after ReLU)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, step: float, lo: int, hi: int, mode: str, relu: bool
+    ) -> torch.Tensor:
+        codes = round_tensor(v / step, mode)
+        if v.requires_grad:
+            inside = (codes >= lo) & (codes <= hi)
+            ctx.save_for_backward(inside & (v > 0) if relu else inside)
+        return codes.clamp_(lo, hi).mul_(step)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None, None
+
+
+class Requantizer:
+    """One quantizer of the program as a value-domain function (bits, sign, exponent, rounding)."""
+
+    def __init__(self, spec: dict[str, Any], activation: str = "none") -> None:
+        self.fmt = FixedPointFormat(int(spec["bits"]), bool(spec["signed"]))
+        self.exponent = int(spec["exponent"])
+        self.step = math.ldexp(1.0, self.exponent)
+        self.rounding = Rounding.parse(spec["rounding"]).value
+        self.relu = activation in ("relu", "relu6")
+        self.lo = max(self.fmt.qmin, 0) if self.relu else self.fmt.qmin
+        self.hi = self.fmt.qmax
+        if activation == "relu6":
+            ceiling = round_tensor(torch.tensor(RELU6_CEILING / self.step, dtype=torch.float64), self.rounding)
+            self.hi = int(min(max(float(ceiling), self.fmt.qmin), self.fmt.qmax))
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return _Requantize.apply(v, self.step, self.lo, self.hi, self.rounding, self.relu)
+
+    def codes(self, v: torch.Tensor) -> np.ndarray:
+        """Integer codes of values already on this grid (exact)."""
+        return torch.round(v.detach() / self.step).to(torch.int64).numpy()
+
+    @property
+    def grid(self) -> Grid:
+        """The same grid as an ``edgetrain.adapt.Grid`` (for the rules' parameter updates)."""
+        return Grid(self.fmt.bits, self.fmt.signed, self.exponent + self.fmt.mantissa_bits)
+
+
+def _values(codes: np.ndarray, exponent: int) -> torch.Tensor:
+    return torch.from_numpy(np.ldexp(codes.astype(np.float64), exponent))
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class DeviceLayer(GradQuantMixin):
+    """A conv or linear op whose weights live in NVM: ``q_out(act(q_acc(W x) + b))``.
+
+    ``weight`` holds the real weight values ``code * 2^k_w`` (float64, shaped like torch's weight);
+    the matrix view is ``n_out x n_in`` with ``n_in = c_in/groups * kh * kw`` in ``unfold`` order.
+    """
+
+    def __init__(self, op: dict[str, Any], program: IntegerProgram, grad: Grid) -> None:
+        super().__init__()
+        self.op = op
+        self.name = str(op["weight"]).removesuffix(".weight")
+        self.is_conv = op["op"] == "conv"
+        q = program.quantizers
+        w_spec = q[op["weight_q"]]
+        self.k_w = int(w_spec["exponent"])
+        weight_fmt = FixedPointFormat(int(w_spec["bits"]), True)
+        self.wmult = math.ldexp(1.0, self.k_w + weight_fmt.mantissa_bits)
+        self.acc_q = Requantizer(q[op["acc_q"]])
+        self.bias_q = Requantizer(q[op["bias_q"]])
+        self.out_q = Requantizer(q[op["out_q"]], op["activation"])
+        self.formats = LayerFormats(
+            weight=Grid(weight_fmt.bits, True, 0),
+            bias=self.bias_q.grid,
+            acc=self.acc_q.grid,
+            act=self.out_q.grid,
+            grad=grad,
+            wmult_log2=self.k_w + weight_fmt.mantissa_bits,
+        )
+        codes = program.tensors[op["weight"]]
+        self.weight_shape = tuple(codes.shape)
+        self.register_buffer("weight", _values(codes, self.k_w))
+        self.bias = nn.Parameter(_values(program.tensors[op["bias"]], self.bias_q.exponent))
+        if self.is_conv:
+            self.stride, self.padding = _pair(op["stride"]), _pair(op["padding"])
+            self.dilation, self.groups = _pair(op["dilation"]), int(op["groups"])
+        else:
+            self.groups = 1
+        self.record = False
+        self.cache_input: torch.Tensor | None = None
+        self.cache_z: torch.Tensor | None = None
+        self.out_pixels = 1
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        """(n_out, n_in) of the weight matrix."""
+        return self.weight_shape[0], int(np.prod(self.weight_shape[1:]))
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.weight_shape[2], self.weight_shape[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.gq(x, self.formats.grad)
+        if self.is_conv:
+            z = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+            self.out_pixels = int(z.shape[-2] * z.shape[-1])
+        else:
+            z = F.linear(x, self.weight)
+        if self.record:
+            if z.requires_grad:
+                z.retain_grad()
+            else:
+                z.requires_grad_(True)
+            self.cache_input, self.cache_z = x.detach(), z
+        y = self.acc_q(z) + self.bias.view(1, -1, *([1] * (z.dim() - 2)))
+        if self.out_q.relu:
+            y = self.gq(y, self.formats.grad)
+        return self.out_q(y)
+
+    def _recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache_input is None or self.cache_z is None or self.cache_z.grad is None:
+            raise RuntimeError(f"layer {self.name}: no forward/backward pass has been recorded")
+        return self.cache_input, self.cache_z.grad * self.wmult
+
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last sample's im2col terms (LRT App. B): ``a`` (pixels x n_in), ``dz`` (pixels x n_out)."""
+        x, dz = self._recorded()
+        if self.groups != 1:
+            raise ValueError(f"layer {self.name}: a grouped conv has no single im2col Kronecker term; use weight_grad()")
+        if not self.is_conv:
+            return x.flatten(1), dz
+        a = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        return a[0].T, dz[0].flatten(1).T
+
+    def weight_grad(self) -> torch.Tensor:
+        """dL/dW in stored units (n_out x n_in): the sum over pixels of dz a^T, any groups."""
+        x, dz = self._recorded()
+        if not self.is_conv:
+            return dz.T @ x.flatten(1)
+        grad = torch.nn.grad.conv2d_weight(
+            x, self.weight_shape, dz, self.stride, self.padding, self.dilation, self.groups
+        )
+        return grad.reshape(self.shape2d)
+
+    def set_codes(self, codes: np.ndarray) -> None:
+        """Load stored codes (n_out x n_in) into the weight values."""
+        with torch.no_grad():
+            self.weight.copy_(_values(np.asarray(codes).reshape(self.weight_shape), self.k_w))
+
+    def codes(self) -> np.ndarray:
+        """Current stored codes as an (n_out x n_in) int64 matrix."""
+        return np.rint(np.ldexp(self.weight.numpy(), -self.k_w)).astype(np.int64).reshape(self.shape2d)
+
+    def export_tensors(self) -> dict[str, np.ndarray]:
+        return {
+            self.op["weight"]: self.codes().reshape(self.weight_shape),
+            self.op["bias"]: self.bias_q.codes(self.bias),
+        }
+
+
+class DeviceBatchNorm(GradQuantMixin):
+    """A ``scale`` op (a BN that could not be folded) kept as streaming batch norm (LRT v1 App. E).
+
+    Per channel: ``mu = m / (1 - eta^t)``, ``var = sq / (1 - eta^t) - mu^2`` from the EMAs of the
+    input's mean ``m`` and mean square ``sq`` (eta = 1 - 1/B, updated in training mode only); the op's
+    codes are ``w = q_w(gamma / sigma)`` and ``b = q_b(beta - gamma mu / sigma)``; gamma and beta are
+    16-bit parameters learned per sample; no gradient flows through the statistics. With
+    ``enabled=False`` the exported codes stay fixed.
+    """
+
+    def __init__(self, op: dict[str, Any], program: IntegerProgram, grad: Grid, streaming: bool, batch: int) -> None:
+        super().__init__()
+        self.op = op
+        self.name = str(op["weight"]).removesuffix(".weight")
+        q = program.quantizers
+        self.weight_q = Requantizer(q[op["weight_q"]])
+        self.acc_q = Requantizer(q[op["acc_q"]])
+        self.bias_q = Requantizer(q[op["bias_q"]])
+        self.out_q = Requantizer(q[op["out_q"]], op["activation"])
+        self.register_buffer("weight", _values(program.tensors[op["weight"]], self.weight_q.exponent))
+        self.register_buffer("bias", _values(program.tensors[op["bias"]], self.bias_q.exponent))
+        bn = op.get("bn")
+        self.enabled = bool(streaming and bn)
+        self.eta = 1.0 - 1.0 / batch
+        stats = bn or {"mean": [0.0], "var": [1.0], "eps": 1e-5, "gamma": [1.0], "beta": [0.0]}
+        mean = torch.tensor(stats["mean"], dtype=torch.float64)
+        gamma = torch.tensor(stats["gamma"], dtype=torch.float64)
+        beta = torch.tensor(stats["beta"], dtype=torch.float64)
+        self.eps = float(stats["eps"])
+        span = float(torch.cat([gamma.abs(), beta.abs()]).max())
+        self.param_grid = Grid(16, True, max(3, math.ceil(math.log2(span + 1e-12)) + 1))
+        self.formats = LayerFormats(bias=self.param_grid, grad=grad)
+        self.gamma = nn.Parameter(self.param_grid.quantize(gamma))
+        self.beta = nn.Parameter(self.param_grid.quantize(beta))
+        var = torch.tensor(stats["var"], dtype=torch.float64)
+        self.register_buffer("mean_ema", mean.clone())
+        self.register_buffer("msq_ema", var + mean * mean)
+        self.register_buffer("step", torch.tensor(BN_WARM_STEPS, dtype=torch.int64))
+        self.register_buffer("refolded", torch.tensor(False))  # False: still the exported codes
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bias-corrected (mu, sigma) of the EMAs."""
+        correction = 1.0 - self.eta ** max(int(self.step), 1)
+        mu = self.mean_ema / correction
+        var = (self.msq_ema / correction - mu * mu).clamp(1e-8, 1e8)
+        return mu, torch.sqrt(var + self.eps)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        self.mean_ema.mul_(self.eta).add_((1 - self.eta) * x.mean(dims))
+        self.msq_ema.mul_(self.eta).add_((1 - self.eta) * (x * x).mean(dims))
+        self.step += 1
+        self.refolded.fill_(True)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w, b) on the op's grids: the exported codes until the first streaming sample, then the
+        streaming BN's current fold (so a freshly loaded program runs exactly as exported)."""
+        if not self.enabled or not bool(self.refolded):
+            return self.weight, self.bias
+        mu, sigma = self.statistics()
+        return self.weight_q(self.gamma / sigma), self.bias_q(self.beta - self.gamma * mu / sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and self.training:
+            self.observe(x.detach())
+        w, b = self.folded()
+        x = self.gq(x, self.formats.grad)
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        y = self.acc_q(x * w.view(shape)) + b.view(shape)
+        if self.out_q.relu:
+            y = self.gq(y, self.formats.grad)
+        return self.out_q(y)
+
+    def export_tensors(self) -> dict[str, np.ndarray]:
+        w, b = self.folded()
+        return {self.op["weight"]: self.weight_q.codes(w), self.op["bias"]: self.bias_q.codes(b)}
+
+    def export_op(self) -> dict[str, Any]:
+        """The op with the current statistics and parameters in its ``bn`` record."""
+        op = copy.deepcopy(self.op)
+        if self.enabled:
+            mu, sigma = self.statistics()
+            op["bn"] = {
+                "mean": mu.tolist(),
+                "var": (sigma * sigma - self.eps).tolist(),
+                "eps": self.eps,
+                "gamma": self.gamma.detach().tolist(),
+                "beta": self.beta.detach().tolist(),
+            }
+        return op
+
+
+class DeviceNet(nn.Module):
+    """The integer program as a trainable on-device network (see the module docstring).
+
+    ``weight_layers`` (conv/linear ops, weights in NVM) and ``bn_layers`` (streaming batch norms) are
+    what the update rules of :mod:`edgetrain.adapt.rules` act on; ``forward(x)`` takes float images
+    (N x C x H x W) and returns the program's output values (float32, exact).
+    """
+
+    def __init__(
+        self, program: IntegerProgram, grad: Grid = PAPER_GRAD, streaming_bn: bool = True, bn_batch: int = 10
+    ) -> None:
+        super().__init__()
+        program.validate()
+        self.program = program
+        self.input_shape = list(program.input_shape)
+        self.stages = nn.ModuleDict()
+        for op in program.ops:
+            if op["op"] in WEIGHT_OPS:
+                self.stages[op["output"]] = DeviceLayer(op, program, grad)
+            elif op["op"] == "scale":
+                self.stages[op["output"]] = DeviceBatchNorm(op, program, grad, streaming_bn, bn_batch)
+        self.requantizers: dict[str, Requantizer] = {}
+        for op in program.ops:
+            if op["op"] in ("quantize", "requantize"):
+                self.requantizers[op["output"]] = Requantizer(program.quantizers[op["quantizer"]], op.get("activation", "none"))
+            elif op["op"] in ("add", "avgpool"):
+                self.requantizers[op["output"]] = Requantizer(program.quantizers[op["out_q"]], op.get("activation", "none"))
+            elif op["op"] == "leaky_relu":
+                self.requantizers[op["output"] + "/product"] = Requantizer(program.quantizers[op["prod_q"]])
+                self.requantizers[op["output"]] = Requantizer(program.quantizers[op["out_q"]])
+        self.constants: dict[str, torch.Tensor] = {}
+        for op in program.ops:
+            for field, qfield in (("reciprocal", "recip_q"), ("alpha", "alpha_q")):
+                if field in op:
+                    exponent = int(program.quantizers[op[qfield]]["exponent"])
+                    self.constants[op["output"]] = _values(program.tensors[op[field]], exponent)
+
+    @classmethod
+    def from_program(
+        cls, program: IntegerProgram, grad: Grid = PAPER_GRAD, streaming_bn: bool = True, bn_batch: int = 10
+    ) -> DeviceNet:
+        """The device network of an exported program (``IntegerProgram.load(dir)`` or ``to_integer``)."""
+        return cls(program, grad=grad, streaming_bn=streaming_bn, bn_batch=bn_batch)
+
+    @property
+    def weight_layers(self) -> list[DeviceLayer]:
+        return [s for s in self.stages.values() if isinstance(s, DeviceLayer)]
+
+    @property
+    def bn_layers(self) -> list[DeviceBatchNorm]:
+        return [s for s in self.stages.values() if isinstance(s, DeviceBatchNorm) and s.enabled]
+
+    def set_online(self, online: bool) -> None:
+        """Online (batch 1) mode quantizes gradients; offline use does not."""
+        for stage in self.stages.values():
+            stage.quantize_grads = online
+
+    def set_streaming_bn(self, enabled: bool) -> None:
+        """Streaming BN on the ``scale`` ops that carry BN statistics (off: their exported codes)."""
+        for stage in self.stages.values():
+            if isinstance(stage, DeviceBatchNorm):
+                stage.enabled = enabled and "bn" in stage.op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if list(x.shape[1:]) != self.input_shape[1:]:
+            raise ValueError(f"input shape {list(x.shape)} does not match the program's {self.input_shape}")
+        if torch.isnan(x).any():
+            raise ValueError("input contains NaN; the device cannot quantize it (clean the data first)")
+        env: dict[str, torch.Tensor] = {}
+        for op in self.program.ops:
+            env[op["output"]] = self._execute(op, x, env)
+        return env[self.program.output].float()
+
+    def _execute(self, op: dict[str, Any], x: torch.Tensor, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        kind, out = op["op"], op["output"]
+        if kind == "quantize":
+            return self.requantizers[out](x.double())
+        if kind in ("add", "concat"):
+            inputs = [env[name] for name in op["inputs"]]
+            if kind == "concat":
+                return torch.cat(inputs, dim=int(op["axis"]))
+            return self.requantizers[out](inputs[0] + inputs[1])
+        v = env[op["input"]]
+        if out in self.stages:
+            return self.stages[out](v)
+        if kind == "requantize":
+            return self.requantizers[out](v)
+        if kind == "reshape":
+            return v.reshape(op["shape"])
+        if kind == "maxpool":
+            return F.max_pool2d(v, op["kernel"], op["stride"], op["padding"], op["dilation"])
+        if kind == "avgpool":
+            window_sum = F.avg_pool2d(v, op["kernel"], op["stride"], op["padding"], divisor_override=1)
+            return self.requantizers[out](window_sum * self.constants[out])
+        if kind == "leaky_relu":
+            product = self.requantizers[out + "/product"](v * self.constants[out])
+            return self.requantizers[out](torch.maximum(v, product))
+        raise ValueError(f"op {kind!r} ({out}) has no device implementation")
+
+    def to_program(self) -> IntegerProgram:
+        """The adapted device as an integer program (same manifest format; current NVM codes)."""
+        tensors = {name: codes.copy() for name, codes in self.program.tensors.items()}
+        ops = []
+        for op in self.program.ops:
+            stage = self.stages[op["output"]] if op["output"] in self.stages else None
+            if stage is None:
+                ops.append(copy.deepcopy(op))
+                continue
+            tensors.update(stage.export_tensors())
+            ops.append(stage.export_op() if isinstance(stage, DeviceBatchNorm) else copy.deepcopy(op))
+        program = IntegerProgram(
+            quantizers=copy.deepcopy(self.program.quantizers),
+            ops=ops,
+            tensors=tensors,
+            input=self.program.input,
+            output=self.program.output,
+            input_shape=list(self.program.input_shape),
+            shapes=copy.deepcopy(self.program.shapes),
+        )
+        program.validate()
+        return program
