@@ -75,17 +75,53 @@ def test_stuck_cells_ignore_writes_and_are_not_counted() -> None:
     initial = np.arange(-50, 50).reshape(10, 10)
     arr = NVMArray(initial, INT8, stuck_fraction=0.3, seed=4)
     stuck = arr.stuck_mask.copy()
+    stuck_codes = arr.codes[stuck].copy()
     assert stuck.sum() == 30
-    np.testing.assert_array_equal(NVMArray(initial, INT8, stuck_fraction=0.3, seed=4).stuck_mask, stuck)
-    written = arr.write(initial + 1)
+    again = NVMArray(initial, INT8, stuck_fraction=0.3, seed=4)  # seeded: same cells, same codes
+    np.testing.assert_array_equal(again.stuck_mask, stuck)
+    np.testing.assert_array_equal(again.codes, arr.codes)
+    # stuck at codes drawn from the whole int8 range, not at the trained values (-50..49)
+    assert np.mean(stuck_codes != initial[stuck]) > 0.9 and np.abs(stuck_codes).max() > 50
+    np.testing.assert_array_equal(arr.codes[~stuck], initial[~stuck])
+    target = initial + 1
+    target[stuck] = stuck_codes + np.where(stuck_codes < 127, 1, -1)  # tries to change every stuck cell
+    written = arr.write(target)
     assert written == 70
-    np.testing.assert_array_equal(arr.codes[stuck], initial[stuck])
+    np.testing.assert_array_equal(arr.codes[stuck], stuck_codes)
     np.testing.assert_array_equal(arr.codes[~stuck], initial[~stuck] + 1)
     assert arr.write_counts[stuck].sum() == 0 and arr.total_writes == 70
+    assert arr.pulse_counts[stuck].sum() == 30  # the pulse model still pulses a stuck cell
     assert arr.energy_pj["write"] == pytest.approx(70 * 8 * 10.9)
     arr.apply_analog_drift(5.0, np.random.default_rng(0))
     arr.apply_digital_drift(0.5, np.random.default_rng(0))
-    np.testing.assert_array_equal(arr.codes[stuck], initial[stuck])
+    np.testing.assert_array_equal(arr.codes[stuck], stuck_codes)
+
+
+def test_stuck_models_draw_from_the_code_range() -> None:
+    zeros = np.zeros(20_000, dtype=np.int64)
+    uniform = NVMArray(zeros, INT8, stuck_fraction=0.5, seed=1)
+    codes = uniform.codes[uniform.stuck_mask]
+    assert codes.min() == -128 and codes.max() == 127
+    assert codes.mean() == pytest.approx(-0.5, abs=3 * 74 / math.sqrt(codes.size))  # uniform: sd ~ 256/sqrt(12)
+    bounds = NVMArray(zeros, INT8, stuck_fraction=0.5, seed=1, stuck_model="bounds")
+    assert set(np.unique(bounds.codes[bounds.stuck_mask])) == {-128, 127}
+    assert np.mean(bounds.codes[bounds.stuck_mask] == 127) == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ValueError, match="stuck_model"):
+        NVMArray(zeros, INT8, stuck_model="trained")
+
+
+def test_binomial2_flip_draw_doubles_the_flip_rate() -> None:
+    spec = DriftSpec("digital", period=1, p0=5e4, horizon=1e6, flip_draw="binomial2")  # p = 0.05
+    assert spec.flip_probability == pytest.approx(1 - 0.95**2)
+    assert DriftSpec("digital", period=1, p0=5e4, horizon=1e6).flip_probability == pytest.approx(0.05)
+    arr = NVMArray(np.zeros(20_000, dtype=np.int64), INT8)
+    spec.apply(arr, step=0, rng=np.random.default_rng(2))
+    flipped = ((np.bitwise_and(arr.codes, 0xFF)[:, None] >> np.arange(8)) & 1).sum()
+    n, q = 160_000, 1 - 0.95**2
+    assert abs(flipped - n * q) < 4 * math.sqrt(n * q * (1 - q))
+    assert spec.as_dict()["flip_draw"] == "binomial2"
+    with pytest.raises(ValueError, match="flip_draw"):
+        DriftSpec("digital", flip_draw="poisson")
 
 
 def test_analog_drift_statistics_and_clipping() -> None:
@@ -164,7 +200,7 @@ def test_drift_spec_schedule_and_units() -> None:
 def test_state_dict_round_trip() -> None:
     rng = np.random.default_rng(3)
     codes = rng.integers(-128, 128, size=(6, 7))
-    arr = NVMArray(codes, INT8, EnergyModel(3.0, 1.0), endurance=500, stuck_fraction=0.2, seed=9)
+    arr = NVMArray(codes, INT8, EnergyModel(3.0, 1.0), endurance=500, stuck_fraction=0.2, seed=9, stuck_model="bounds")
     arr.write(np.clip(arr.codes + 1, -128, 127))
     arr.apply_analog_drift(0.7, rng)
     arr.read()
@@ -177,6 +213,7 @@ def test_state_dict_round_trip() -> None:
     for key, value in back.state_dict().items():
         np.testing.assert_array_equal(value, state[key], err_msg=key)
     assert (back.max_writes, back.total_writes, back.energy_pj) == (arr.max_writes, arr.total_writes, arr.energy_pj)
+    assert (back.pulse_max_writes, back.stuck_model) == (arr.pulse_max_writes, arr.stuck_model)
     # both continue identically
     new = np.clip(arr.codes - 2, -128, 127)
     assert back.write(new) == arr.write(new)

@@ -146,7 +146,10 @@ class QWeight(GradQuantMixin):
 
     ``weight`` holds ``codes * lsb`` of the stored array, shaped like torch's weight; the matrix view
     is ``n_out x n_in`` with ``n_in = c_in kh kw`` in ``unfold`` order (im2col, LRT App. B).
+    Always ungrouped (``groups = 1``; the device network also has grouped / depthwise layers).
     """
+
+    groups = 1
 
     def __init__(
         self,

@@ -1,44 +1,177 @@
 """Update rules of the online trainer, as small interchangeable objects (docs/adaptation.md).
 
-A rule is bound to a :class:`~edgetrain.adapt.qnet.QNet` and its NVM arrays, then called once per
-sample after the backward pass. Weights change only through ``NVMArray.write`` (one update event,
-every changed cell is one write); biases and batch-norm gamma/beta (16-bit, high-endurance memory)
-follow per-sample SGD ``p <- q_b(p - q_b(lr * g))``, with g max-normed in the max-norm variants
-(LRT v1 section 4.5, App. D). All weight arithmetic is on the stored grid: an update is
-``clip(codes - round(lr_eff * dW / lsb))``. The stored codes are always inside the grid, so the
-weights' STE mask is 1 and saturation is the clip.
+A rule is bound to a network (``QNet`` or the device network: any object with the layer protocol
+``weight_layers`` / ``bn_layers``) and its NVM arrays, then called once per sample after the
+backward pass. Weights change only through ``NVMArray.apply_update`` (one update event: every
+changed cell is one code-change write, every non-zero update term one pulse); biases and batch-norm
+gamma/beta (16-bit, high-endurance memory) follow per-sample SGD ``p <- q_b(p - q_b(lr * g))``, with
+g max-normed in the max-norm variants (LRT v1 section 4.5, App. D). All weight arithmetic is on the
+stored grid: an update is ``clip(codes - round(lr_eff * dW / lsb))``.
+
+Each rule takes one typed, validated options object (``RULE_OPTIONS``), built from keywords, a
+config mapping (:func:`parse_rule_options`) or the command line; ``make_rule(name, options)``.
+Grouped / depthwise conv layers (``layer.groups > 1``) use the dense ``layer.weight_grad()``: a
+Kronecker sum of per-pixel terms does not fit their block-diagonal weight matrix, so ``LowRank``
+keeps a dense 16-bit gradient sum for them (counted in its auxiliary memory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from edgetrain.adapt.qnet import QNet, QWeight
 from edgetrain.lowrank import MaxNorm, StreamingKroneckerSum
 from edgetrain.nvm import NVMArray
 
 FACTOR_BITS = 16  # LRT factors and accumulators: 16-bit (LRT v1 appendix C)
-SAMPLE_BITS = 8  # activations and gradients: 8-bit
+ROUNDINGS = ("nearest", "stochastic")
 
 
-def lowrank_aux_bits(n: int, m: int, rank: int, bits: int = FACTOR_BITS) -> int:
-    """LRT state of an n x m layer: factors r (n + m) b bits plus the r weights c_x (docs/adaptation.md)."""
-    return rank * (n + m) * bits + rank * bits
+# -- options ----------------------------------------------------------------------------------------
+def option(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    above: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A rule option: its default, a help line, and its valid range (``low <= x <= high``, ``x > above``)."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "above": above, "choices": choices})
 
 
-def minibatch_sample_bits(n: int, m: int, batch: int, pixels: int = 1, bits: int = SAMPLE_BITS) -> int:
-    """Minibatch SGD storing its B samples' (dz, a) pairs: B P (n + m) b bits (LRT v1 section 4.1)."""
-    return batch * pixels * (n + m) * bits
+def _type_ok(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
-def accumulator_bits(n: int, m: int, bits: int = FACTOR_BITS) -> int:
-    """Minibatch SGD with a partial-sum accumulator: n m b bits (LRT v1 section 4.1)."""
+def _type_name(hint: Any) -> str:
+    return " or ".join(a.__name__ for a in typing.get_args(hint)) if typing.get_args(hint) else hint.__name__
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Base of the per-rule options: validates every field's type and range on construction."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        rule = RULE_NAMES.get(type(self), type(self).__name__)
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if not _type_ok(value, hints[f.name]):
+                raise ValueError(f"{rule} option {f.name}={value!r} must be {_type_name(hints[f.name])}")
+            if value is None or isinstance(value, bool):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{rule} option {f.name}={value!r} must be a finite number")
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ValueError(f"{rule} option {f.name}={value!r}; choose one of: {', '.join(meta['choices'])}")
+            if meta.get("low") is not None and value < meta["low"]:
+                raise ValueError(f"{rule} option {f.name}={value!r} must be >= {meta['low']}")
+            if meta.get("high") is not None and value > meta["high"]:
+                raise ValueError(f"{rule} option {f.name}={value!r} must be <= {meta['high']}")
+            if meta.get("above") is not None and not value > meta["above"]:
+                raise ValueError(f"{rule} option {f.name}={value!r} must be > {meta['above']}")
+
+
+@dataclass(frozen=True)
+class InferenceOptions(RuleOptions):
+    """Inference only has no options."""
+
+
+@dataclass(frozen=True)
+class BiasOnlyOptions(RuleOptions):
+    """Per-sample SGD on biases and BN gamma/beta."""
+
+    lr: float = option(0.01, "learning rate", above=0.0)
+    max_norm: bool = option(False, "max-norm the bias and BN gradients (LRT App. D)")
+
+
+@dataclass(frozen=True)
+class SGDOptions(RuleOptions):
+    """Batch-1 SGD on every weight (``sgd`` rounds to nearest, ``sgd-sr`` stochastically)."""
+
+    lr: float = option(0.01, "learning rate", above=0.0)
+    train_biases: bool = option(True, "per-sample SGD on biases and BN gamma/beta too")
+
+
+@dataclass(frozen=True)
+class MinibatchOptions(RuleOptions):
+    """SGD with a dense n x m gradient accumulator written every ``batch`` samples."""
+
+    batch: int = option(10, "minibatch-sgd batch B (samples between writes)", low=1)
+    lr: float = option(0.01, "learning rate", above=0.0)
+    train_biases: bool = option(True, "per-sample SGD on biases and BN gamma/beta too")
+
+
+@dataclass(frozen=True)
+class LowRankOptions(RuleOptions):
+    """Low-rank training (LRT v1 section 4, App. C) and the knobs that cut code changes."""
+
+    rank: int = option(4, "rank r of each layer's gradient accumulator", low=1)
+    batch_fc: int = option(100, "low-rank FC update period B (samples)", low=1)
+    batch_conv: int = option(10, "low-rank conv update period B (samples)", low=1)
+    unbiased: bool = option(True, "unbiased (OK) accumulator; False: biased top-r")
+    unbiased_fc: bool | None = option(None, "estimator of the FC layers (default: as unbiased)")
+    max_norm: bool = option(True, "max-norm the factors and the bias/BN gradients (LRT App. D)")
+    kappa_th: float = option(100.0, "conditioning gate kappa_th of the accumulator (LRT App. H)", above=0.0)
+    rho_min: float = option(0.01, "write only when more than this fraction of cells would change", low=0.0, high=1.0)
+    lr: float = option(0.01, "learning rate", above=0.0)
+    train_biases: bool = option(True, "per-sample SGD on biases and BN gamma/beta too")
+    chunk: int = option(1, "accumulator terms folded per step", low=1)
+    rounding: str = option("nearest", "rounding of the rank-r update onto the LSB grid", choices=ROUNDINGS)
+    write_threshold: float = option(0.0, "write only cells whose update is >= this many LSBs (0: off)", low=0.0)
+    error_feedback: bool = option(False, "feed the unwritten remainder back into the accumulator (rank r)")
+    endurance: float | None = option(None, "governor: cell endurance in writes (with lifetime_samples)", above=0.0)
+    lifetime_samples: float | None = option(None, "governor: target lifetime in samples (with endurance)", above=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.endurance is None) != (self.lifetime_samples is None):
+            raise ValueError("lowrank options endurance and lifetime_samples go together: set both or neither")
+
+
+# -- shared arithmetic ------------------------------------------------------------------------------
+def dense_accumulator_bits(n: int, m: int, bits: int = FACTOR_BITS) -> int:
+    """A dense n x m gradient accumulator: n m b bits (LRT v1 section 4.1)."""
     return n * m * bits
+
+
+def round_to_grid(x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """int64 codes of ``x`` (in LSBs): round-half-even when ``rng`` is None, else stochastic rounding
+    ``floor(x) + Bernoulli(x - floor(x))`` (unbiased: E = x)."""
+    if rng is None:
+        return np.rint(x).astype(np.int64)
+    low = np.floor(x)
+    return (low + (rng.random(x.shape) < (x - low))).astype(np.int64)
+
+
+def pixel_activity(a: torch.Tensor, dz: torch.Tensor) -> np.ndarray:
+    """Per-pixel outer-product terms per cell: #pixels with dz_i != 0 and a_j != 0 (the LRT paper's
+    SGD conv count: each pixel's update applied as its own pulse)."""
+    return ((dz != 0).T.float() @ (a != 0).float()).long().numpy()
+
+
+def groups_of(layer: Any) -> int:
+    return int(getattr(layer, "groups", 1))
 
 
 def norm_state(norm: MaxNorm) -> dict[str, float]:
@@ -50,66 +183,59 @@ def load_norm_state(norm: MaxNorm, state: dict[str, float]) -> None:
     norm.step, norm.x_mv = int(state["step"]), float(state["x_mv"])
 
 
-def accumulator_state(acc: StreamingKroneckerSum) -> dict[str, Any]:
-    """Every array, RNG and number attribute of an accumulator (a stopgap: ``StreamingKroneckerSum``
-    has no ``state_dict`` yet, and this keeps resumes exact whatever its internals are)."""
-    state: dict[str, Any] = {}
-    for key, value in vars(acc).items():
-        if isinstance(value, np.ndarray):
-            state[key] = value.copy()
-        elif isinstance(value, np.random.Generator):
-            state[key] = value.bit_generator.state
-        elif value is None or isinstance(value, int | float | str | bool):
-            state[key] = value
-    return state
+def normed(norm: MaxNorm | None, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """(x / s, s): the max-normed ``x`` and its divisor s (1 without a norm)."""
+    if norm is None:
+        return x, 1.0
+    y = norm(x)
+    peak = float(np.abs(y).max()) if y.size else 0.0
+    return y, (float(np.abs(x).max()) / peak if peak > 0 else 1.0)
 
 
-def load_accumulator_state(acc: StreamingKroneckerSum, state: dict[str, Any]) -> None:
-    for key, value in state.items():
-        current = getattr(acc, key)
-        if isinstance(current, np.random.Generator):
-            current.bit_generator.state = value
-        elif isinstance(current, np.ndarray):
-            setattr(acc, key, np.array(value, dtype=current.dtype).reshape(np.shape(value)))
-        else:
-            setattr(acc, key, value)
-
-
-def round_update(layer: QWeight, delta: np.ndarray) -> np.ndarray:
-    """The update in weight LSBs: round(delta / lsb) as int64 (deterministic, App. C)."""
-    return np.rint(delta / layer.formats.weight.lsb).astype(np.int64)
-
-
-def write_update(layer: QWeight, array: NVMArray, step_codes: np.ndarray) -> int:
-    """W <- clip(W - dW_q) as one update event; reload the layer's weights; return cells written."""
-    fmt = array.fmt
-    written = array.write(np.clip(array.codes - step_codes, fmt.qmin, fmt.qmax))
-    layer.set_codes(array.codes)
-    return written
-
-
+# -- rules ------------------------------------------------------------------------------------------
 class UpdateRule:
     """Base rule: per-sample SGD on biases and BN parameters (``train_biases``), nothing else.
 
-    ``learns = False`` (inference only) skips the backward pass altogether.
+    ``learns = False`` (inference only) skips the backward pass altogether. Subclasses name their
+    options class in ``Options``; ``Rule(options)`` or ``Rule(**keywords)``.
     """
 
     name = "rule"
     learns = True
+    Options: type[RuleOptions] = RuleOptions
 
-    def __init__(self, lr: float = 0.01, max_norm: bool = False, train_biases: bool = True) -> None:
-        self.lr = lr
-        self.max_norm = max_norm
-        self.train_biases = train_biases
-        self.net: QNet | None = None
+    def __init__(self, options: RuleOptions | None = None, **kwargs: Any) -> None:
+        if options is None:
+            options = parse_rule_options(self.name, kwargs)
+        elif not isinstance(options, self.Options):
+            raise TypeError(f"rule {self.name} takes {self.Options.__name__}, got {type(options).__name__}")
+        elif kwargs:
+            options = dataclasses.replace(options, **kwargs)
+        self.options = options
+        self.net: Any = None
         self.arrays: dict[str, NVMArray] = {}
         self.param_norms: dict[str, MaxNorm] = {}
+        self.rng = np.random.default_rng(0)
 
-    def bind(self, net: QNet, arrays: dict[str, NVMArray], seed: int = 0) -> None:
-        """Attach to a network and its NVM arrays (one per weight layer, by layer name)."""
+    @property
+    def lr(self) -> float:
+        return float(getattr(self.options, "lr", 0.0))
+
+    @property
+    def trains_params(self) -> bool:
+        return bool(getattr(self.options, "train_biases", True))
+
+    @property
+    def max_norm(self) -> bool:
+        return bool(getattr(self.options, "max_norm", False))
+
+    def bind(self, net: Any, arrays: dict[str, NVMArray], seed: int = 0) -> None:
+        """Attach to a network and its NVM arrays (one per weight layer, by layer name); ``seed``
+        seeds the rule's own random draws (stochastic rounding, random signs)."""
         self.net = net
         self.arrays = arrays
         self.param_norms = {key: MaxNorm() for key, _, _ in self._params()} if self.max_norm else {}
+        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
 
     def _params(self) -> list[tuple[str, torch.nn.Parameter, Any]]:
         """(key, parameter, its 16-bit grid) of every bias and BN gamma/beta."""
@@ -136,8 +262,16 @@ class UpdateRule:
 
     def update(self, step: int) -> None:
         """Apply the rule after the backward pass of sample ``step`` (0-based)."""
-        if self.train_biases:
+        if self.trains_params:
             self.update_params()
+
+    def write(self, layer: Any, step_codes: np.ndarray, pulses: np.ndarray | None = None) -> int:
+        """W <- clip(W - step_codes) as one update event; reload the layer's codes; return cells written."""
+        array = self.arrays[layer.name]
+        written = array.apply_update(step_codes, pulses)
+        if written:
+            layer.set_codes(array.codes)
+        return written
 
     def aux_memory_bits(self) -> dict[str, int]:
         """Auxiliary (non-NVM) memory of the weight updates, per layer, in bits."""
@@ -145,14 +279,18 @@ class UpdateRule:
         return {layer.name: 0 for layer in self.net.weight_layers}
 
     def config(self) -> dict[str, Any]:
-        return {"rule": self.name, "lr": self.lr, "max_norm": self.max_norm, "train_biases": self.train_biases}
+        return {"rule": self.name, **dataclasses.asdict(self.options)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"param_norms": {k: norm_state(v) for k, v in self.param_norms.items()}}
+        return {
+            "param_norms": {k: norm_state(v) for k, v in self.param_norms.items()},
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, saved in state.get("param_norms", {}).items():
             load_norm_state(self.param_norms[key], saved)
+        self.rng.bit_generator.state = state["rng"]
 
 
 class InferenceOnly(UpdateRule):
@@ -160,6 +298,7 @@ class InferenceOnly(UpdateRule):
 
     name = "inference"
     learns = False
+    Options = InferenceOptions
 
     def update(self, step: int) -> None:
         return None
@@ -169,88 +308,78 @@ class BiasOnly(UpdateRule):
     """Per-sample SGD on biases and BN gamma/beta only; weights are never written."""
 
     name = "bias-only"
+    Options = BiasOnlyOptions
 
 
 class SGD(UpdateRule):
-    """Batch-1 SGD on every weight: dW_q = round(lr * sum_pixels dz a^T / lsb), written at once.
+    """Batch-1 SGD on every weight: dW_q = round(lr sum_pixels dz a^T / lsb), one update event per sample.
 
-    ``writes_pixel`` also counts writes the way the paper counts conv SGD (the authors' code):
-    every output pixel where a and dz are both non-zero is one write to that cell, as when a
-    convolution's update is applied pixel by pixel; FC layers count the cells written.
+    Pulse model: a conv layer's update counts as its per-pixel outer products (one pulse per pixel
+    where a and dz are both non-zero: the LRT paper's activity count); an FC or grouped conv layer
+    counts its non-zero rounded update. Grouped / depthwise conv layers use ``layer.weight_grad()``.
     """
 
     name = "sgd"
-
-    def __init__(self, lr: float = 0.01, train_biases: bool = True) -> None:
-        super().__init__(lr=lr, max_norm=False, train_biases=train_biases)
-        self.pixel_writes: dict[str, np.ndarray] = {}
-
-    def bind(self, net: QNet, arrays: dict[str, NVMArray], seed: int = 0) -> None:
-        super().bind(net, arrays, seed)
-        self.pixel_writes = {layer.name: np.zeros(layer.shape2d, dtype=np.int64) for layer in net.weight_layers}
+    Options = SGDOptions
+    stochastic = False
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         assert self.net is not None
+        rng = self.rng if self.stochastic else None
         for layer in self.net.weight_layers:
-            a, dz = layer.columns()
-            step_codes = round_update(layer, self.lr * (dz.T @ a).double().numpy())
-            if step_codes.any():
-                write_update(layer, self.arrays[layer.name], step_codes)
-            if layer.is_conv:
-                self.pixel_writes[layer.name] += ((dz != 0).T.float() @ (a != 0).float()).long().numpy()
+            pulses = None
+            if groups_of(layer) == 1:
+                a, dz = layer.columns()
+                grad = dz.T @ a
+                if layer.is_conv:
+                    pulses = pixel_activity(a, dz)
             else:
-                self.pixel_writes[layer.name] += step_codes != 0
+                grad = layer.weight_grad()
+            step_codes = round_to_grid(self.lr * grad.double().numpy() / layer.formats.weight.lsb, rng)
+            if step_codes.any() or (pulses is not None and pulses.any()):
+                self.write(layer, step_codes, pulses)
         super().update(step)
 
-    def max_pixel_writes(self) -> int:
-        return max(int(c.max()) for c in self.pixel_writes.values())
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pixel_writes": dict(self.pixel_writes)}
+class SGDStochastic(SGD):
+    """Batch-1 SGD with seeded stochastic rounding of the quantized update (the fair batch-1
+    baseline): dW_q = floor(x) + Bernoulli(x - floor(x)), x = lr dW / lsb, so E[dW_q] = x and
+    updates far below one LSB still move the weights on average."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.pixel_writes = {k: np.asarray(v, dtype=np.int64) for k, v in state["pixel_writes"].items()}
+    name = "sgd-sr"
+    stochastic = True
 
 
 class MinibatchSGD(UpdateRule):
     """SGD with a full-precision n x m accumulator G = sum dz a^T, written every ``batch`` samples
-    with dW_q = round(lr sqrt(B) G / lsb) (the LRT paper's sqrt scaling, docs/adaptation.md). The memory-hungry
-    baseline: n m 16 bits per layer."""
+    with dW_q = round(lr sqrt(B) G / lsb) (the LRT paper's sqrt scaling, docs/adaptation.md). The
+    memory-hungry baseline: n m 16 bits per layer."""
 
     name = "minibatch-sgd"
+    Options = MinibatchOptions
 
-    def __init__(self, batch: int = 10, lr: float = 0.01, train_biases: bool = True) -> None:
-        super().__init__(lr=lr, max_norm=False, train_biases=train_biases)
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        self.batch = batch
-        self.sums: dict[str, np.ndarray] = {}
-
-    def bind(self, net: QNet, arrays: dict[str, NVMArray], seed: int = 0) -> None:
+    def bind(self, net: Any, arrays: dict[str, NVMArray], seed: int = 0) -> None:
         super().bind(net, arrays, seed)
         self.sums = {layer.name: np.zeros(layer.shape2d) for layer in net.weight_layers}
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         assert self.net is not None
+        batch = self.options.batch
         for layer in self.net.weight_layers:
             self.sums[layer.name] += layer.weight_grad().double().numpy()
-            if (step + 1) % self.batch == 0:
-                lr_eff = self.lr * math.sqrt(self.batch)
-                step_codes = round_update(layer, lr_eff * self.sums[layer.name])
+            if (step + 1) % batch == 0:
+                lr_eff = self.lr * math.sqrt(batch)
+                step_codes = round_to_grid(lr_eff * self.sums[layer.name] / layer.formats.weight.lsb)
                 if step_codes.any():
-                    write_update(layer, self.arrays[layer.name], step_codes)
+                    self.write(layer, step_codes)
                 self.sums[layer.name][:] = 0.0
         super().update(step)
 
     def aux_memory_bits(self) -> dict[str, int]:
         assert self.net is not None
-        return {layer.name: accumulator_bits(*layer.shape2d) for layer in self.net.weight_layers}
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "batch": self.batch}
+        return {layer.name: dense_accumulator_bits(*layer.shape2d) for layer in self.net.weight_layers}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "sums": dict(self.sums)}
@@ -262,9 +391,11 @@ class MinibatchSGD(UpdateRule):
 
 @dataclass
 class _LowRankLayer:
-    """Per-layer LRT state: the accumulator, the lr multiplier and the factors' max-norms."""
+    """Per-layer LRT state: the rank-r accumulator (``acc``) or, for grouped conv, a dense gradient
+    sum (``dense``); the update period, the lr multiplier and the max-norms."""
 
-    acc: StreamingKroneckerSum
+    acc: StreamingKroneckerSum | None
+    dense: np.ndarray | None
     batch: int
     mult: float = 0.0
     norm_l: MaxNorm | None = None
@@ -275,61 +406,45 @@ class LowRank(UpdateRule):
     """Low-rank training (LRT v1 section 4, App. C; docs/adaptation.md).
 
     Every sample (every pixel of a conv layer, im2col) feeds dz = wmult dL/dz and a to the layer's
-    streaming Kronecker-sum accumulator. Every B samples (``batch_conv`` / ``batch_fc``):
-    mult += B; (L, R) = factors, max-normed if ``max_norm``; lr_eff = lr sqrt(mult);
-    dW_q = round(lr_eff L R^T / lsb); if the fraction of non-zero dW_q exceeds ``rho_min`` the
-    weights are written (W <- clip(W - dW_q)) and the accumulator and mult reset, else it keeps
-    accumulating. ``unbiased_fc=None`` uses ``unbiased`` for the FC layers too (Table 1 mixes them).
+    streaming Kronecker-sum accumulator. Every B samples (``batch_conv`` / ``batch_fc``): mult += B;
+    (L, R) = factors, max-normed if ``max_norm`` (divisors s_L, s_R); lr_eff = lr sqrt(mult);
+    x = lr_eff L R^T / lsb (the update in LSBs); dW_q = round(x) (``rounding="stochastic"``:
+    floor(x) + Bernoulli(frac x)); cells with |x| < ``write_threshold`` and cells that used up their
+    endurance budget get dW_q = 0; if the fraction of non-zero dW_q exceeds ``rho_min`` the weights
+    are written (W <- clip(W - dW_q)) and mult resets, and the accumulator restarts empty or, with
+    ``error_feedback``, from the unwritten remainder (:meth:`feedback`); else it keeps accumulating.
+
+    Endurance governor (``endurance`` E, ``lifetime_samples`` T): after t samples a cell may hold at
+    most floor(E t / T) code-change writes, so no cell reaches E before T samples.
     """
 
     name = "lowrank"
+    Options = LowRankOptions
 
-    def __init__(
-        self,
-        rank: int = 4,
-        batch_fc: int = 100,
-        batch_conv: int = 10,
-        unbiased: bool = True,
-        max_norm: bool = True,
-        kappa_th: float = 100.0,
-        rho_min: float = 0.01,
-        lr: float = 0.01,
-        unbiased_fc: bool | None = None,
-        train_biases: bool = True,
-        chunk: int = 1,
-    ) -> None:
-        super().__init__(lr=lr, max_norm=max_norm, train_biases=train_biases)
-        if rank < 1 or batch_fc < 1 or batch_conv < 1:
-            raise ValueError(f"rank and batches must be >= 1, got rank={rank}, {batch_fc=}, {batch_conv=}")
-        self.rank = rank
-        self.batch_fc = batch_fc
-        self.batch_conv = batch_conv
-        self.unbiased = unbiased
-        self.unbiased_fc = unbiased if unbiased_fc is None else unbiased_fc
-        self.kappa_th = kappa_th
-        self.rho_min = rho_min
-        self.chunk = chunk
-        self.layers: dict[str, _LowRankLayer] = {}
-        self.update_events: dict[str, int] = {}
-
-    def bind(self, net: QNet, arrays: dict[str, NVMArray], seed: int = 0) -> None:
+    def bind(self, net: Any, arrays: dict[str, NVMArray], seed: int = 0) -> None:
         super().bind(net, arrays, seed)
-        self.layers = {}
+        o = self.options
+        self.layers: dict[str, _LowRankLayer] = {}
         for i, layer in enumerate(net.weight_layers):
             n, m = layer.shape2d
-            acc = StreamingKroneckerSum(
-                n,
-                m,
-                rank=self.rank,
-                unbiased=self.unbiased if layer.is_conv else self.unbiased_fc,
-                kappa_th=self.kappa_th,
-                factor_bits=FACTOR_BITS,
-                chunk=self.chunk,
-                seed=seed * 1000 + i,
-            )
-            norms = (MaxNorm(), MaxNorm()) if self.max_norm else (None, None)
-            batch = self.batch_conv if layer.is_conv else self.batch_fc
-            self.layers[layer.name] = _LowRankLayer(acc, batch, 0.0, *norms)
+            acc, dense = None, None
+            if groups_of(layer) == 1:
+                unbiased = o.unbiased if layer.is_conv or o.unbiased_fc is None else o.unbiased_fc
+                acc = StreamingKroneckerSum(
+                    n,
+                    m,
+                    rank=o.rank,
+                    unbiased=unbiased,
+                    kappa_th=o.kappa_th,
+                    factor_bits=FACTOR_BITS,
+                    chunk=o.chunk,
+                    seed=seed * 1000 + i,
+                )
+            else:
+                dense = np.zeros((n, m))
+            norms = (MaxNorm(), MaxNorm()) if o.max_norm else (None, None)
+            batch = o.batch_conv if layer.is_conv else o.batch_fc
+            self.layers[layer.name] = _LowRankLayer(acc, dense, batch, 0.0, *norms)
         self.update_events = {name: 0 for name in self.layers}
 
     @torch.no_grad()
@@ -337,48 +452,100 @@ class LowRank(UpdateRule):
         assert self.net is not None
         for layer in self.net.weight_layers:
             state = self.layers[layer.name]
-            a, dz = layer.columns()
-            keep = (dz != 0).any(1).nonzero()[:, 0]  # zero terms add nothing (the kappa gate drops them)
-            if len(keep):
-                state.acc.add(dz[keep].numpy(), a[keep].numpy())
+            if state.acc is not None:
+                a, dz = layer.columns()
+                keep = (dz != 0).any(1).nonzero()[:, 0]  # zero terms add nothing (the kappa gate drops them)
+                if len(keep):
+                    state.acc.add(dz[keep].numpy(), a[keep].numpy())
+            else:
+                state.dense += layer.weight_grad().double().numpy()
             if (step + 1) % state.batch == 0:
-                self._apply(layer, state)
+                self._apply(layer, state, step)
         super().update(step)
 
-    def _apply(self, layer: QWeight, state: _LowRankLayer) -> None:
+    def estimate(self, state: _LowRankLayer) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """(G, s, Q): the max-normed gradient-sum estimate G = L R^T / s (or the dense sum / s), its
+        divisor s = s_L s_R, and an orthonormal basis Q (n x r) of its column space (None if dense)."""
+        if state.acc is None:
+            assert state.dense is not None
+            grad, scale = normed(state.norm_l, state.dense)
+            return grad, scale, None
+        left, right = state.acc.factors()
+        left_n, s_l = normed(state.norm_l, left)
+        right_n, s_r = normed(state.norm_r, right)
+        basis = np.linalg.qr(left)[0] if left.any() else np.zeros_like(left)
+        return left_n @ right_n.T, s_l * s_r, basis
+
+    def allowed_writes(self, samples: int) -> int | None:
+        """Governor budget after ``samples`` samples: floor(E samples / T) writes per cell (None: off)."""
+        o = self.options
+        if o.endurance is None or o.lifetime_samples is None:
+            return None
+        return math.floor(o.endurance * samples / o.lifetime_samples)
+
+    def step_codes(self, layer: Any, x: np.ndarray, samples: int) -> np.ndarray:
+        """dW_q of the update ``x`` (in LSBs): rounded, thresholded, inside the endurance budget."""
+        o = self.options
+        step_codes = round_to_grid(x, self.rng if o.rounding == "stochastic" else None)
+        if o.write_threshold > 0:
+            step_codes[np.abs(x) < o.write_threshold] = 0
+        budget = self.allowed_writes(samples)
+        if budget is not None:
+            step_codes[self.arrays[layer.name].write_counts >= budget] = 0
+        return step_codes
+
+    def _apply(self, layer: Any, state: _LowRankLayer, step: int) -> None:
         """One update event attempt (docs/adaptation.md): gated by rho_min, reset after a write."""
         state.mult += state.batch
-        left, right = state.acc.factors()
-        if state.norm_l is not None and state.norm_r is not None:
-            left, right = state.norm_l(left), state.norm_r(right)
-        step_codes = round_update(layer, self.lr * math.sqrt(state.mult) * (left @ right.T))
-        if np.count_nonzero(step_codes) > self.rho_min * step_codes.size:
-            write_update(layer, self.arrays[layer.name], step_codes)
+        grad, scale, basis = self.estimate(state)
+        lr_eff = self.lr * math.sqrt(state.mult)
+        lsb = layer.formats.weight.lsb
+        x = lr_eff * grad / lsb
+        step_codes = self.step_codes(layer, x, step + 1)
+        if np.count_nonzero(step_codes) > self.options.rho_min * step_codes.size:
+            self.write(layer, step_codes)
             self.update_events[layer.name] += 1
-            state.acc.reset()
+            remainder = (x - step_codes) * (lsb * scale / lr_eff) if self.options.error_feedback else None
+            self.feedback(state, remainder, basis)
             state.mult = 0.0
 
-    def aux_memory_bits(self) -> dict[str, int]:
-        assert self.net is not None
-        return {layer.name: lowrank_aux_bits(*layer.shape2d, self.rank) for layer in self.net.weight_layers}
+    @staticmethod
+    def feedback(state: _LowRankLayer, remainder: np.ndarray | None, basis: np.ndarray | None) -> None:
+        """Restart the accumulator after a write: empty, or (error feedback) from the unwritten
+        remainder E, in gradient-sum units, kept within rank r: Q Q^T E with Q an orthonormal basis
+        of the written update's column space (the rounding noise outside it is dropped); fed as the
+        r terms q_k (E^T q_k)^T. A dense (grouped conv) sum restarts from E itself."""
+        if state.acc is None:
+            assert state.dense is not None
+            state.dense[:] = 0.0 if remainder is None else remainder
+            return
+        state.acc.reset()
+        if remainder is not None and basis is not None and basis.any():
+            state.acc.add(basis.T, basis.T @ remainder)
 
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(),
-            "rank": self.rank,
-            "batch_fc": self.batch_fc,
-            "batch_conv": self.batch_conv,
-            "unbiased": self.unbiased,
-            "unbiased_fc": self.unbiased_fc,
-            "kappa_th": self.kappa_th,
-            "rho_min": self.rho_min,
-            "chunk": self.chunk,
-        }
+    def aux_memory_bits(self) -> dict[str, int]:
+        """Accumulator bits (``kronecker_sum_aux_bits``, or n m 16 for a dense grouped-conv sum), plus
+        a per-cell write counter of ceil(log2(E + 1)) bits when the endurance governor is on."""
+        assert self.net is not None
+        out = {}
+        endurance = self.options.endurance
+        for layer in self.net.weight_layers:
+            state = self.layers[layer.name]
+            n, m = layer.shape2d
+            bits = state.acc.aux_memory_bits() if state.acc is not None else dense_accumulator_bits(n, m)
+            if endurance is not None:
+                bits += n * m * math.ceil(math.log2(endurance + 1))
+            out[layer.name] = bits
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         layers = {}
         for name, s in self.layers.items():
-            entry: dict[str, Any] = {"acc": accumulator_state(s.acc), "mult": s.mult}
+            entry: dict[str, Any] = {"mult": s.mult}
+            if s.acc is not None:
+                entry["acc"] = s.acc.state_dict()
+            else:
+                entry["dense"] = s.dense.copy()
             if s.norm_l is not None and s.norm_r is not None:
                 entry["norm_l"], entry["norm_r"] = norm_state(s.norm_l), norm_state(s.norm_r)
             layers[name] = entry
@@ -388,7 +555,10 @@ class LowRank(UpdateRule):
         super().load_state_dict(state)
         for name, entry in state["layers"].items():
             s = self.layers[name]
-            load_accumulator_state(s.acc, entry["acc"])
+            if s.acc is not None:
+                s.acc.load_state_dict(entry["acc"])
+            else:
+                s.dense = np.asarray(entry["dense"], dtype=np.float64).copy()
             s.mult = float(entry["mult"])
             if s.norm_l is not None and s.norm_r is not None:
                 load_norm_state(s.norm_l, entry["norm_l"])
@@ -400,13 +570,46 @@ RULES: dict[str, type[UpdateRule]] = {
     "inference": InferenceOnly,
     "bias-only": BiasOnly,
     "sgd": SGD,
+    "sgd-sr": SGDStochastic,
     "minibatch-sgd": MinibatchSGD,
     "lowrank": LowRank,
 }
+RULE_OPTIONS: dict[str, type[RuleOptions]] = {name: rule.Options for name, rule in RULES.items()}
+RULE_NAMES: dict[type[RuleOptions], str] = {
+    InferenceOptions: "inference",
+    BiasOnlyOptions: "bias-only",
+    SGDOptions: "sgd",
+    MinibatchOptions: "minibatch-sgd",
+    LowRankOptions: "lowrank",
+}
 
 
-def make_rule(name: str, **options: Any) -> UpdateRule:
-    """A rule by name (``RULES``) with keyword options (e.g. ``make_rule("lowrank", rank=4)``)."""
+def _check_rule(name: str) -> None:
     if name not in RULES:
         raise ValueError(f"unknown update rule {name!r}; choose one of: {', '.join(RULES)}")
-    return RULES[name](**options)
+
+
+def parse_rule_options(name: str, mapping: Mapping[str, Any]) -> RuleOptions:
+    """The options object of rule ``name`` from a mapping (a config section, keywords); a one-line
+    ValueError names an unknown rule, an unknown key or a value of the wrong type or range."""
+    _check_rule(name)
+    cls = RULE_OPTIONS[name]
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in mapping:
+        if key not in known:
+            valid = ", ".join(known) if known else "none"
+            raise ValueError(f"rule {name!r} has no option {key!r}; its options: {valid}")
+    try:
+        return cls(**mapping)
+    except ValueError as err:
+        raise ValueError(str(err).replace(f"{RULE_NAMES.get(cls, name)} option", f"{name} option", 1)) from None
+
+
+def make_rule(name: str, options: RuleOptions | Mapping[str, Any] | None = None, /, **kwargs: Any) -> UpdateRule:
+    """A rule by name (``RULES``) with its options: an options object, a mapping, or keywords
+    (``make_rule("lowrank", rank=4)``, ``make_rule("lowrank", LowRankOptions(rank=4))``)."""
+    _check_rule(name)
+    if options is None or isinstance(options, Mapping):
+        options = parse_rule_options(name, {**(options or {}), **kwargs})
+        kwargs = {}
+    return RULES[name](options, **kwargs)

@@ -7,10 +7,13 @@ gradient ``q_g(softmax(z) - onehot(y))`` with STE through every quantizer, and l
 change biases, BN parameters and (through ``NVMArray.write``) weights.
 
 Metrics (docs/adaptation.md): online accuracy = bias-corrected EMA (beta = 0.999) of predict-before-learn
-correctness, ``ema_t / (1 - beta^t)``; test accuracy at checkpoints; max writes per cell; write
-density = writes / cells / samples; energy = NVM write energy + one full read of every array per
-sample; auxiliary memory per layer; samples/s (wall clock, and per CPU second of the process: what an
-idle machine would give a single-threaded run).
+correctness, ``ema_t / (1 - beta^t)``; test accuracy at checkpoints; writes under both NVM write
+models (``edgetrain.nvm.WRITE_MODELS``): ``max_writes`` / ``total_writes`` count code changes (the
+default, the figure every summary shows), ``pulse_max_writes`` / ``pulse_total_writes`` count
+programming pulses (with the rules' per-pixel conv updates, the LRT paper's activity count); write
+density = code-change writes / cells / samples; energy, read and write apart = NVM write energy and one
+full read of every array per sample; auxiliary memory per layer (each rule's own formula); samples/s
+(wall clock, and per CPU second of the process: what an idle machine would give a single-threaded run).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import torch
 
 from edgetrain.adapt.checkpoint import CheckpointError, load_state, save_state
 from edgetrain.adapt.qnet import QNet
-from edgetrain.adapt.rules import SGD, UpdateRule, accumulator_bits, lowrank_aux_bits, minibatch_sample_bits
+from edgetrain.adapt.rules import UpdateRule
 from edgetrain.nvm import DriftSpec, EnergyModel, NVMArray
 
-HISTORY_KEYS = ("step", "online_accuracy", "max_writes", "max_writes_paper")
+HISTORY_KEYS = ("step", "online_accuracy", "max_writes", "total_writes", "pulse_max_writes")
 
 
 class Stream(Protocol):
@@ -48,7 +51,8 @@ class OnlineTrainer:
     """Batch-1 predict-then-learn loop of ``net`` under ``rule`` on ``stream``.
 
     The weight codes of every layer move into an ``NVMArray`` (``energy``, ``endurance``,
-    ``stuck_fraction``); ``seed`` seeds the drift and the rule's random signs. ``log_every``: history
+    ``stuck_fraction`` of cells stuck at codes drawn by ``stuck_model``); ``seed`` seeds the drift,
+    the stuck cells and the rule's random draws. ``log_every``: history
     resolution in samples; ``test_samples``: test images scored at each test point.
     """
 
@@ -64,6 +68,7 @@ class OnlineTrainer:
         energy: EnergyModel | None = None,
         endurance: float = 1e6,
         stuck_fraction: float = 0.0,
+        stuck_model: str = "uniform",
         fetch: int = 500,
     ) -> None:
         self.net, self.rule, self.stream = net, rule, stream
@@ -80,6 +85,7 @@ class OnlineTrainer:
                 endurance=endurance,
                 stuck_fraction=stuck_fraction,
                 seed=seed * 100 + i,
+                stuck_model=stuck_model,
             )
             for i, layer in enumerate(net.weight_layers)
         }
@@ -138,16 +144,21 @@ class OnlineTrainer:
 
     @property
     def max_writes(self) -> int:
-        """Writes to the most-written weight cell of any layer (the paper's "max # writes")."""
+        """Code-change writes to the most-written weight cell of any layer."""
         return max(array.max_writes for array in self.arrays.values())
 
     @property
-    def max_writes_paper(self) -> int:
-        """As the paper counts them: SGD conv writes per pixel (the authors' code), else max_writes."""
-        return self.rule.max_pixel_writes() if isinstance(self.rule, SGD) else self.max_writes
+    def total_writes(self) -> int:
+        """Code-change writes summed over every weight cell."""
+        return sum(array.total_writes for array in self.arrays.values())
+
+    @property
+    def pulse_max_writes(self) -> int:
+        """Pulses to the most-pulsed cell (``pulse`` write model; for SGD the LRT paper's count)."""
+        return max(array.pulse_max_writes for array in self.arrays.values())
 
     def _record(self) -> None:
-        values = (self.step_count, self.online_accuracy, self.max_writes, self.max_writes_paper)
+        values = (self.step_count, self.online_accuracy, self.max_writes, self.total_writes, self.pulse_max_writes)
         for key, value in zip(HISTORY_KEYS, values, strict=True):
             self.history[key].append(value)
 
@@ -165,42 +176,42 @@ class OnlineTrainer:
         return float((preds == labels).float().mean())
 
     def metrics(self) -> dict[str, Any]:
-        """Summary of the run so far (JSON-able)."""
+        """Summary of the run so far (JSON-able); writes under both write models (module docstring)."""
         samples = max(self.step_count, 1)
-        cells = sum(a.num_cells for a in self.arrays.values())
-        total = sum(a.total_writes for a in self.arrays.values())
-        write_pj = sum(a.energy_pj["write"] for a in self.arrays.values())
-        read_pj = self.step_count * sum(
-            a.num_cells * a.fmt.bits * a.energy.read_pj_per_bit for a in self.arrays.values()
-        )
+        arrays = self.arrays.values()
+        cells = sum(a.num_cells for a in arrays)
+        total = self.total_writes
+        write_pj = sum(a.energy_pj["write"] for a in arrays)
+        read_pj = self.step_count * sum(a.num_cells * a.fmt.bits * a.energy.read_pj_per_bit for a in arrays)
+        aux = self.rule.aux_memory_bits()
         layers = {}
         for layer in self.net.weight_layers:
-            n, m = layer.shape2d
             array = self.arrays[layer.name]
             layers[layer.name] = {
-                "shape": [n, m],
+                "shape": list(layer.shape2d),
+                "groups": int(getattr(layer, "groups", 1)),
                 "max_writes": array.max_writes,
                 "total_writes": array.total_writes,
+                "pulse_max_writes": array.pulse_max_writes,
+                "pulse_total_writes": array.pulse_total_writes,
                 "update_events": array.update_events,
-                "aux_memory_formulas": {
-                    "lowrank_r4": lowrank_aux_bits(n, m, 4),
-                    "minibatch_samples_b10": minibatch_sample_bits(n, m, 10, layer.out_pixels),
-                    "minibatch_accumulator": accumulator_bits(n, m),
-                },
+                "aux_memory_bits": aux[layer.name],
             }
         return {
             "samples": self.step_count,
             "online_accuracy": self.online_accuracy,
             "test_accuracy": self.tests[-1]["accuracy"] if self.tests else None,
+            "write_model": "code-change",
             "max_writes": self.max_writes,
-            "max_writes_paper": self.max_writes_paper,
             "total_writes": total,
+            "pulse_max_writes": self.pulse_max_writes,
+            "pulse_total_writes": sum(a.pulse_total_writes for a in arrays),
             "write_density": total / cells / samples,
             "energy_pj": {"read": read_pj, "write": write_pj, "total": read_pj + write_pj},
             "projected_lifetime_samples": (
-                min(a.projected_lifetime_samples(samples) for a in self.arrays.values()) if total else math.inf
+                min(a.projected_lifetime_samples(samples) for a in arrays) if total else math.inf
             ),
-            "aux_memory_bits": self.rule.aux_memory_bits(),
+            "aux_memory_bits": aux,
             "layers": layers,
         }
 
@@ -213,6 +224,7 @@ class OnlineTrainer:
                 "seed": self.seed,
                 "ema_beta": self.ema_beta,
                 "test_samples": self.test_samples,
+                "nvm": self.nvm_config(),
             },
             "history": {k: list(v) for k, v in self.history.items()},
             "tests": list(self.tests),
@@ -223,6 +235,18 @@ class OnlineTrainer:
                 "cpu_seconds": self.cpu_seconds,
                 "samples_per_cpu_second": self.step_count / max(self.cpu_seconds, 1e-9),
             },
+        }
+
+    def nvm_config(self) -> dict[str, Any]:
+        """The simulated memory: energy per bit, endurance, stuck-at fraction and model."""
+        array = next(iter(self.arrays.values()))
+        return {
+            "write_pj_per_bit": array.energy.write_pj_per_bit,
+            "read_pj_per_bit": array.energy.read_pj_per_bit,
+            "endurance": array.endurance,
+            "stuck_fraction": array.stuck_fraction,
+            "stuck_model": array.stuck_model,
+            "stuck_cells": sum(int(a.stuck_mask.sum()) for a in self.arrays.values()),
         }
 
     # -- the loop -------------------------------------------------------------------------------
@@ -259,7 +283,7 @@ class OnlineTrainer:
                 self.save(checkpoint)
             if bar is not None:
                 bar.update(self.step_count - start)
-                bar.set_postfix(acc=f"{self.online_accuracy:.3f}", max_writes=self.max_writes_paper)
+                bar.set_postfix(acc=f"{self.online_accuracy:.3f}", max_writes=self.max_writes)
         if bar is not None:
             bar.close()
         if not self.tests or self.tests[-1]["step"] != self.step_count:

@@ -6,6 +6,6 @@
 """
 
 from edgetrain.lowrank.maxnorm import MaxNorm
-from edgetrain.lowrank.sks import StreamingKroneckerSum
+from edgetrain.lowrank.sks import StreamingKroneckerSum, kronecker_sum_aux_bits
 
-__all__ = ["MaxNorm", "StreamingKroneckerSum"]
+__all__ = ["MaxNorm", "StreamingKroneckerSum", "kronecker_sum_aux_bits"]

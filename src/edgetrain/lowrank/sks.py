@@ -17,6 +17,21 @@ _STATE_ARRAYS = ("ql", "qr", "cx", "qstep", "pend_dz", "pend_a", "stats", "signs
 _DTYPE = np.float32
 
 
+def kronecker_sum_aux_bits(n_out: int, n_in: int, rank: int, factor_bits: int | None = 16, chunk: int = 1) -> int:
+    """Auxiliary memory of a rank-r Kronecker-sum accumulator in bits (LRT v1 section 3: about r(n+m)b).
+
+    r (n_out + n_in) factor_bits for the bases (32 when unquantized: float32) + 32 r for c_x
+    + 2 x 32 for the two per-matrix scales (quantized only) + (chunk - 1)(n_out + n_in) x 8 for the
+    pending terms, counted as 8-bit samples like minibatch SGD's stored samples (docs/lowrank.md).
+    The one formula the update rules, the trainer and ``bench/bench_sks.py`` report.
+    """
+    nm = n_out + n_in
+    total = rank * nm * (factor_bits or 32) + 32 * rank
+    if factor_bits is not None:
+        total += 2 * 32
+    return total + (chunk - 1) * nm * 8
+
+
 def _as_array(x: ArrayLike) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
@@ -155,18 +170,8 @@ class StreamingKroneckerSum:
         self._rng.bit_generator.state = state["rng"]
 
     def aux_memory_bits(self) -> int:
-        """Bits of state kept between samples (LRT v1 §3: at most r(n+m)b).
-
-        r (n_out + n_in) factor_bits for the bases (32 when unquantized: float32) + 32 r for c_x
-        + 2 x 32 for the two per-matrix scales (quantized only) + (chunk - 1)(n_out + n_in) x 8 for
-        pending terms, counted as 8-bit samples like minibatch SGD (DESIGN §5).
-        """
-        nm = self.n_out + self.n_in
-        bits = self.factor_bits or 32
-        total = self.rank * nm * bits + 32 * self.rank
-        if self.factor_bits is not None:
-            total += 2 * 32
-        return total + (self.chunk - 1) * nm * 8
+        """Bits of state kept between samples: :func:`kronecker_sum_aux_bits` of this accumulator."""
+        return kronecker_sum_aux_bits(self.n_out, self.n_in, self.rank, self.factor_bits, self.chunk)
 
     def _check(self, dz: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dz2 = dz[None] if dz.ndim == 1 else dz

@@ -1,15 +1,24 @@
 """A simulated non-volatile weight memory: integer codes, per-cell write counters, energy, faults.
 
-docs/adaptation.md. Pure bookkeeping, no training logic:
+docs/adaptation.md. Pure bookkeeping, no training logic. Every update event is counted under both
+write models (``WRITE_MODELS``):
 
-- a *write* is a cell whose code changes at an update event (``write``); unchanged cells cost nothing;
-- energy = written bits x E_write + read bits x E_read (10.9 / 1.76 pJ per bit by default, the 18 KB
-  RRAM macro the LRT paper cites);
-- endurance (default 1e6 writes per cell) gives a projected lifetime at the measured write rate;
-- each cell holds an analog ``level`` in code units; drift moves the level, the stored code is
-  ``clip(round(level), qmin, qmax)`` and a write sets the level back onto the written code;
-- stuck-at faults: a seeded fraction of cells keeps its initial value for ever (writes and drift
-  leave it alone, and it is never counted as written).
+- ``code-change`` (the default everywhere): a digital NVM with program-and-verify (RRAM, PCM, MRAM,
+  flash with a write driver that reads first): a *write* is a cell whose stored code changes at an
+  update event; a cell whose code stays the same is not programmed and costs nothing;
+- ``pulse``: an array that applies every non-zero applied update as a programming pulse whether or
+  not the stored level crosses a code boundary (an analog crossbar programmed by outer-product
+  pulses). The update rule says how many non-zero update terms each cell received (``pulses``);
+  with per-pixel outer-product conv updates this is the LRT paper's *activity* count.
+
+Also: energy = written bits x E_write + read bits x E_read (10.9 / 1.76 pJ per bit by default, the
+18 KB RRAM macro the LRT paper cites; code-change writes); endurance (default 1e6 writes per cell)
+gives a projected lifetime at the measured code-change rate; each cell holds an analog ``level`` in
+code units (drift moves the level, the stored code is ``clip(round(level), qmin, qmax)``, a write
+sets the level back onto the written code); stuck-at faults (``STUCK_MODELS``): a seeded fraction of
+cells is stuck at a value drawn from the code range (``uniform``: any code, equally likely;
+``bounds``: qmin or qmax, a cell stuck at its lowest or highest conductance), not at its trained
+value; writes and drift leave it alone and it is never counted as written.
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ import torch
 
 from edgetrain.fixedpoint import FixedPointFormat
 
+WRITE_MODELS = ("code-change", "pulse")
+STUCK_MODELS = ("uniform", "bounds")
+
 STATE_KEYS = (
     "bits",
     "signed",
@@ -30,11 +42,13 @@ STATE_KEYS = (
     "read_pj_per_bit",
     "endurance",
     "stuck_fraction",
+    "stuck_model",
     "seed",
     "codes",
     "levels",
     "stuck",
     "write_counts",
+    "pulse_counts",
     "update_events",
     "reads",
     "bits_written",
@@ -93,6 +107,7 @@ class NVMArray:
         endurance: float = 1e6,
         stuck_fraction: float = 0.0,
         seed: int | None = None,
+        stuck_model: str = "uniform",
     ) -> None:
         if not isinstance(fmt, FixedPointFormat):
             raise TypeError(f"fmt must be a FixedPointFormat, got {type(fmt).__name__}")
@@ -100,21 +115,31 @@ class NVMArray:
             raise ValueError(f"endurance must be > 0 writes per cell, got {endurance!r}")
         if not 0.0 <= stuck_fraction <= 1.0:
             raise ValueError(f"stuck_fraction must be in [0, 1], got {stuck_fraction!r}")
+        if stuck_model not in STUCK_MODELS:
+            raise ValueError(f"unknown stuck_model {stuck_model!r}; choose one of: {', '.join(STUCK_MODELS)}")
         initial = _as_int_codes(codes, "codes")
         _check_range(initial, fmt, "codes")
         self.fmt = fmt
         self.energy = energy if energy is not None else EnergyModel()
         self.endurance = float(endurance)
         self.stuck_fraction = float(stuck_fraction)
+        self.stuck_model = stuck_model
         self.seed = seed
         self._codes = initial
-        self._levels = initial.astype(np.float64)
         self._write_counts = np.zeros(initial.shape, dtype=np.int64)
+        self._pulse_counts = np.zeros(initial.shape, dtype=np.int64)
         self._stuck = np.zeros(initial.shape, dtype=bool)
         num_stuck = int(round(stuck_fraction * initial.size))
         if num_stuck:
-            chosen = np.random.default_rng(seed).choice(initial.size, size=num_stuck, replace=False)
+            rng = np.random.default_rng(seed)
+            chosen = rng.choice(initial.size, size=num_stuck, replace=False)
             self._stuck.reshape(-1)[chosen] = True
+            if stuck_model == "uniform":
+                stuck_codes = rng.integers(fmt.qmin, fmt.qmax, size=num_stuck, endpoint=True)
+            else:
+                stuck_codes = np.where(rng.random(num_stuck) < 0.5, fmt.qmin, fmt.qmax)
+            self._codes.reshape(-1)[chosen] = stuck_codes
+        self._levels = self._codes.astype(np.float64)
         self._max_writes = 0
         self._total_writes = 0
         self.update_events = 0
@@ -161,13 +186,37 @@ class NVMArray:
         return view
 
     @property
+    def pulse_counts(self) -> np.ndarray:
+        """Programming pulses per cell so far under the ``pulse`` write model (int64, read-only view)."""
+        view = self._pulse_counts.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def max_writes(self) -> int:
-        """The paper's headline metric: writes to the most-written cell."""
+        """Code-change writes to the most-written cell (the endurance-limiting figure)."""
         return self._max_writes
 
     @property
     def total_writes(self) -> int:
+        """Code-change writes summed over all cells."""
         return self._total_writes
+
+    def counts(self, model: str = "code-change") -> np.ndarray:
+        """Per-cell writes under ``model`` (``WRITE_MODELS``), read-only."""
+        if model not in WRITE_MODELS:
+            raise ValueError(f"unknown write model {model!r}; choose one of: {', '.join(WRITE_MODELS)}")
+        return self.write_counts if model == "code-change" else self.pulse_counts
+
+    @property
+    def pulse_max_writes(self) -> int:
+        """Pulses to the most-pulsed cell (``pulse`` write model)."""
+        return int(self._pulse_counts.max()) if self.num_cells else 0
+
+    @property
+    def pulse_total_writes(self) -> int:
+        """Pulses summed over all cells (``pulse`` write model)."""
+        return int(self._pulse_counts.sum())
 
     @property
     def energy_pj(self) -> dict[str, float]:
@@ -177,17 +226,29 @@ class NVMArray:
         return {"read": read, "write": write, "total": read + write}
 
     # -- operations ---------------------------------------------------------------------------------
-    def write(self, new_codes: Any) -> int:
+    def write(self, new_codes: Any, pulses: Any = None) -> int:
         """One update event: write every non-stuck cell whose code changes; return how many.
 
-        Each written cell's counter += 1 and its level becomes the new code; write energy +=
-        written x bits x E_write. Stuck cells keep their value and are not counted.
+        Code-change model: each written cell's counter += 1 and its level becomes the new code;
+        write energy += written x bits x E_write; stuck cells keep their value and are not counted.
+        Pulse model: each cell's pulse counter += ``pulses`` (non-negative ints, the number of
+        non-zero update terms the cell received at this event); by default every cell that the
+        event tries to change (stuck cells included: the pulse is still applied).
         """
         new = _as_int_codes(new_codes, "new_codes")
         if new.shape != self._codes.shape:
             raise ValueError(f"new_codes has shape {new.shape}, the array holds {self._codes.shape}")
         _check_range(new, self.fmt, "new_codes")
-        changed = (new != self._codes) & ~self._stuck
+        attempted = new != self._codes
+        if pulses is None:
+            self._pulse_counts += attempted
+        else:
+            counts = np.asarray(pulses)
+            counts = counts.astype(np.int64) if counts.dtype == np.bool_ else _as_int_codes(counts, "pulses")
+            if counts.shape != self._codes.shape or (counts.size and counts.min() < 0):
+                raise ValueError(f"pulses must be non-negative counts of shape {self._codes.shape}, got {counts.shape}")
+            self._pulse_counts += counts
+        changed = attempted & ~self._stuck
         written = int(np.count_nonzero(changed))
         self.update_events += 1
         if written:
@@ -198,6 +259,18 @@ class NVMArray:
             self._total_writes += written
             self._bits_written += written * self.fmt.bits
         return written
+
+    def apply_update(self, step_codes: Any, pulses: Any = None) -> int:
+        """One update event ``codes <- clip(codes - step_codes, qmin, qmax)``; return cells written.
+
+        ``pulses`` defaults to ``step_codes != 0``: one pulse per cell with a non-zero applied update,
+        saturated and stuck cells included (see :meth:`write`).
+        """
+        step = _as_int_codes(step_codes, "step_codes")
+        if step.shape != self._codes.shape:
+            raise ValueError(f"step_codes has shape {step.shape}, the array holds {self._codes.shape}")
+        new = np.clip(self._codes - step, self.fmt.qmin, self.fmt.qmax)
+        return self.write(new, (step != 0) if pulses is None else pulses)
 
     def read(self) -> np.ndarray:
         """One full read of the array (read energy += cells x bits x E_read); returns a copy of the codes."""
@@ -282,11 +355,13 @@ class NVMArray:
             "read_pj_per_bit": np.array(self.energy.read_pj_per_bit, dtype=np.float64),
             "endurance": np.array(self.endurance, dtype=np.float64),
             "stuck_fraction": np.array(self.stuck_fraction, dtype=np.float64),
+            "stuck_model": np.array(STUCK_MODELS.index(self.stuck_model), dtype=np.int64),
             "seed": np.array(-1 if self.seed is None else self.seed, dtype=np.int64),
             "codes": self._codes.copy(),
             "levels": self._levels.copy(),
             "stuck": self._stuck.copy(),
             "write_counts": self._write_counts.copy(),
+            "pulse_counts": self._pulse_counts.copy(),
             "update_events": np.array(self.update_events, dtype=np.int64),
             "reads": np.array(self.reads, dtype=np.int64),
             "bits_written": np.array(self._bits_written, dtype=np.int64),
@@ -315,9 +390,14 @@ class NVMArray:
             seed=None if seed < 0 else seed,
         )
         array.stuck_fraction = float(scalar("stuck_fraction"))
+        model = int(scalar("stuck_model"))
+        if not 0 <= model < len(STUCK_MODELS):
+            raise ValueError(f"NVMArray state 'stuck_model' = {model} is not one of 0..{len(STUCK_MODELS) - 1}")
+        array.stuck_model = STUCK_MODELS[model]
         array._stuck = d["stuck"].astype(bool).reshape(array.shape)
         array._levels = d["levels"].astype(np.float64).reshape(array.shape)
         array._write_counts = d["write_counts"].astype(np.int64).reshape(array.shape)
+        array._pulse_counts = d["pulse_counts"].astype(np.int64).reshape(array.shape)
         array._max_writes = int(array._write_counts.max()) if array.num_cells else 0
         array._total_writes = int(array._write_counts.sum())
         array.update_events = int(scalar("update_events"))
@@ -329,7 +409,8 @@ class NVMArray:
     def __repr__(self) -> str:
         return (
             f"NVMArray(shape={self.shape}, fmt={self.fmt}, max_writes={self._max_writes}, "
-            f"total_writes={self._total_writes}, stuck={int(self._stuck.sum())})"
+            f"total_writes={self._total_writes}, pulse_max_writes={self.pulse_max_writes}, "
+            f"stuck={int(self._stuck.sum())} ({self.stuck_model}))"
         )
 
 
