@@ -144,7 +144,7 @@ def test_user_folder_of_numpy_arrays(tmp_path: Path) -> None:
 def test_user_folder_with_wrong_shapes(tmp_path: Path) -> None:
     np.save(tmp_path / "train_images.npy", np.zeros((10, 12, 12), dtype=np.uint8))
     np.save(tmp_path / "train_labels.npy", np.zeros(9, dtype=np.int64))
-    with pytest.raises(ValueError, match="N x H x W"):
+    with pytest.raises(ValueError, match="one label per image"):
         load_dataset("folder", "train", root=tmp_path)
     np.save(tmp_path / "train_images.npy", np.full((9, 12, 12), np.nan, dtype=np.float32))
     with pytest.raises(ValueError, match="NaN"):

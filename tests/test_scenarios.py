@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgetrain.adapt.scenarios import SCENARIOS, _digit_parts, make_scenario, pretraining_set
-from edgetrain.data import DatasetNotFoundError
+from edgetrain.data import DatasetNotFoundError, DataSource
 from edgetrain.data.shift import (
     PAPER_SHIFT_BLOCKS,
     apply_shift,
@@ -171,7 +171,7 @@ def test_pretraining_set_is_seeded_and_disjoint_from_the_stream_digits() -> None
     assert first.images.shape == (300, 1, 28, 28) and first.labels.shape == (300,)
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
     assert 0.0 <= first.images.min() and first.images.max() <= 1.0
-    train, pretrain_idx, online_idx = _digit_parts("mnist")
+    train, pretrain_idx, online_idx, _ = _digit_parts(DataSource("mnist"))
     assert np.intersect1d(pretrain_idx, online_idx).size == 0
     assert pretrain_idx.size + online_idx.size == len(train)
     assert pretraining_set("mnist", samples=20, split="val").split == "val"

@@ -20,6 +20,13 @@ The digits: the dataset's train split is divided once (seeded) into pretraining 
 digits, like the paper's disjoint 9k offline / 50k online MNIST digits, so the stream shows the
 network digits it never saw (``pool="train"`` streams the whole train split instead). The test set is
 the test split, each digit deformed once, under the scenario's conditions at its last sample.
+
+Any dataset :func:`~edgetrain.data.load_dataset` returns can feed a stream (a name, or a
+:class:`~edgetrain.data.DataSource` for a user's ``folder`` with its ``root`` and ``preprocess``),
+grayscale or colour (one deformation per image, shared by its channels). The conditions work on
+pixels in [0, 1]: channel c is mapped by x_unit = (x - lo_c) / (hi_c - lo_c) with lo_c = min(0, min x),
+hi_c = max(1, max x) over the train split (the identity for data already in [0, 1]; it undoes a
+mean/std normalisation up to scale), and mapped back after the conditions.
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ import numpy as np
 import torch
 from scipy.ndimage import rotate
 
-from edgetrain.data.datasets import Dataset, load_dataset
+from edgetrain.data.datasets import DATASETS, Dataset, DataSource
 from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform, elastic_stream
 from edgetrain.data.shift import PAPER_SHIFT_BLOCKS, SHIFT_KINDS, apply_shift, class_clustered_order
 from edgetrain.nvm import DriftSpec
 
 SCENARIOS = ("control", "shift", "analog-drift", "digital-drift", "new-user")
-STREAM_DATASETS = ("mnist", "fashion-mnist")
+STREAM_DATASETS = DATASETS  # every dataset load_dataset reads (folder: give root=)
 NEW_USER_TRANSFORMS = ("rotate", "invert")
 POOLS = ("online", "train")
 CHUNK = 100  # samples generated together from one seed
@@ -47,36 +54,65 @@ PRETRAIN_SHARE = 0.5  # share of the train-split digits kept for pretraining (th
 _SPLIT_SEED = 12345  # fixed: the pretraining/online division of the digits never changes
 
 
+@dataclass(frozen=True)
+class ValueRange:
+    """Per-channel affine map of a dataset's pixels to [0, 1] and back (module docstring)."""
+
+    lo: np.ndarray  # C x 1 x 1
+    span: np.ndarray  # C x 1 x 1
+
+    @classmethod
+    def of(cls, images: torch.Tensor) -> ValueRange:
+        lo = torch.minimum(images.amin((0, 2, 3)), torch.zeros(())).numpy().astype(np.float32)
+        hi = torch.maximum(images.amax((0, 2, 3)), torch.ones(())).numpy().astype(np.float32)
+        return cls(lo.reshape(-1, 1, 1), (hi - lo).reshape(-1, 1, 1))
+
+    def to_unit(self, images: np.ndarray) -> np.ndarray:
+        return ((images - self.lo) / self.span).astype(np.float32)
+
+    def from_unit(self, images: np.ndarray) -> np.ndarray:
+        return (images * self.span + self.lo).astype(np.float32)
+
+
 @lru_cache(maxsize=2)
-def _digit_parts(dataset: str) -> tuple[Dataset, np.ndarray, np.ndarray]:
-    """The train split and its (pretraining, online) index sets (cached: callers only index them)."""
-    train = load_dataset(dataset, "train")
+def _digit_parts(source: DataSource) -> tuple[Dataset, np.ndarray, np.ndarray, ValueRange]:
+    """The train split, its (pretraining, online) index sets and its value range (cached: callers only
+    index them)."""
+    train = source.load("train")
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(train))
     cut = int(round(PRETRAIN_SHARE * len(train)))
-    return train, np.sort(order[:cut]), np.sort(order[cut:])
+    return train, np.sort(order[:cut]), np.sort(order[cut:]), ValueRange.of(train.images)
 
 
-def _check_dataset(dataset: str) -> None:
-    if dataset not in STREAM_DATASETS:
-        raise ValueError(f"unknown stream dataset {dataset!r}; choose one of: {', '.join(STREAM_DATASETS)}")
+def _source(dataset: str | DataSource) -> DataSource:
+    """A dataset name (built-in data) or a :class:`DataSource` as a source."""
+    source = dataset if isinstance(dataset, DataSource) else DataSource(dataset)
+    if source.name not in STREAM_DATASETS:
+        raise ValueError(f"unknown stream dataset {source.name!r}; choose one of: {', '.join(STREAM_DATASETS)}")
+    return source
 
 
-def pretraining_set(dataset: str = "mnist", samples: int = 50_000, seed: int = 0, split: str = "train") -> Dataset:
+def pretraining_set(
+    dataset: str | DataSource = "mnist", samples: int = 50_000, seed: int = 0, split: str = "train"
+) -> Dataset:
     """Elastic-deformed offline data for pretraining (the authors' code: 50k samples from 9k
     digits). ``split="train"`` draws from the pretraining digits only (disjoint from the online streams);
     ``"val"``/``"test"`` deform the dataset's validation/test split."""
-    _check_dataset(dataset)
+    source = _source(dataset)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    train, pretrain_idx, _, value_range = _digit_parts(source)
     if split == "train":
-        train, pretrain_idx, _ = _digit_parts(dataset)
         source_images, source_labels = train.images[pretrain_idx], train.labels[pretrain_idx]
         classes = train.classes
     else:
-        source = load_dataset(dataset, split)
-        source_images, source_labels, classes = source.images, source.labels, source.classes
-    images, labels = elastic_stream(source_images, source_labels, samples, seed=seed)
-    return Dataset(f"{dataset}-elastic", split, images, labels, classes)
+        held_out = source.load(split)
+        source_images, source_labels, classes = held_out.images, held_out.labels, held_out.classes
+    unit = torch.from_numpy(value_range.to_unit(source_images.numpy()))
+    images, labels = elastic_stream(unit, source_labels, samples, seed=seed)
+    return Dataset(
+        f"{source.name}-elastic", split, torch.from_numpy(value_range.from_unit(images.numpy())), labels, classes
+    )
 
 
 @dataclass
@@ -96,7 +132,9 @@ class Scenario:
     pool: str
     num_classes: int
     input_shape: tuple[int, int, int]
-    _pool_images: np.ndarray = field(repr=False)
+    source: DataSource
+    _value_range: ValueRange = field(repr=False)
+    _pool_images: np.ndarray = field(repr=False)  # N x C x H x W in [0, 1]
     _pool_labels: np.ndarray = field(repr=False)
     _picks: OrderedDict[int, np.ndarray] = field(default_factory=OrderedDict, repr=False)
     _chunks: OrderedDict[tuple[int, int], np.ndarray] = field(default_factory=OrderedDict, repr=False)
@@ -140,16 +178,17 @@ class Scenario:
         return self._chunks[key]
 
     def _condition(self, images: np.ndarray, kinds: tuple[str, ...], rng: np.random.Generator) -> np.ndarray:
-        """The scenario's input conditions on elastic-deformed images (N x H x W)."""
+        """The scenario's input conditions on elastic-deformed images (N x C x H x W in [0, 1]), mapped
+        back to the dataset's value range."""
         images = apply_shift(images, kinds, rng)
         if self.transform == "rotate":
-            images = np.clip(rotate(images, self.angle, axes=(2, 1), reshape=False, order=1), 0.0, 1.0)
+            images = np.clip(rotate(images, self.angle, axes=(3, 2), reshape=False, order=1), 0.0, 1.0)
         elif self.transform == "invert":
             images = 1.0 - images
-        return images.astype(np.float32)
+        return self._value_range.from_unit(images)
 
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples ``start .. stop-1``: images float32 (k, 1, H, W) in [0, 1], labels int64 (k,)."""
+        """Samples ``start .. stop-1``: images float32 (k, C, H, W) in the dataset's range, labels int64 (k,)."""
         if not (isinstance(start, int | np.integer) and isinstance(stop, int | np.integer)):
             raise TypeError(f"start and stop must be ints, got {start!r}, {stop!r}")
         if not 0 <= start <= stop <= self.samples:
@@ -165,30 +204,26 @@ class Scenario:
             picks = self._block_picks(block)[sub * CHUNK + lo : sub * CHUNK + hi]
             labels.append(self._pool_labels[picks])
             j += hi - lo
-        h, w = self.input_shape[1:]
         if not images:
-            return torch.empty((0, 1, h, w)), torch.empty(0, dtype=torch.int64)
-        return (
-            torch.from_numpy(np.concatenate(images)).unsqueeze(1),
-            torch.from_numpy(np.concatenate(labels).astype(np.int64)),
-        )
+            return torch.empty((0, *self.input_shape)), torch.empty(0, dtype=torch.int64)
+        return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels).astype(np.int64))
 
     @property
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The test split, each digit deformed once, under the conditions at the stream's last sample
         (the shift kinds of its block, CD excepted; the new user's classes and transform)."""
         if self._test is None:
-            test = load_dataset(self.dataset, "test")
+            test = self.source.load("test")
             keep = np.isin(test.labels.numpy(), self.classes)
             images, labels = test.images[torch.from_numpy(keep)], test.labels[torch.from_numpy(keep)]
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, 3]))
             pairs = rng.integers(0, len(ELASTIC_PAIRS), size=labels.numel())
-            source = images[:, 0].numpy()
+            source = self._value_range.to_unit(images.numpy())
             out = np.empty_like(source)
             for i, pair in enumerate(pairs):
                 out[i] = elastic_deform(source[i], *ELASTIC_PAIRS[pair], rng)
             out = self._condition(np.clip(out, 0.0, 1.0), self.kinds_at(self.samples - 1), rng)
-            self._test = torch.from_numpy(out).unsqueeze(1), labels.clone()
+            self._test = torch.from_numpy(out), labels.clone()
         return self._test
 
     def describe(self) -> dict[str, Any]:
@@ -200,6 +235,7 @@ class Scenario:
         return {
             "name": self.name,
             "dataset": self.dataset,
+            "source": self.source.as_dict(),
             "samples": self.samples,
             "seed": self.seed,
             "drift": None if self.drift is None else self.drift.as_dict(),
@@ -214,17 +250,21 @@ class Scenario:
         }
 
 
-def make_scenario(name: str, dataset: str = "mnist", samples: int = 100_000, seed: int = 0, **options: Any) -> Scenario:
-    """Build scenario ``name`` (one of ``SCENARIOS``) on ``dataset`` ("mnist" | "fashion-mnist").
+def make_scenario(
+    name: str, dataset: str | DataSource = "mnist", samples: int = 100_000, seed: int = 0, **options: Any
+) -> Scenario:
+    """Build scenario ``name`` (one of ``SCENARIOS``) on ``dataset``: a name of ``edgetrain.data.DATASETS``
+    or a :class:`~edgetrain.data.DataSource` (e.g. a user's image tree with its root and preprocessing).
 
     Options: ``block_length`` (shift block, default 10_000), ``blocks`` (a list of kind tuples for
     ``shift``, default ``PAPER_SHIFT_BLOCKS``), ``drift`` (a ``DriftSpec`` or a dict of its fields for
     the drift scenarios; default the paper's d=10, sigma0=10 / p0=10), ``classes`` and ``transform``,
-    ``angle`` (``new-user``), ``pool`` ("online" | "train").
+    ``angle`` (``new-user``), ``pool`` ("online" | "train"). ``new-user`` shows the first half of the
+    classes by default (0-4 of ten).
     """
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; choose one of: {', '.join(SCENARIOS)}")
-    _check_dataset(dataset)
+    source = _source(dataset)
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     allowed = {
@@ -260,9 +300,9 @@ def make_scenario(name: str, dataset: str = "mnist", samples: int = 100_000, see
     pool = options.get("pool", "online")
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
-    train, _, online_idx = _digit_parts(dataset)
+    train, _, online_idx, value_range = _digit_parts(source)
     idx = online_idx if pool == "online" else np.arange(len(train))
-    images, labels = train.images[idx, 0].numpy(), train.labels[idx].numpy()
+    images, labels = value_range.to_unit(train.images[idx].numpy()), train.labels[idx].numpy()
 
     classes = tuple(range(train.num_classes))
     transform = None
@@ -272,11 +312,11 @@ def make_scenario(name: str, dataset: str = "mnist", samples: int = 100_000, see
         if transform is not None and transform not in NEW_USER_TRANSFORMS:
             choices = ", ".join(NEW_USER_TRANSFORMS)
             raise ValueError(f"unknown new-user transform {transform!r}; choose one of: {choices}")
-        default_subset = tuple(range(5)) if transform is None else classes
+        default_subset = tuple(range(max(1, len(classes) // 2))) if transform is None else classes
         subset = tuple(int(c) for c in options.get("classes", default_subset))
         if not subset or len(set(subset)) != len(subset) or not set(subset) <= set(classes):
             raise ValueError(
-                f"classes must be distinct class indices of {dataset} (0..{len(classes) - 1}), got {subset}"
+                f"classes must be distinct class indices of {source.name} (0..{len(classes) - 1}), got {subset}"
             )
         classes = tuple(sorted(subset))
         keep = np.isin(labels, classes)
@@ -284,7 +324,7 @@ def make_scenario(name: str, dataset: str = "mnist", samples: int = 100_000, see
 
     return Scenario(
         name=name,
-        dataset=dataset,
+        dataset=source.name,
         samples=samples,
         seed=int(seed),
         drift=drift,
@@ -296,6 +336,8 @@ def make_scenario(name: str, dataset: str = "mnist", samples: int = 100_000, see
         pool=pool,
         num_classes=train.num_classes,
         input_shape=train.input_shape,
+        source=source,
+        _value_range=value_range,
         _pool_images=images,
         _pool_labels=labels,
     )

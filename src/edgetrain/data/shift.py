@@ -13,8 +13,9 @@ Four kinds, combined per 10k-sample block in ``PAPER_SHIFT_BLOCKS``:
 - WN, white noise: x' = clip(x + N(0, sigma^2), 0, 1), sigma log-uniform in [0.03, 0.3] per sample.
 
 The reference gives only these parameters (its generator notebook is not transcribed), so the exact
-formulas above are ours. Image transforms work on float arrays ``(..., H, W)`` in [0, 1] and are seeded
-through the ``rng`` argument; all draws are vectorised over the batch.
+formulas above are ours. Image transforms work on float arrays in [0, 1] of shape ``(H, W)``, ``(N, H, W)``
+or ``(N, C, H, W)`` (one draw per image, shared by its channels) and are seeded through the ``rng``
+argument; all draws are vectorised over the batch.
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ def class_clustered_order(
 
 
 def _flatten(images: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(N, C, H, W) float64 view of (H, W), (N, H, W) or (N, C, H, W) images, and the original shape."""
     images = np.asarray(images)
-    if images.ndim < 2:
-        raise ValueError(f"images must be (..., H, W), got shape {images.shape}")
-    return images.reshape(-1, *images.shape[-2:]).astype(np.float64), images.shape
+    if not 2 <= images.ndim <= 4:
+        raise ValueError(f"images must be (H, W), (N, H, W) or (N, C, H, W), got shape {images.shape}")
+    if images.ndim == 4:
+        return images.astype(np.float64), images.shape
+    return images.reshape(-1, 1, *images.shape[-2:]).astype(np.float64), images.shape
 
 
 def scale_rotate_shift(
@@ -76,7 +80,7 @@ def scale_rotate_shift(
     """ST: x'(p) = x(A^-1 (p - c - t) + c), A = R(theta) diag(s_y, s_x); s = exp(N(0, scale_sd^2)) per
     axis, theta ~ N(0, rotation_sd_deg), t ~ N(0, shift_sd_px^2) per axis; bilinear, zero outside."""
     flat, shape = _flatten(images)
-    n, h, w = flat.shape
+    n, _, h, w = flat.shape
     scale = np.exp(rng.normal(0.0, scale_sd, size=(n, 2)))
     theta = np.deg2rad(rng.normal(0.0, rotation_sd_deg, size=n))
     shift = rng.normal(0.0, shift_sd_px, size=(n, 2))
@@ -90,7 +94,9 @@ def scale_rotate_shift(
     out_offsets = np.stack([yy, xx]).reshape(2, -1)[None] - (centre + shift)[:, :, None]  # n x 2 x HW
     src = np.einsum("nij,njp->nip", inv, out_offsets) + centre[None, :, None]
     coords = np.stack([np.broadcast_to(np.arange(n)[:, None], (n, h * w)), src[:, 0], src[:, 1]]).reshape(3, n, h, w)
-    out = map_coordinates(flat, coords, order=1, mode="constant", cval=0.0)
+    out = np.stack(
+        [map_coordinates(flat[:, c], coords, order=1, mode="constant", cval=0.0) for c in range(flat.shape[1])], 1
+    )
     return np.clip(out, 0.0, 1.0).astype(np.float32).reshape(shape)
 
 
@@ -104,13 +110,13 @@ def background(
     """BG: x' = clip(c x + b + g, 0, 1), c ~ U(contrast), b ~ U(offset), g a plane in a random direction
     whose largest |value| on the image is ~ U(0, dev_max)."""
     flat, shape = _flatten(images)
-    n, h, w = flat.shape
-    c = rng.uniform(*contrast, size=(n, 1, 1))
-    b = rng.uniform(*offset, size=(n, 1, 1))
-    phi = rng.uniform(0.0, 2 * math.pi, size=(n, 1, 1))
-    dev = rng.uniform(0.0, dev_max, size=(n, 1, 1))
+    n, _, h, w = flat.shape
+    c = rng.uniform(*contrast, size=(n, 1, 1, 1))
+    b = rng.uniform(*offset, size=(n, 1, 1, 1))
+    phi = rng.uniform(0.0, 2 * math.pi, size=(n, 1, 1, 1))
+    dev = rng.uniform(0.0, dev_max, size=(n, 1, 1, 1))
     yy, xx = np.meshgrid(np.linspace(-1.0, 1.0, h), np.linspace(-1.0, 1.0, w), indexing="ij")
-    direction = xx[None] * np.cos(phi) + yy[None] * np.sin(phi)
+    direction = xx * np.cos(phi) + yy * np.sin(phi)
     extreme = np.abs(np.cos(phi)) + np.abs(np.sin(phi))  # max of |direction| over the image corners
     plane = dev * direction / extreme
     return np.clip(c * flat + b + plane, 0.0, 1.0).astype(np.float32).reshape(shape)
@@ -124,7 +130,7 @@ def white_noise(
     lo, hi = sigma_range
     if not 0 < lo <= hi:
         raise ValueError(f"sigma_range must satisfy 0 < low <= high, got {sigma_range}")
-    sigma = np.exp(rng.uniform(math.log(lo), math.log(hi), size=(flat.shape[0], 1, 1)))
+    sigma = np.exp(rng.uniform(math.log(lo), math.log(hi), size=(flat.shape[0], 1, 1, 1)))
     return np.clip(flat + sigma * rng.normal(size=flat.shape), 0.0, 1.0).astype(np.float32).reshape(shape)
 
 
