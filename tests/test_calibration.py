@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from edgetrain.fixedpoint import FixedPointFormat
-from edgetrain.tqt import CALIBRATION_METHODS, calibrate
+from edgetrain.tqt import CALIBRATION_METHODS, CANDIDATE_METHODS, calibrate, choose_threshold
+from edgetrain.tqt.calibration import quantization_error
 
 
 def test_max_is_exact() -> None:
@@ -102,3 +103,41 @@ def test_kl_j_penalises_clipping_a_heavy_tail() -> None:
     rng = np.random.default_rng(7)
     x = np.concatenate([rng.normal(0, 1, 98_000), rng.uniform(8, 10, 2_000)])
     assert 2 ** calibrate(x, "kl_j", bits=8) > 8
+
+
+def test_auto_keeps_the_candidate_with_the_least_quantization_error() -> None:
+    rng = np.random.default_rng(8)
+    cases = {
+        "heavy outliers": np.concatenate([rng.normal(0, 1, 50_000), rng.uniform(20, 30, 25)]),
+        "laplace": rng.laplace(0, 1, 50_000),
+        "bimodal": np.concatenate([rng.normal(0, 0.02, 40_000), rng.normal(3, 0.3, 10_000)]),
+    }
+    for x in cases.values():
+        choice = choose_threshold(x, bits=8, signed=True)
+        values = torch.from_numpy(x)
+        fmt = FixedPointFormat(8, True)
+        # every candidate's error is its own power-of-2 quantization error on x
+        for method in CANDIDATE_METHODS:
+            expected = quantization_error(values, calibrate(x, method, 8, True), fmt)
+            assert choice.errors[method] == expected
+        assert choice.errors[choice.method] == min(choice.errors.values())
+        assert calibrate(x, "auto", 8, True) == choice.log2_t
+        # no power-of-2 threshold in the 9 octaves below max|x| does better
+        top = math.ceil(math.log2(np.abs(x).max()))
+        assert min(quantization_error(values, k, fmt) for k in range(top - 8, top + 1)) >= choice.errors[choice.method]
+        signal = float(np.mean(x * x))
+        assert choice.sqnr_db == pytest.approx(10 * math.log10(signal / choice.errors[choice.method]))
+    # 3sd clips the outliers and loses; on the bimodal data max wastes the grid and loses
+    assert (
+        choose_threshold(cases["heavy outliers"]).errors["3sd"]
+        > 10 * choose_threshold(cases["heavy outliers"]).errors["max"]
+    )
+    assert choose_threshold(cases["bimodal"]).method != "max"
+
+
+def test_auto_ties_go_to_the_first_candidate() -> None:
+    x = np.linspace(-1, 1, 10_001)  # every heuristic lands in the same octave
+    choice = choose_threshold(x, candidates=("max", "kl_j"))
+    assert choice.errors["max"] == choice.errors["kl_j"] and choice.method == "max"
+    with pytest.raises(ValueError, match="subset"):
+        choose_threshold(x, candidates=("auto",))

@@ -41,13 +41,12 @@ if TYPE_CHECKING:
 
 SUPPORTED_WEIGHT_BITS = (4, 8)  # the graph pass and the integer program are tested at INT8 and INT4
 DRIFTS = ("", "analog", "digital")
-ADAPTATION_DATASETS = ("mnist", "fashion-mnist")  # the scenario streams are built from these
 
 
 @dataclass
 class ModelSection:
     name: str = "mnistnet"  # a zoo model (edgetrain.models.MODELS)
-    import_path: str = ""  # or "package.module:callable" returning an nn.Module (num_classes=..., optional)
+    import_path: str = ""  # or "package.module:callable" / "path/to/file.py:callable" returning an nn.Module
 
 
 @dataclass
@@ -57,6 +56,11 @@ class DataSection:
     train_samples: int = 0  # 0: the whole training split
     test_samples: int = 0  # 0: the whole test split
     seed: int = 0
+    image_size: int = 0  # square input side after resize + centre crop (0: as stored)
+    resize: int = 0  # shorter side before the centre crop (0: image_size)
+    color: str = ""  # "gray" | "rgb" | "" (rgb when the training images have colour)
+    mean: list[float] = field(default_factory=list)  # per-channel normalisation x' = (x - mean) / std
+    std: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +81,9 @@ class QuantizeSection:
     batch_size: int = 64
     weight_lr: float = 1e-4
     threshold_lr: float = 1e-2
+    calibration: str = "auto"  # activation thresholds: auto (least quantization error) | kl_j | max | 3sd | ...
+    weight_calibration: str = ""  # "": max (static) / 3sd (retrain)
+    allow_float: bool = False  # leave ops the quantizer does not cover in float
 
 
 @dataclass
@@ -130,6 +137,7 @@ class ConfigError(ValueError):
 
 
 KEY_ALIASES = {"import": "import_path"}
+NUMBER_LIST_KEYS = ("mean", "std")
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -141,6 +149,11 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is list and key in NUMBER_LIST_KEYS:
+        numbers = isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        if not numbers:
+            raise ConfigError(f"[{section}] {key} must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
     if expected is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"[{section}] {key} must be a list of strings, got {value!r}")
@@ -216,7 +229,9 @@ def _name_problems(config: PipelineConfig) -> list[str]:
     from edgetrain.adapt import rules
     from edgetrain.adapt.scenarios import SCENARIOS
     from edgetrain.data.datasets import DATASETS
+    from edgetrain.data.images import COLORS
     from edgetrain.models import MODELS
+    from edgetrain.tqt import CALIBRATION_METHODS
 
     problems: list[str] = []
 
@@ -229,20 +244,21 @@ def _name_problems(config: PipelineConfig) -> list[str]:
     if model.import_path:
         module, _, attribute = model.import_path.partition(":")
         if not module or not attribute:
-            problems.append(f"[model] import = {model.import_path!r} must look like 'package.module:callable'")
+            problems.append(
+                f"[model] import = {model.import_path!r} must look like 'package.module:callable' "
+                "or 'path/to/file.py:callable'"
+            )
     else:
         known("model", "name", model.name, sorted(MODELS))
     known("data", "dataset", config.data.dataset, DATASETS)
+    known("data", "color", config.data.color, COLORS)
+    known("quantize", "calibration", config.quantize.calibration, CALIBRATION_METHODS)
+    known("quantize", "weight_calibration", config.quantize.weight_calibration, ("", *CALIBRATION_METHODS))
     if config.data.dataset == "folder" and not config.data.root:
         problems.append('[data] dataset = "folder" needs root = "<folder with the image files>"')
     adapt = config.adapt
     if not adapt.rules:
         return problems  # no adaptation stage: its settings are unused
-    if config.data.dataset not in ADAPTATION_DATASETS:
-        problems.append(
-            f"[adapt] the scenario streams are built from {' or '.join(ADAPTATION_DATASETS)}, not "
-            f"{config.data.dataset!r}; set [adapt] rules = [] to stop after the export"
-        )
     known("adapt", "scenario", adapt.scenario, SCENARIOS)
     known("adapt", "drift", adapt.drift, DRIFTS)
     if len(set(adapt.rules)) != len(adapt.rules):
@@ -283,17 +299,14 @@ def preflight(config: PipelineConfig, train: Dataset) -> None:
     Cheap: one graph rewrite of the untrained model on one zero image, no calibration or training."""
     import torch
 
-    from edgetrain.graph import QuantConfig, build_quantized_model
+    from edgetrain.graph import build_quantized_model
     from edgetrain.graph.quantize import UnsupportedOpError
-    from edgetrain.pipeline.models import build_model
+    from edgetrain.pipeline.models import build_model, quant_settings
 
     if len(train) == 0:
         raise ConfigError(f"the training split of {config.data.dataset!r} holds 0 images; check [data]")
     model = build_model(config.model, train)
-    quant = config.quantize
-    settings = QuantConfig(
-        weight_bits=quant.weight_bits, act_bits=quant.act_bits, first_last_weight_bits=quant.first_last_weight_bits
-    )
+    settings = quant_settings(config.quantize)
     example = torch.zeros(1, *train.images.shape[1:])
     try:
         build_quantized_model(model.eval(), example, settings, "static")

@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 from edgetrain.adapt import OnlineTrainer, make_rule
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.atomic import torch_save_atomic
-from edgetrain.data import Dataset, load_dataset
+from edgetrain.data import Dataset, DataSource
 from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
 from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
 from edgetrain.nvm import DriftSpec
 from edgetrain.pipeline.config import PipelineConfig
 from edgetrain.pipeline.deploy import qnet_from_quantized
-from edgetrain.pipeline.models import build_model
+from edgetrain.pipeline.models import build_model, data_source
 from edgetrain.pipeline.report import write_report
 from edgetrain.pipeline.stages import StageError, StageResult, fingerprint, run_stage, write_json_atomic
 from edgetrain.tqt import RetrainConfig, ThresholdHistory, retrain
@@ -43,11 +43,10 @@ class PipelineData:
 
 
 def load_pipeline_data(config: PipelineConfig) -> PipelineData:
+    """The three splits of ``[data]``, preprocessed as it says (the same tensors for every stage)."""
     section = config.data
-    root = section.root or None
-    train = load_dataset(section.dataset, "train", root=root, seed=section.seed)
-    val = load_dataset(section.dataset, "val", root=root, seed=section.seed)
-    test = load_dataset(section.dataset, "test", root=root, seed=section.seed)
+    source = data_source(section)
+    train, val, test = source.load("train"), source.load("val"), source.load("test")
     if section.train_samples:
         train = train.subset(section.train_samples)
         val = val.subset(max(1, section.train_samples // 10))
@@ -288,14 +287,10 @@ def adapt_stage(
     return run_stage(out, "adapt", key, body, log)
 
 
-def adaptation_dataset(config: PipelineConfig) -> str:
-    """The scenario streams come from the elastic-deformed pools of mnist or fashion-mnist."""
-    if config.data.dataset not in ("mnist", "fashion-mnist"):
-        raise ValueError(
-            f"adaptation scenarios are built from mnist or fashion-mnist, not {config.data.dataset!r}; "
-            "set [adapt] rules = [] to stop after the export"
-        )
-    return config.data.dataset
+def adaptation_dataset(config: PipelineConfig) -> DataSource:
+    """The scenario streams come from the run's own data (any dataset, a user's folder included), with
+    the same root and preprocessing as every other stage."""
+    return data_source(config.data)
 
 
 def run_pipeline(

@@ -8,19 +8,29 @@ Each method maps a sample of a tensor to ``log2_t`` (the log2 of the clipping th
   (Graffitist: every other quantizer)
 - ``percentile``: t = the given percentile of |x| (default 99.99)
 - ``mse``: the power-of-2 threshold minimising the mean squared quantization error
+- ``auto``: every candidate above on the same data, scored by the quantization error it gives there
+  (power-of-2 grids: s = 2^ceil(log2 t) / 2^m), the smallest error wins; ties go to the earlier
+  candidate in ``CANDIDATE_METHODS`` (kl_j first, Graffitist's default). :func:`choose_threshold` also
+  returns which candidate won and its SQNR = 10 log10(sum x^2 / sum (q(x) - x)^2) dB. A heuristic that
+  collapses on a tensor (kl_j clipping the few large activations a layer depends on) loses to one
+  that does not. Since ``mse`` searches the power-of-2 grid exhaustively (within 8 octaves below
+  max), the winner's error is the least any power-of-2 threshold reaches there; the label says which
+  heuristics reach it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from edgetrain.fixedpoint import FixedPointFormat, Rounding, round_tensor
 
-CALIBRATION_METHODS = ("max", "3sd", "kl_j", "percentile", "mse")
+CANDIDATE_METHODS = ("kl_j", "max", "3sd", "percentile", "mse")  # auto's candidates, in tie-break order
+CALIBRATION_METHODS = ("max", "3sd", "kl_j", "percentile", "mse", "auto")
 MAX_KL_BINS = 2048
 ZERO_TENSOR_LOG2_T = 0.0  # an all-zero tensor quantizes exactly under any threshold
 
@@ -129,6 +139,71 @@ def calibrate_mse(x: np.ndarray, fmt: FixedPointFormat, rounding: Rounding | str
     return float(best_k)
 
 
+def quantization_error(
+    x: torch.Tensor, log2_t: float, fmt: FixedPointFormat, rounding: Rounding | str = Rounding.HALF_EVEN
+) -> float:
+    """mean (q(x) - x)^2 on the grid s = 2^(ceil(log2_t) - m) of ``fmt`` (the quantizer's forward)."""
+    scale = math.ldexp(1.0, fmt.exponent(log2_t))
+    q = round_tensor(x / scale, Rounding.parse(rounding)).clamp_(fmt.qmin, fmt.qmax) * scale
+    return float(torch.mean((q - x) ** 2))
+
+
+def sqnr_db(signal_power: float, error: float) -> float:
+    """10 log10(signal power / error power); inf for an exact quantization."""
+    if error == 0.0:
+        return math.inf
+    return 10.0 * math.log10(max(signal_power, 1e-300) / error)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The outcome of ``auto`` calibration for one quantizer."""
+
+    log2_t: float
+    method: str  # the winning candidate
+    sqnr_db: float  # of the winner on the calibration data
+    errors: dict[str, float]  # mean squared quantization error per candidate
+
+
+def choose_threshold(
+    x: torch.Tensor | np.ndarray,
+    bits: int = 8,
+    signed: bool = True,
+    *,
+    candidates: tuple[str, ...] = CANDIDATE_METHODS,
+    percentile: float = 99.99,
+    rounding: Rounding | str = Rounding.HALF_EVEN,
+) -> ThresholdChoice:
+    """Calibrate with every method of ``candidates`` and keep the one with the least quantization
+    error on ``x`` (module docstring, ``auto``)."""
+    unknown = sorted(set(candidates) - set(CANDIDATE_METHODS))
+    if unknown or not candidates:
+        raise ValueError(f"candidates must be a non-empty subset of {CANDIDATE_METHODS}, got unknown {unknown}")
+    fmt = FixedPointFormat(bits, signed)
+    data = _as_array(x)
+    values = torch.from_numpy(data)
+    thresholds = {m: _calibrate(data, m, fmt, percentile, rounding) for m in candidates}
+    errors = {m: quantization_error(values, t, fmt, rounding) for m, t in thresholds.items()}
+    best = min(candidates, key=lambda m: (errors[m], candidates.index(m)))
+    return ThresholdChoice(thresholds[best], best, sqnr_db(float(np.mean(data * data)), errors[best]), errors)
+
+
+def _calibrate(
+    data: np.ndarray, method: str, fmt: FixedPointFormat, percentile: float, rounding: Rounding | str
+) -> float:
+    methods: dict[str, Callable[[], float]] = {
+        "max": lambda: calibrate_max(data),
+        "3sd": lambda: calibrate_3sd(data),
+        "kl_j": lambda: calibrate_kl_j(data, fmt),
+        "percentile": lambda: calibrate_percentile(data, percentile),
+        "mse": lambda: calibrate_mse(data, fmt, rounding),
+        "auto": lambda: choose_threshold(data, fmt.bits, fmt.signed, percentile=percentile, rounding=rounding).log2_t,
+    }
+    if method not in methods:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
+    return methods[method]()
+
+
 def calibrate(
     x: torch.Tensor | np.ndarray,
     method: str = "kl_j",
@@ -140,18 +215,8 @@ def calibrate(
 ) -> float:
     """Initial ``log2_t`` for a quantizer of ``bits`` (``signed``) from sample data ``x``.
 
-    ``method`` is one of ``max``, ``3sd``, ``kl_j``, ``percentile``, ``mse``. Raises ``ValueError``
-    on empty data, NaN/inf values, an unknown method or an unsupported bit-width.
+    ``method`` is one of ``max``, ``3sd``, ``kl_j``, ``percentile``, ``mse``, ``auto``. Raises
+    ``ValueError`` on empty data, NaN/inf values, an unknown method or an unsupported bit-width.
     """
     fmt = FixedPointFormat(bits, signed)
-    data = _as_array(x)
-    methods: dict[str, Callable[[], float]] = {
-        "max": lambda: calibrate_max(data),
-        "3sd": lambda: calibrate_3sd(data),
-        "kl_j": lambda: calibrate_kl_j(data, fmt),
-        "percentile": lambda: calibrate_percentile(data, percentile),
-        "mse": lambda: calibrate_mse(data, fmt, rounding),
-    }
-    if method not in methods:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
-    return methods[method]()
+    return _calibrate(_as_array(x), method, fmt, percentile, rounding)
