@@ -1,0 +1,155 @@
+"""The fleet's configuration: devices, rounds, strategies, streams, drift and injected faults.
+
+docs/fleet.md. A config is a TOML file (``edgetrain fleet CONFIG``) or the quick flags; both make a
+:class:`FleetConfig`, which also travels inside every Flower message as JSON, so a device needs
+nothing but the message to build itself.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("local", "federated-lowrank", "fedavg", "fedavg-sgd")
+FAULT_KINDS = ("dropout", "corrupt", "silent")
+SPLITS = ("classes", "all")
+ENGINES = ("simulation", "deployment")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An injected fault: device ``device`` in round ``round`` (0-based).
+
+    ``dropout``: the device fails half-way through the round (no reply) and rejoins the next round
+    from its non-volatile state saved after its last completed round. ``corrupt``: the device sends
+    NaN factors or deltas (the server rejects them and names the device). ``silent``: the device
+    never reports in that round (the server times out on it; deployment engine, or ``round_timeout``).
+    """
+
+    kind: str
+    device: int
+    round: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; choose one of: {', '.join(FAULT_KINDS)}")
+        if self.device < 0 or self.round < 0:
+            raise ValueError(f"fault device and round must be >= 0, got device={self.device}, round={self.round}")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Everything a fleet run needs (docs/fleet.md lists every field).
+
+    Streams: device k sees a ``new-user`` scenario of ``dataset`` seeded ``seed * 1000 + k``:
+    ``split="classes"`` gives it ``classes_per_device`` consecutive classes starting at
+    ``k * class_stride`` (mod 10), ``split="all"`` every class; its inputs are rotated by
+    ``angle + k * angle_step`` degrees (``angle = 0``: not rotated); every device's NVM also drifts
+    (``drift``: "digital", "analog" or "none", the paper's schedule with ``p0``/``sigma0`` scaled by
+    ``drift_scale``) with its own realisation.
+    """
+
+    devices: int = 3
+    rounds: int = 2
+    samples_per_round: int = 100
+    strategies: tuple[str, ...] = STRATEGIES
+    model: str | None = None  # model file (.safetensors) or exported integer program folder
+    arch: dict[str, Any] = field(default_factory=lambda: {"arch": "lrt-cnn", "width": 8, "hidden": 32})
+    pretrain_samples: int = 4000
+    pretrain_epochs: int = 2
+    dataset: str = "mnist"
+    split: str = "classes"
+    classes_per_device: int = 5
+    class_stride: int = 3
+    angle: float = 30.0
+    angle_step: float = 0.0
+    drift: str = "digital"
+    drift_scale: float = 1.0
+    rank: int = 4
+    lr: float = 0.01
+    max_norm: bool = True
+    batch_fc: int = 100
+    batch_conv: int = 10
+    sgd_lr: float = 0.01
+    test_samples: int = 300
+    seed: int = 0
+    round_timeout: float = 600.0
+    faults: tuple[Fault, ...] = ()
+    engine: str = "simulation"
+
+    def __post_init__(self) -> None:
+        for name in ("devices", "rounds", "samples_per_round", "rank", "batch_fc", "batch_conv", "test_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"fleet {name} must be >= 1, got {getattr(self, name)}")
+        unknown = sorted(set(self.strategies) - set(STRATEGIES))
+        if unknown or not self.strategies:
+            raise ValueError(f"unknown fleet strategies {unknown}; choose from: {', '.join(STRATEGIES)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
+        if self.drift not in ("digital", "analog", "none"):
+            raise ValueError(f"drift must be 'digital', 'analog' or 'none', got {self.drift!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
+        if not 1 <= self.classes_per_device <= 10:
+            raise ValueError(f"classes_per_device must be in 1..10, got {self.classes_per_device}")
+        for fault in self.faults:
+            if fault.device >= self.devices or fault.round >= self.rounds:
+                raise ValueError(
+                    f"fault {fault.kind} names device {fault.device} in round {fault.round}, but the fleet has "
+                    f"{self.devices} devices and {self.rounds} rounds"
+                )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FleetConfig:
+        """A config from a (TOML or JSON) mapping; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown fleet config key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
+        values = dict(data)
+        if "strategies" in values:
+            values["strategies"] = tuple(values["strategies"])
+        if "faults" in values:
+            values["faults"] = tuple(Fault(**f) if isinstance(f, dict) else f for f in values["faults"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> FleetConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FleetConfig:
+        """Read a TOML config (top-level keys are the fields, faults a ``[[faults]]`` array of tables)
+        or a ``.json`` file of :meth:`to_json`."""
+        source = Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"fleet config {source} does not exist")
+        if source.suffix == ".json":
+            return cls.from_json(source.read_text())
+        with source.open("rb") as handle:
+            try:
+                data = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"{source} is not valid TOML: {err}") from err
+        return cls.from_dict(data)
+
+    def device_classes(self, index: int) -> tuple[int, ...]:
+        """The classes device ``index`` sees (all ten for ``split="all"``)."""
+        if self.split == "all":
+            return tuple(range(10))
+        start = index * self.class_stride
+        return tuple(sorted({(start + j) % 10 for j in range(self.classes_per_device)}))
+
+    def device_angle(self, index: int) -> float | None:
+        """The rotation of device ``index``'s inputs in degrees (None: not rotated)."""
+        angle = self.angle + index * self.angle_step
+        return angle if angle else None
+
+    def faults_of(self, device: int, round_index: int) -> set[str]:
+        return {f.kind for f in self.faults if f.device == device and f.round == round_index}

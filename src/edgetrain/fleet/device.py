@@ -1,0 +1,289 @@
+"""One simulated device of the fleet: its network on its own NVM, its stream, drift and update rule.
+
+docs/fleet.md. Device k runs the online trainer (predict, then learn, batch 1) on its own non-IID
+stream with its own drift realisation (seed ``seed * 1000 + k``). Per strategy:
+
+- ``local``: LowRank (LRT v1 section 4) alone, writing every B samples; nothing is sent.
+- ``federated-lowrank``: LowRank accumulates the whole round (no local weight write); at the end of
+  the round the device sends its accumulator's factors (L, R) per layer and resets it; the server's
+  merged factors come back as one NVM update event dW_q = round(lr sqrt(R) L R^T / lsb),
+  W <- clip(W - dW_q) (the LowRank write with mult = R samples).
+- ``fedavg`` / ``fedavg-sgd``: LowRank / per-sample SGD writing locally; the device sends the weight
+  delta D it wrote during the round (int16 codes) and applies the fleet mean M as one update event
+  W <- clip(W - D + round(M)).
+
+Biases and batch-norm parameters (16-bit, high-endurance memory) keep adapting on each device in
+every strategy. The device's state (NVM, rule, RNGs, fleet bookkeeping) is saved after each
+completed round, so a device that drops out rejoins from its non-volatile state.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.ndimage import rotate
+
+from edgetrain.adapt import OnlineTrainer, make_rule
+from edgetrain.adapt.checkpoint import load_state, save_state
+from edgetrain.adapt.scenarios import Scenario, make_scenario
+from edgetrain.data import load_dataset
+from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform
+from edgetrain.fleet.config import FleetConfig
+from edgetrain.nvm import DriftSpec, NVMArray
+
+NEVER = 2**62  # a LowRank batch that never ends: the fleet decides when the weights are written
+TRACKED = ("fedavg", "fedavg-sgd")
+
+
+class TrackedNVMArray(NVMArray):
+    """An NVM array that also sums the changes its writes make: ``written += new - old`` on the
+    written cells (FedAvg devices send this delta; drift is not a write and is not in it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written = np.zeros(self.shape, dtype=np.int64)
+
+    def write(self, new_codes: Any, pulses: Any = None) -> int:
+        before = self.codes.copy()
+        count = super().write(new_codes, pulses)
+        self.written += self.codes - before
+        return count
+
+
+@lru_cache(maxsize=16)
+def held_out_set(
+    dataset: str, classes: tuple[int, ...], angle: float | None, samples: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` test-split digits of ``classes``, each elastic-deformed once (the stream's
+    deformations) and rotated by ``angle`` degrees: a device's held-out set (shared by every device
+    and strategy with the same classes and angle)."""
+    test = load_dataset(dataset, "test")
+    labels = test.labels.numpy()
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 4]))
+    pick = rng.permutation(np.flatnonzero(np.isin(labels, classes)))[:samples]
+    images = test.images[torch.from_numpy(pick), 0].numpy()
+    pairs = rng.integers(0, len(ELASTIC_PAIRS), size=pick.size)
+    out = np.stack([elastic_deform(image, *ELASTIC_PAIRS[p], rng) for image, p in zip(images, pairs, strict=True)])
+    out = np.clip(out, 0.0, 1.0)
+    if angle:
+        out = np.clip(rotate(out, angle, axes=(2, 1), reshape=False, order=1), 0.0, 1.0)
+    return torch.from_numpy(out.astype(np.float32)).unsqueeze(1), torch.from_numpy(labels[pick].astype(np.int64))
+
+
+class DeviceStream:
+    """A device's stream (the trainer's ``Stream``): a ``new-user`` scenario (class subset and/or
+    rotation) with the device's own drift schedule, scored on :func:`held_out_set`."""
+
+    def __init__(self, config: FleetConfig, index: int) -> None:
+        classes, angle = config.device_classes(index), config.device_angle(index)
+        options: dict[str, Any] = {"classes": classes}
+        if angle is not None:
+            options.update(transform="rotate", angle=angle)
+        self.scenario: Scenario = make_scenario(
+            "new-user",
+            dataset=config.dataset,
+            samples=config.rounds * config.samples_per_round,
+            seed=config.seed * 1000 + index,
+            **options,
+        )
+        self.drift = device_drift(config)
+        self.classes, self.angle = classes, angle
+        self.config = config
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scenario.batch(start, stop)
+
+    @property
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        return held_out_set(c.dataset, self.classes, self.angle, c.test_samples, c.seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.scenario.describe(),
+            "drift": None if self.drift is None else self.drift.as_dict(),
+            "held_out_samples": self.config.test_samples,
+        }
+
+
+def device_drift(config: FleetConfig) -> DriftSpec | None:
+    """The paper's drift schedule (d = 10) with p0 / sigma0 = 10 x ``drift_scale``."""
+    if config.drift == "none":
+        return None
+    level = 10.0 * config.drift_scale
+    return DriftSpec(config.drift, p0=level) if config.drift == "digital" else DriftSpec(config.drift, sigma0=level)
+
+
+def device_rule(config: FleetConfig, strategy: str) -> Any:
+    """The device's update rule under ``strategy`` (module docstring)."""
+    if strategy == "fedavg-sgd":
+        return make_rule("sgd", lr=config.sgd_lr)
+    batches = (NEVER, NEVER) if strategy == "federated-lowrank" else (config.batch_fc, config.batch_conv)
+    return make_rule(
+        "lowrank",
+        rank=config.rank,
+        lr=config.lr,
+        max_norm=config.max_norm,
+        batch_fc=batches[0],
+        batch_conv=batches[1],
+    )
+
+
+def load_device_net(source: str | Path) -> torch.nn.Module:
+    """The device network: an exported integer program folder (``DeviceNet.from_program``) or a
+    model file of :func:`edgetrain.adapt.pretrain.save_model`."""
+    path = Path(source)
+    if path.is_dir():
+        from edgetrain.adapt.device import DeviceNet
+        from edgetrain.export.program import IntegerProgram
+
+        return DeviceNet.from_program(IntegerProgram.load(path))
+    from edgetrain.adapt.pretrain import load_model
+
+    return load_model(path)[0]
+
+
+def pending_factors(state: Any, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A LowRank layer's pending gradient sum as rank-r factors (L, R), and the layer's sum reset:
+    the accumulator's factors, or the top-r SVD of a grouped conv's dense sum (zero-padded to r)."""
+    if state.acc is not None:
+        left, right = state.acc.factors()
+        state.acc.reset()
+        return left, right
+    u, s, vt = np.linalg.svd(state.dense, full_matrices=False)
+    k = min(rank, s.size)
+    left, right = np.zeros((u.shape[0], rank)), np.zeros((vt.shape[1], rank))
+    left[:, :k], right[:, :k] = u[:, :k] * np.sqrt(s[:k]), vt[:k].T * np.sqrt(s[:k])
+    state.dense[...] = 0.0
+    return left, right
+
+
+class FleetDevice:
+    """Device ``index`` of the fleet under ``strategy`` (module docstring)."""
+
+    def __init__(self, config: FleetConfig, index: int, strategy: str) -> None:
+        if config.model is None:
+            raise ValueError("the fleet config names no device model; run_fleet prepares one (config.model)")
+        self.config, self.index, self.strategy = config, index, strategy
+        self.stream = DeviceStream(config, index)
+        self.trainer = OnlineTrainer(
+            load_device_net(config.model),
+            device_rule(config, strategy),
+            self.stream,
+            seed=config.seed * 1000 + index,
+            test_samples=config.test_samples,
+            log_every=config.samples_per_round,
+        )
+        self.sent: dict[str, np.ndarray] = {}  # FedAvg: the delta of the last report
+        self.rounds_done = 0
+        self.fleet_writes = 0  # cells written by fleet update events
+        self.test_history: list[float] = []
+        self._track()
+
+    # -- the NVM -----------------------------------------------------------------------------------
+    def _track(self) -> None:
+        """FedAvg devices record what their writes change (arrays shared with the rule)."""
+        if self.strategy not in TRACKED:
+            return
+        for name, array in list(self.trainer.arrays.items()):
+            if not isinstance(array, TrackedNVMArray):
+                self.trainer.arrays[name] = TrackedNVMArray.from_state_dict(array.state_dict())
+
+    def _update(self, layer: Any, step_codes: np.ndarray) -> int:
+        """One NVM update event W <- clip(W - step) on ``layer``; returns the cells written."""
+        array = self.trainer.arrays[layer.name]
+        written = array.apply_update(step_codes)
+        layer.set_codes(array.codes)
+        return written
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {layer.name: tuple(layer.shape2d) for layer in self.trainer.net.weight_layers}
+
+    # -- a round -----------------------------------------------------------------------------------
+    def apply(self, update: dict[str, np.ndarray]) -> int:
+        """Apply the fleet's broadcast as one NVM update event per layer; returns the cells written."""
+        if not update:
+            return 0
+        written = 0
+        lr_eff = self.config.lr * math.sqrt(self.config.samples_per_round)
+        for layer in self.trainer.net.weight_layers:
+            if self.strategy == "federated-lowrank":
+                left, right = update[f"{layer.name}.L"].astype(np.float64), update[f"{layer.name}.R"].astype(np.float64)
+                step = np.rint(lr_eff * (left @ right.T) / layer.formats.weight.lsb).astype(np.int64)
+            else:  # W - D + round(M) = W - (D - round(M))
+                step = self.sent.get(layer.name, 0) - np.rint(update[f"{layer.name}.delta"]).astype(np.int64)
+            written += self._update(layer, step)
+        if self.strategy in TRACKED:
+            for array in self.trainer.arrays.values():
+                array.written[...] = 0  # the fleet update is not this device's own change
+        self.sent = {}
+        self.fleet_writes += written
+        return written
+
+    def learn(self, samples: int) -> None:
+        """Predict-then-learn on the next ``samples`` samples of the stream, then score the held-out set."""
+        self.trainer.run(self.trainer.step_count + samples)
+        self.test_history.append(self.trainer.tests[-1]["accuracy"])
+
+    def report(self) -> dict[str, np.ndarray]:
+        """What the device sends: factors (federated low-rank), its written delta (FedAvg), nothing (local)."""
+        payload: dict[str, np.ndarray] = {}
+        if self.strategy == "federated-lowrank":
+            for name, state in self.trainer.rule.layers.items():
+                left, right = pending_factors(state, self.config.rank)
+                payload[f"{name}.L"], payload[f"{name}.R"] = left.astype(np.float32), right.astype(np.float32)
+        elif self.strategy in TRACKED:
+            for name, array in self.trainer.arrays.items():
+                payload[f"{name}.delta"] = array.written.astype(np.int16)
+                self.sent[name] = array.written.copy()
+                array.written[...] = 0
+        self.rounds_done += 1
+        return payload
+
+    def metrics(self) -> dict[str, float]:
+        """The device's figures so far (JSON numbers)."""
+        final = self.trainer.metrics()
+        aux = sum(final["aux_memory_bits"].values())
+        if self.strategy in TRACKED:
+            aux += sum(16 * array.num_cells for array in self.trainer.arrays.values())  # the int16 delta
+        return {
+            "device": self.index,
+            "samples": self.trainer.step_count,
+            "online_accuracy": float(self.trainer.online_accuracy),
+            "test_accuracy": float(self.test_history[-1]) if self.test_history else float("nan"),
+            "max_writes": int(final["max_writes"]),
+            "total_writes": int(final["total_writes"]),
+            "fleet_update_writes": int(self.fleet_writes),
+            "aux_memory_bits": int(aux),
+        }
+
+    # -- non-volatile state ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Everything the device keeps across a power cycle, atomically (safetensors)."""
+        fleet = {
+            "sent": dict(self.sent),
+            "written": {n: a.written.copy() for n, a in self.trainer.arrays.items() if isinstance(a, TrackedNVMArray)},
+            "rounds_done": self.rounds_done,
+            "fleet_writes": self.fleet_writes,
+            "test_history": list(self.test_history),
+        }
+        save_state({"trainer": self.trainer.state_dict(), "fleet": fleet}, path)
+
+    def restore(self, path: str | Path) -> None:
+        """Load a :meth:`save` file (the device rejoining after a dropout)."""
+        state = load_state(path)
+        self.trainer.load_state_dict(state["trainer"])
+        self._track()
+        fleet = state["fleet"]
+        self.sent = {k: np.asarray(v, dtype=np.int64) for k, v in (fleet.get("sent") or {}).items()}
+        for name, written in (fleet.get("written") or {}).items():
+            self.trainer.arrays[name].written = np.asarray(written, dtype=np.int64).copy()
+        self.rounds_done = int(fleet["rounds_done"])
+        self.fleet_writes = int(fleet["fleet_writes"])
+        self.test_history = [float(x) for x in fleet.get("test_history") or []]

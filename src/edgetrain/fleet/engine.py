@@ -1,0 +1,219 @@
+"""Running the fleet on Flower's engines (docs/fleet.md).
+
+- Simulation (the default, one command on one machine): ``flwr.simulation.run_simulation`` with the
+  Ray backend (Flower 1.42's only simulation backend), one Ray actor (``num_cpus = 1``) that hosts
+  every device in turn, no runtime dependency installation, and ``ray.shutdown()`` afterwards so no
+  Ray process outlives the run.
+- Deployment: ``flower-superlink`` and one ``flower-supernode`` per device, insecure on loopback
+  (127.0.0.1 only), the app submitted with ``flwr run``; for a real fleet start them with TLS
+  certificates instead (docs/fleet.md). Every process is started in its own process group and the
+  whole group is stopped at the end (a supernode's ``flower-superexec`` children included).
+
+Before either engine runs, :func:`prepare_model` makes the device model: the configured model file
+or exported program, or (``model`` unset) the small LRT net pretrained quantized-in-the-loop on
+elastic digits, cached in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from edgetrain.fleet.config import FleetConfig
+
+NO_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_DEDUP_LOGS": "0"}
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "edgetrain-fleet"
+version = "1.0.0"
+description = "edgetrain fleet: federated low-rank adaptation of NVM devices"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "edgetrain"
+
+[tool.flwr.app.components]
+serverapp = "edgetrain.fleet.app:server_app"
+clientapp = "edgetrain.fleet.app:client_app"
+
+[tool.flwr.app.config]
+fleet-config = "{config}"
+out = "{out}"
+"""
+
+
+def prepare_model(config: FleetConfig, out: Path) -> FleetConfig:
+    """``config`` with ``model`` set: as given, or a pretrained small net cached at out/model.safetensors."""
+    if config.model is not None:
+        if not Path(config.model).exists():
+            raise FileNotFoundError(f"device model {config.model} does not exist; give a model file or program folder")
+        return replace(config, model=str(Path(config.model).resolve()))
+    path = (out / "model.safetensors").resolve()
+    if not path.is_file():
+        import torch
+
+        from edgetrain.adapt.pretrain import pretrain, save_model
+        from edgetrain.adapt.scenarios import pretraining_set
+
+        torch.set_num_threads(1)
+        train = pretraining_set(config.dataset, config.pretrain_samples, seed=config.seed)
+        net, _ = pretrain(config.arch, train, None, epochs=config.pretrain_epochs, seed=config.seed)
+        save_model(net, config.arch, path, {"pretrain_samples": config.pretrain_samples})
+    return replace(config, model=str(path))
+
+
+def run_fleet(config: FleetConfig, out: str | Path) -> dict[str, Any]:
+    """Run every strategy of ``config`` on its engine; returns the content of out/fleet.json."""
+    from edgetrain.fleet.app import RESULT_NAME
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config = prepare_model(config, out)
+    result = out / RESULT_NAME
+    result.unlink(missing_ok=True)
+    if config.engine == "simulation":
+        run_simulation_engine(config, out)
+    else:
+        run_deployment_engine(config, out)
+    if not result.is_file():
+        raise RuntimeError(f"the fleet's ServerApp wrote no {result}; its log above says why")
+    return json.loads(result.read_text())
+
+
+def run_simulation_engine(config: FleetConfig, out: Path) -> None:
+    """All strategies in one Flower simulation (Ray backend, one actor)."""
+    os.environ.update(NO_INSTALL)
+    import ray
+    from flwr.simulation import run_simulation
+
+    from edgetrain.fleet.app import client_app, make_server_app
+
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "logging_level": "warning"},
+    }
+    try:
+        run_simulation(make_server_app(config, out), client_app, num_supernodes=config.devices, backend_config=backend)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ProcessGroups:
+    """Processes started in their own process groups; :meth:`stop` ends every group (children too)."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, grace: float = 5.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for proc in self.procs:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(proc.poll() is None for proc in self.procs):
+                time.sleep(0.1)
+        for proc in self.procs:
+            proc.wait(timeout=grace)
+
+
+def run_deployment_engine(config: FleetConfig, out: Path, timeout: float | None = None) -> None:
+    """SuperLink + one SuperNode per device on 127.0.0.1 (insecure), the app run with ``flwr run``;
+    waits for out/fleet.json (at most ``timeout`` seconds, default rounds x strategies x round_timeout)."""
+    from edgetrain.fleet.app import RESULT_NAME
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **NO_INSTALL, "FLWR_HOME": str(out / "flwr-home")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    link_port = free_port()
+    (out / "flwr-home").mkdir(parents=True, exist_ok=True)
+    (out / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    config_path = out / "fleet-config.json"
+    config_path.write_text(config.to_json())
+    app_dir = out / "flwr-app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(config=config_path, out=out))
+    groups = ProcessGroups(out / "logs")
+    limit = timeout or 120.0 + config.round_timeout * (config.rounds + 1) * len(config.strategies)
+    try:
+        groups.start(
+            "superlink",
+            [
+                str(bin_dir / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+            env,
+        )
+        for index in range(config.devices):
+            groups.start(
+                f"supernode-{index}",
+                [
+                    str(bin_dir / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={index} num-partitions={config.devices}",
+                ],
+                env,
+            )
+        submit = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(app_dir), "fleet"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            start_new_session=True,
+        )
+        (out / "logs" / "flwr-run.log").write_text(submit.stdout + submit.stderr)
+        if submit.returncode != 0:
+            raise RuntimeError(f"flwr run failed (exit {submit.returncode}); see {out / 'logs' / 'flwr-run.log'}")
+        deadline = time.monotonic() + limit
+        while not (out / RESULT_NAME).is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the fleet did not finish within {limit:.0f} s; logs in {out / 'logs'}")
+            time.sleep(0.5)
+    finally:
+        groups.stop()
