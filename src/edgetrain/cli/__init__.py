@@ -18,7 +18,12 @@ from collections.abc import Callable, Sequence
 
 from edgetrain.pipeline.config import ConfigError
 
-COMMAND_MODULES: tuple[str, ...] = ("edgetrain.cli.pipeline", "edgetrain.cli.adapt", "edgetrain.cli.quantize")
+COMMAND_MODULES: tuple[str, ...] = (
+    "edgetrain.cli.pipeline",
+    "edgetrain.cli.adapt",
+    "edgetrain.cli.quantize",
+    "edgetrain.cli.fleet",
+)
 USAGE_EXIT, FAILURE_EXIT, INTERRUPT_EXIT = 2, 1, 130
 RESUME_HINTS = {
     "demo": "run the same command again to resume: finished stages are reused, the interrupted one continues",
