@@ -173,6 +173,7 @@ def _batched(fn: Any, images: torch.Tensor, label: str, batch: int = 500) -> np.
 def cmd_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     qmodel, meta = load_quantized(args.checkpoint)
+    session = _onnx_session(args.onnx) if args.onnx else None
     data = _split(args.data or meta["dataset"], args.split, args.samples)
     labels = data.labels.numpy()
     with torch.no_grad():
@@ -195,14 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"{saturated} accumulator values saturated",
             )
         )
-    if args.onnx:
-        try:
-            session = ort_session(args.onnx)
-        except Exception as err:  # onnxruntime raises its own types for files that are not ONNX
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ValueError(
-                f"{args.onnx} is not a loadable ONNX model ({type(err).__name__}: {first[:200]})"
-            ) from None
+    if session is not None:
         reject_nan(bool(torch.isnan(data.images).any()), "the evaluation data")  # the graph cannot raise itself
         name = session.get_inputs()[0].name
         out = _batched(lambda x: session.run(None, {name: x.numpy()})[0], data.images, "onnx")
@@ -215,6 +209,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if integer_program is not None:
         _print_mac_table(integer_program)
     return 0
+
+
+def _onnx_session(path: str) -> Any:
+    try:
+        return ort_session(path)
+    except Exception as err:  # onnxruntime raises its own types for files that are not ONNX
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path} is not a loadable ONNX model ({type(err).__name__}: {first[:200]})") from None
 
 
 def _print_mac_table(program: IntegerProgram) -> None:
