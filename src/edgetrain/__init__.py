@@ -9,8 +9,9 @@ The life of a network, one module per step:
 2. Deploy: ``to_integer(qmodel)`` is the bit-exact integer program (safetensors + JSON manifest,
    NumPy executor), ``to_onnx`` a QDQ graph for onnxruntime (``edgetrain.export``).
 3. Adapt on the device with Low-Rank Training (Gural et al.): ``StreamingKroneckerSum`` keeps the
-   gradient sum as rank r (``edgetrain.lowrank``); ``qnet_from_quantized(qmodel)`` puts the TQT
-   model on the device model, and ``OnlineTrainer`` with the rules of
+   gradient sum as rank r (``edgetrain.lowrank``); ``DeviceNet.from_program(program)`` makes the
+   exported integer program the device (``to_program()`` exports it again, bit-exact), and
+   ``OnlineTrainer`` with the rules of
    ``edgetrain.adapt.rules`` learns from a stream (``edgetrain.adapt.scenarios``) on weights held in a
    simulated NVM (``NVMArray``: write counts, energy, endurance, drift; ``edgetrain.nvm``).
 4. The whole pipeline with a report: ``edgetrain demo`` / ``edgetrain run CONFIG``
@@ -19,7 +20,7 @@ The life of a network, one module per step:
 Data: ``load_dataset`` (``edgetrain.data``); models: ``create_model`` (``edgetrain.models``).
 """
 
-from edgetrain.adapt import OnlineTrainer, make_rule, quantize_for_adaptation
+from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule, quantize_for_adaptation
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.data import load_dataset
 from edgetrain.export import IntegerProgram, to_integer, to_onnx
@@ -28,12 +29,12 @@ from edgetrain.graph import QuantConfig, QuantizedModel, quantize
 from edgetrain.lowrank import MaxNorm, StreamingKroneckerSum
 from edgetrain.models import create_model
 from edgetrain.nvm import DriftSpec, EnergyModel, NVMArray
-from edgetrain.pipeline.deploy import qnet_from_quantized
 from edgetrain.tqt import RetrainConfig, TQTQuantizer, calibrate, retrain, tqt_quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeviceNet",
     "DriftSpec",
     "EnergyModel",
     "FixedPointFormat",
@@ -53,7 +54,6 @@ __all__ = [
     "make_rule",
     "make_scenario",
     "quantize",
-    "qnet_from_quantized",
     "quantize_for_adaptation",
     "retrain",
     "to_integer",

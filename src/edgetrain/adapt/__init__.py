@@ -6,6 +6,7 @@ through it with one of the rules of :mod:`edgetrain.adapt.rules`, weights held i
 """
 
 from edgetrain.adapt.checkpoint import CheckpointError
+from edgetrain.adapt.device import DeviceNet
 from edgetrain.adapt.qnet import PAPER_FORMATS, Grid, LayerFormats, QNet, quantize_for_adaptation
 from edgetrain.adapt.rules import (
     RULES,
@@ -25,6 +26,7 @@ __all__ = [
     "SGD",
     "BiasOnly",
     "CheckpointError",
+    "DeviceNet",
     "Grid",
     "InferenceOnly",
     "LayerFormats",

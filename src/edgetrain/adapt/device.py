@@ -183,7 +183,9 @@ class DeviceLayer(GradQuantMixin):
         """The last sample's im2col terms (LRT App. B): ``a`` (pixels x n_in), ``dz`` (pixels x n_out)."""
         x, dz = self._recorded()
         if self.groups != 1:
-            raise ValueError(f"layer {self.name}: a grouped conv has no single im2col Kronecker term; use weight_grad()")
+            raise ValueError(
+                f"layer {self.name}: a grouped conv has no single im2col Kronecker term; use weight_grad()"
+            )
         if not self.is_conv:
             return x.flatten(1), dz
         a = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
@@ -332,9 +334,13 @@ class DeviceNet(nn.Module):
         self.requantizers: dict[str, Requantizer] = {}
         for op in program.ops:
             if op["op"] in ("quantize", "requantize"):
-                self.requantizers[op["output"]] = Requantizer(program.quantizers[op["quantizer"]], op.get("activation", "none"))
+                self.requantizers[op["output"]] = Requantizer(
+                    program.quantizers[op["quantizer"]], op.get("activation", "none")
+                )
             elif op["op"] in ("add", "avgpool"):
-                self.requantizers[op["output"]] = Requantizer(program.quantizers[op["out_q"]], op.get("activation", "none"))
+                self.requantizers[op["output"]] = Requantizer(
+                    program.quantizers[op["out_q"]], op.get("activation", "none")
+                )
             elif op["op"] == "leaky_relu":
                 self.requantizers[op["output"] + "/product"] = Requantizer(program.quantizers[op["prod_q"]])
                 self.requantizers[op["output"]] = Requantizer(program.quantizers[op["out_q"]])
@@ -426,6 +432,7 @@ class DeviceNet(nn.Module):
             output=self.program.output,
             input_shape=list(self.program.input_shape),
             shapes=copy.deepcopy(self.program.shapes),
+            meta=copy.deepcopy(self.program.meta),
         )
         program.validate()
         return program

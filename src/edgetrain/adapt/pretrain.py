@@ -18,6 +18,7 @@ from torch import nn
 from edgetrain.adapt.checkpoint import CheckpointError, load_state, save_state
 from edgetrain.adapt.qnet import QNet, quantize_for_adaptation
 from edgetrain.data import Dataset
+from edgetrain.modelfile import read_model_file
 from edgetrain.models import LRTNet, create_model
 
 
@@ -76,26 +77,48 @@ def load_model(path: str | Path) -> tuple[QNet, dict[str, Any]]:
     return net, {"spec": data["spec"], "info": data.get("info", {})}
 
 
-def load_for_adaptation(path: str | Path, arch: str = "lrt-cnn") -> tuple[QNet, dict[str, Any]]:
-    """A model file of :func:`save_model`, or a float checkpoint of ``arch`` (a ``torch.save``d state
-    dict, bare or under "model"/"state_dict", read with ``weights_only=True``) quantized to the
-    paper's formats. Anything else is a :class:`CheckpointError`."""
+def load_for_adaptation(path: str | Path, arch: str | None = None) -> tuple[QNet, dict[str, Any]]:
+    """The paper-format :class:`QNet` of a model file: an adaptation model file (:func:`save_model`),
+    an ``edgetrain train`` float model file (its recorded architecture), or a bare float state dict of
+    ``arch`` (default ``lrt-cnn``; bare state dicts do not record it), all read without unpickling.
+    ``arch`` given for a file that records another one is a :class:`CheckpointError` naming both.
+    A quantized model belongs on the device as its exported program (``edgetrain adapt --program``)."""
     source = Path(path)
     if not source.is_file():
         raise CheckpointError(f"model file {source} does not exist")
     if source.suffix == ".safetensors":
-        return load_model(source)
+        net, meta = load_model(source)
+        recorded = meta["spec"].get("arch", "lrt-cnn")
+        if arch is not None and arch != recorded:
+            raise CheckpointError(f"{source} holds a {recorded}, not a {arch}; drop --arch (the file records it)")
+        return net, meta
     try:
         data = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or pickled file
         raise CheckpointError(f"{source} is neither an adaptation model nor a float state dict: {err}") from err
-    if isinstance(data, dict):
+    if isinstance(data, dict) and data.get("kind") == "quantized":
+        raise CheckpointError(
+            f"{source} is a quantized model: export it (`edgetrain export --format integer`) and adapt the "
+            "program with `edgetrain adapt --program`"
+        )
+    spec: dict[str, Any] = {"arch": arch or "lrt-cnn"}
+    if isinstance(data, dict) and data.get("kind") == "float":
+        meta = read_model_file(source, "float", arch)["meta"]
+        spec = {"arch": meta["model"], "image_size": meta.get("image_size", 28)}
+        data = data["state_dict"]
+    elif isinstance(data, dict):
         data = data.get("model", data.get("state_dict", data))
-    spec = {"arch": arch}
     model = build_float(spec)
     try:
         model.load_state_dict(data)
     except (RuntimeError, TypeError) as err:
-        raise CheckpointError(f"{source} does not hold a {arch} state dict: {err}") from err
+        raise CheckpointError(f"{source} does not hold a {spec['arch']} state dict: {err}") from err
     model.eval()
-    return quantize_for_adaptation(model), {"spec": spec, "info": {"source": str(source)}}
+    try:
+        net = quantize_for_adaptation(model)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{spec['arch']} does not fit the paper-format device ({err}); quantize and export it, then "
+            "`edgetrain adapt --program`"
+        ) from None
+    return net, {"spec": spec, "info": {"source": str(source)}}

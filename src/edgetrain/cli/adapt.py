@@ -1,5 +1,16 @@
-"""``edgetrain adapt``: online adaptation of a model on a scenario stream; ``edgetrain report DIR``:
-plots and a markdown table of the run logs under DIR (docs/adaptation.md)."""
+"""``edgetrain adapt``: online adaptation on a scenario stream; ``edgetrain report DIR``: plots and a
+markdown table of the run logs under DIR (docs/adaptation.md).
+
+    edgetrain adapt --program runs/resnet/int8-program --scenario digital-drift --rule lowrank \
+                    --samples 2000 --out runs/resnet/adapt
+
+``--program`` adapts an exported integer program (``edgetrain export --format integer``): the device
+is the program itself (``DeviceNet.from_program``), and the run folder receives ``log.json``,
+``checkpoint.safetensors`` (``--resume``) and the adapted program in ``program/`` (score it with
+``edgetrain eval --program DIR/program``). ``--model`` adapts the LRT paper's net in the paper's
+formats (its benchmarks) from an adaptation model file or a float checkpoint. ``run.json`` records
+every setting that determines the run; ``--resume`` refuses a run folder made with other settings.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from edgetrain.cli import CLIError
+from edgetrain.pipeline.steps import CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
+RUN_FILE = "run.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,11 +31,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from edgetrain.adapt.scenarios import SCENARIOS, STREAM_DATASETS
     from edgetrain.nvm import FLIP_DRAWS, STUCK_MODELS
 
-    p = subparsers.add_parser("adapt", help="adapt a model online (batch 1) on simulated NVM")
-    p.add_argument("--model", required=True, help="model file (.safetensors from pretraining) or float state dict")
-    p.add_argument("--arch", default="lrt-cnn", help="architecture of a float state dict (default lrt-cnn)")
+    p = subparsers.add_parser("adapt", help="adapt an exported integer program (or the paper's net) on simulated NVM")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--program", help="integer program folder from `edgetrain export --format integer`")
+    source.add_argument(
+        "--model", help="the paper's net: adaptation model file (.safetensors) or float checkpoint/state dict"
+    )
+    p.add_argument("--arch", default=None, help="architecture of a bare float state dict (default lrt-cnn)")
     p.add_argument("--scenario", default="control", choices=SCENARIOS)
-    p.add_argument("--dataset", default="mnist", choices=STREAM_DATASETS)
+    p.add_argument(
+        "--dataset", default=None, choices=STREAM_DATASETS, help="stream data (default: the program's, else mnist)"
+    )
+    p.add_argument("--data-root", default=None, help="folder of a 'folder' dataset")
+    p.add_argument(
+        "--no-streaming-bn",
+        dest="streaming_bn",
+        action="store_false",
+        help="--program: keep unfoldable BNs (scale ops) at their exported codes instead of streaming BN",
+    )
     p.add_argument("--rule", default="lowrank", choices=sorted(RULES))
     add_rule_flags(p)
     p.add_argument(
@@ -101,13 +126,78 @@ def rule_options(args: argparse.Namespace) -> Any:
         raise CLIError(str(err)) from None
 
 
+def _device(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
+    """(network, its description, its data source) from --program or --model."""
+    from edgetrain.adapt import DeviceNet
+    from edgetrain.adapt.pretrain import load_for_adaptation
+    from edgetrain.data import DataSource
+    from edgetrain.export import IntegerProgram
+
+    if args.program:
+        program = IntegerProgram.load(args.program)
+        data = program.meta.get("data")
+        source = DataSource.from_dict(data) if data else DataSource(args.dataset or "mnist")
+        if args.dataset and args.dataset != source.name:
+            source = DataSource(args.dataset, args.data_root)
+        net = DeviceNet.from_program(program, streaming_bn=args.streaming_bn)
+        return net, {"program": str(args.program), "meta": program.meta}, source
+    net, meta = load_for_adaptation(args.model, args.arch)
+    return net, {"path": str(args.model), **meta}, DataSource(args.dataset or "mnist", args.data_root)
+
+
+def source_digest(path: str) -> str:
+    """SHA-256 of a model file, or of a program folder's manifest and weights."""
+    import hashlib
+
+    source = Path(path)
+    files = sorted(f for f in source.iterdir() if f.is_file()) if source.is_dir() else [source]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+def run_settings(args: argparse.Namespace, model: dict[str, Any], source: Any) -> dict[str, Any]:
+    """Everything that determines the run's result (compared on --resume)."""
+    origin = args.program or args.model
+    return {
+        "source": origin,
+        "source_sha256": source_digest(origin),
+        "data": source.as_dict(),
+        "scenario": args.scenario,
+        "samples": args.samples,
+        "seed": args.seed,
+        "rule": args.rule,
+        "options": dataclasses.asdict(rule_options(args)),
+        "flip_draw": args.flip_draw,
+        "stuck_fraction": args.stuck_fraction,
+        "stuck_model": args.stuck_model,
+        "streaming_bn": args.streaming_bn,
+        "test_samples": args.test_samples,
+    }
+
+
+def check_resume(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume a run folder whose recorded settings differ (one line naming them)."""
+    import json
+
+    recorded_path = out / RUN_FILE
+    if not recorded_path.is_file():
+        raise CLIError(f"--resume: {recorded_path} is missing, so the checkpoint's settings are unknown; start afresh")
+    recorded = json.loads(recorded_path.read_text())
+    differ = [key for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    if differ:
+        detail = ", ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+        raise CLIError(f"--resume: {out} was made with other settings ({detail}); use another --out")
+
+
 def run_adapt(args: argparse.Namespace) -> int:
     import torch
 
     from edgetrain.adapt import OnlineTrainer, make_rule
-    from edgetrain.adapt.pretrain import load_for_adaptation
     from edgetrain.adapt.scenarios import make_scenario
     from edgetrain.atomic import write_json_atomic
+    from edgetrain.pipeline.steps import adapt_device
 
     out = Path(args.out)
     checkpoint = out / CHECKPOINT_NAME
@@ -116,8 +206,11 @@ def run_adapt(args: argparse.Namespace) -> int:
     if not args.resume and checkpoint.exists():
         raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     torch.set_num_threads(args.threads)
-    net, meta = load_for_adaptation(args.model, args.arch)
-    stream = make_scenario(args.scenario, dataset=args.dataset, samples=args.samples, seed=args.seed)
+    net, model, source = _device(args)
+    settings = run_settings(args, model, source)
+    if args.resume:
+        check_resume(out, settings)
+    stream = make_scenario(args.scenario, dataset=source, samples=args.samples, seed=args.seed)
     if stream.drift is not None:
         stream = dataclasses.replace(stream, drift=dataclasses.replace(stream.drift, flip_draw=args.flip_draw))
     trainer = OnlineTrainer(
@@ -129,19 +222,18 @@ def run_adapt(args: argparse.Namespace) -> int:
         stuck_fraction=args.stuck_fraction,
         stuck_model=args.stuck_model,
     )
-    if args.resume:
-        trainer.resume(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    log = trainer.run(
+    if not args.resume:
+        write_json_atomic(out / RUN_FILE, settings)
+    log = adapt_device(
+        trainer,
+        out,
         args.samples,
+        resume=args.resume,
         test_every=args.test_every,
         checkpoint_every=args.checkpoint_every,
-        checkpoint=checkpoint,
         progress=not args.no_progress,
+        model=model,
     )
-    log["config"]["model"] = {"path": str(args.model), **meta}
-    write_json_atomic(out / "log.json", log)
-    trainer.save(checkpoint)
     final = log["final"]
     print(
         f"online accuracy {final['online_accuracy']:.4f}, test accuracy {final['test_accuracy']:.4f}, "

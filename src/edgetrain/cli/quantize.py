@@ -157,7 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "integer":
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise CLIError(f"--out {args.out} is a file; an integer program is a folder (manifest + weights)")
-        path = to_integer(qmodel).save(args.out)
+        path = to_integer(qmodel, meta=program_meta(meta)).save(args.out)
     else:
         example = torch.zeros(2, meta["in_channels"], meta["image_size"], meta["image_size"])
         path = to_onnx(qmodel, args.out, example)
@@ -170,10 +170,19 @@ def _batched(fn: Any, images: torch.Tensor, label: str, batch: int = 500) -> np.
     return np.concatenate(parts)
 
 
+def program_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A program's provenance: the model file's meta plus the data source its streams use."""
+    return {**meta, "data": meta.get("data") or {"name": meta["dataset"]}}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.checkpoint is None:
+        if args.integer is None:
+            raise CLIError("give --checkpoint (a quantized model) or --program (an integer program), or both")
+        return _eval_program(args)
     qmodel, meta = load_quantized(args.checkpoint)
-    session = _onnx_session(args.onnx) if args.onnx else None
+    session = _onnx_session(args.onnx) if args.onnx else None  # every input file is checked before any work
     data = _split(args.data or meta["dataset"], args.split, args.samples)
     labels = data.labels.numpy()
     with torch.no_grad():
@@ -217,6 +226,26 @@ def _onnx_session(path: str) -> Any:
     except Exception as err:  # onnxruntime raises its own types for files that are not ONNX
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"{path} is not a loadable ONNX model ({type(err).__name__}: {first[:200]})") from None
+
+
+def _eval_program(args: argparse.Namespace) -> int:
+    """Top-1 of an integer program alone, on the data its manifest records (or --data)."""
+    from edgetrain.data import DataSource
+
+    program = IntegerProgram.load(args.integer)
+    recorded = program.meta.get("data")
+    if args.data is None and not recorded:
+        raise CLIError(f"{args.integer} does not record its dataset; pass --data")
+    source = DataSource(args.data) if args.data else DataSource.from_dict(recorded)
+    data = source.load(args.split)
+    data = data.subset(args.samples) if args.samples else data
+    out = _batched(program.run, data.images, "integer")
+    accuracy = 100 * np.mean(out.argmax(1) == data.labels.numpy())
+    name = program.meta.get("model", "integer program")
+    print(f"{name} ({args.integer}) on {data.name}/{args.split} ({len(data)} images)")
+    print(f"integer top-1 {accuracy:.2f}%; {program.stats.saturated_total} accumulator values saturated")
+    _print_mac_table(program)
+    return 0
 
 
 def _print_mac_table(program: IntegerProgram) -> None:
@@ -277,9 +306,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export)
 
     p = subparsers.add_parser("eval", help="float, fake-quant, integer and ONNX top-1 side by side")
-    p.add_argument("--checkpoint", required=True, help="quantized checkpoint")
+    p.add_argument("--checkpoint", help="quantized checkpoint")
     p.add_argument("--float", help="float checkpoint")
-    p.add_argument("--integer", help="integer program directory")
+    p.add_argument(
+        "--program", "--integer", dest="integer", help="integer program folder (alone: its top-1 on its own data)"
+    )
     p.add_argument("--onnx", help="ONNX file")
     p.add_argument("--data", default=None)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))

@@ -17,20 +17,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from edgetrain.adapt import OnlineTrainer, make_rule
+from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.atomic import torch_save_atomic
 from edgetrain.data import Dataset, DataSource
 from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
 from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
 from edgetrain.nvm import DriftSpec
-from edgetrain.pipeline.config import PipelineConfig
-from edgetrain.pipeline.deploy import qnet_from_quantized
+from edgetrain.pipeline.config import PipelineConfig, rule_options
 from edgetrain.pipeline.models import build_model, data_source
 from edgetrain.pipeline.report import write_report
 from edgetrain.pipeline.stages import StageError, StageResult, fingerprint, run_stage, write_json_atomic
+from edgetrain.pipeline.steps import CHECKPOINT_NAME, adapt_device, verify_program
 from edgetrain.tqt import RetrainConfig, ThresholdHistory, retrain
 from edgetrain.training import evaluate, train_float
 
@@ -126,7 +125,6 @@ def quantize_stage(
         log(f"[quantize] static INT{section.weight_bits} test accuracy {summary['static_accuracy']:.4f}")
         final, mode = static, "static"
         if section.retrain_epochs > 0:
-            qmodel = quantize(model, calib[:1], calib, quant_config(config), mode="retrain")
             recipe = RetrainConfig(
                 epochs=section.retrain_epochs,
                 batch_size=section.batch_size,
@@ -134,6 +132,7 @@ def quantize_stage(
                 threshold_lr=section.threshold_lr,
             )
             train = data.train.subset(section.retrain_samples) if section.retrain_samples else data.train
+            qmodel = quantize(model, calib[:1], calib, quant_config(config), mode="retrain")
             history = ThresholdHistory(qmodel, every=5)
             result = retrain(qmodel, train, data.val, recipe, checkpoint=directory / "checkpoint.pt", hooks=[history])
             (directory / "checkpoint.pt").unlink(missing_ok=True)
@@ -180,26 +179,17 @@ def export_stage(
 
     def body(directory: Path) -> dict[str, Any]:
         qmodel = quantized_model(config, data, pretrained, quantized)
-        program = to_integer(qmodel)
-        program.save(directory / "integer")
+        meta = {"model": config.model.name or config.model.import_path, "data": adaptation_dataset(config).as_dict()}
+        to_integer(qmodel, meta=meta).save(directory / "integer")
         program = IntegerProgram.load(directory / "integer")  # verify what was written, not what is in memory
         images = data.test.images[: config.export.verify_samples or len(data.test)]
         labels = data.test.labels[: len(images)].numpy()
-        mismatches, reference, integer_top1 = 0, [], []
-        for start in tqdm(range(0, len(images), 500), desc="verify integer program", leave=False):
-            batch = images[start : start + 500]
-            with torch.no_grad():
-                expected = qmodel(batch).double().numpy()
-            got = program.run(batch).astype(np.float64)
-            mismatches += int(np.any(got != expected, axis=1).sum())
-            reference.append(expected.argmax(1))
-            integer_top1.append(got.argmax(1))
-        reference = np.concatenate(reference)
-        integer_accuracy = float((np.concatenate(integer_top1) == labels).mean())
+        check = verify_program(qmodel, program, images)
+        mismatches, reference = check.mismatches, check.reference_top1
         summary: dict[str, Any] = {
             "verified_samples": len(images),
             "integer_mismatches": mismatches,
-            "integer_accuracy": integer_accuracy,
+            "integer_accuracy": check.accuracy(labels),
         }
         log(
             f"[export] integer program: {mismatches} mismatching outputs out of {len(images)} (bit-exact: "
@@ -225,14 +215,14 @@ def export_stage(
 
 def adapt_stage(
     config: PipelineConfig,
-    data: PipelineData,
     out: Path,
-    pretrained: StageResult,
-    quantized: StageResult,
+    exported: StageResult,
     log: Callable[[str], None],
 ) -> StageResult:
+    """Each rule adapts the exported integer program itself (``DeviceNet.from_program``); the adapted
+    programs land in ``adapt/<rule>/program/``."""
     section = config.adapt
-    key = fingerprint("adapt", quantized.fingerprint, asdict(section))
+    key = fingerprint("adapt", exported.fingerprint, asdict(section))
 
     def body(directory: Path) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -243,34 +233,34 @@ def adapt_stage(
         )
         if section.drift:
             scenario = dataclasses.replace(scenario, drift=DriftSpec(section.drift))
+        program = IntegerProgram.load(exported.directory / "integer")
         results = {}
         for rule_name in section.rules:
-            rank = {"rank": section.rank} if rule_name == "lowrank" else {}
-            rule = make_rule(rule_name, lr=section.lr, **rank)
-            qnet = qnet_from_quantized(quantized_model(config, data, pretrained, quantized))
-            trainer = OnlineTrainer(qnet, rule, scenario, seed=section.seed, log_every=max(section.samples // 200, 1))
+            rule = make_rule(rule_name, rule_options(config, rule_name))
+            device = DeviceNet.from_program(program)
+            trainer = OnlineTrainer(device, rule, scenario, seed=section.seed, log_every=max(section.samples // 200, 1))
             run_dir = directory / rule_name
-            run_dir.mkdir(exist_ok=True)
-            checkpoint = run_dir / "checkpoint.safetensors"
-            if checkpoint.exists():
-                trainer.resume(checkpoint)
+            resume = (run_dir / CHECKPOINT_NAME).exists()
             log(f"[adapt] {rule_name} on {section.scenario}{' + ' + section.drift + ' drift' if section.drift else ''}")
-            run_log = trainer.run(
+            run_log = adapt_device(
+                trainer,
+                run_dir,
                 section.samples,
+                resume=resume,
                 test_every=max(section.samples // 4, 1),
                 checkpoint_every=max(section.samples // 10, 1),
-                checkpoint=checkpoint,
-                progress=True,
+                model={"program": str(exported.directory / "integer")},
             )
-            write_json_atomic(run_dir / "log.json", run_log)
-            checkpoint.unlink(missing_ok=True)
+            (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
             final = run_log["final"]
             results[rule_name] = {
                 k: final[k]
                 for k in (
                     "online_accuracy",
                     "test_accuracy",
-                    "max_writes_paper",
+                    "max_writes",
+                    "total_writes",
+                    "pulse_max_writes",
                     "write_density",
                     "energy_pj",
                     "projected_lifetime_samples",
@@ -280,7 +270,7 @@ def adapt_stage(
             results[rule_name]["samples_per_second"] = run_log["timing"]["samples_per_second"]
             log(
                 f"[adapt] {rule_name}: online accuracy {final['online_accuracy']:.3f}, "
-                f"max writes per cell {final['max_writes_paper']}"
+                f"max writes per cell {final['max_writes']} (code changes), total {final['total_writes']}"
             )
         return {"scenario": scenario.describe(), "rules": results}
 
@@ -316,7 +306,7 @@ def run_pipeline(
     exported = export_stage(config, data, out, pretrained, quantized, log)
     stages = [pretrained, quantized, exported]
     if config.adapt.rules:
-        stages.append(adapt_stage(config, data, out, pretrained, quantized, log))
+        stages.append(adapt_stage(config, out, exported, log))
     summary: dict[str, Any] = {stage.name: stage.summary for stage in stages}
     summary["command"] = command or f"edgetrain run {shlex.quote(str(out / 'config.toml'))}"
     summary["config"] = config.to_dict()

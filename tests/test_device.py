@@ -1,0 +1,129 @@
+"""The exported integer program is the device: DeviceNet.from_program runs it bit for bit, adapts it with
+the update rules, and exports the adapted device as a program equal to the device's forward."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import edgetrain as et
+from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
+from edgetrain.adapt.device import Requantizer
+from edgetrain.adapt.scenarios import make_scenario
+from edgetrain.export import IntegerProgram
+from edgetrain.models import LRTNet
+
+ZOO = ["mnistnet", "resnet-tiny", "mobilenetv2-tiny", "inception-tiny", "darknet-tiny", "lrt-cnn"]
+SAMPLES = 120
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return make_scenario("digital-drift", dataset="mnist", samples=SAMPLES, seed=0)
+
+
+def _program(name: str, images: torch.Tensor, weight_bits: int) -> IntegerProgram:
+    torch.manual_seed(0)
+    # the LRT paper's net at a narrow width (same graph, 16 instead of 128 channels) keeps the test fast
+    model = (LRTNet(width=16, hidden=64) if name == "lrt-cnn" else et.create_model(name)).eval()
+    qmodel = et.quantize(model, images[:1], images, et.QuantConfig(weight_bits=weight_bits), mode="static")
+    return et.to_integer(qmodel, meta={"model": name})
+
+
+def _mismatches(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.any(a != b, axis=1).sum())
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_net_adapts_from_its_program_and_exports_bit_exact(name, stream, tmp_path, one_thread):
+    images, _ = stream.batch(0, 64)
+    program = _program(name, images, weight_bits=4 if name in ("mobilenetv2-tiny", "resnet-tiny") else 8)
+    device = DeviceNet.from_program(program)
+    probe = images[:16]
+    with torch.no_grad():
+        assert _mismatches(device.eval()(probe).numpy(), program.run(probe)) == 0  # the program, as loaded
+
+    before = {layer.name: layer.codes().copy() for layer in device.weight_layers}
+    trainer = OnlineTrainer(device, make_rule("lowrank", rank=2, lr=0.05), stream, seed=0)
+    xs, ys = stream.batch(0, SAMPLES)
+    for x, y in zip(xs, ys.tolist(), strict=True):
+        trainer.learn_sample(x, y)
+    changed = sum(int((layer.codes() != before[layer.name]).sum()) for layer in device.weight_layers)
+    assert changed > 0, "real LowRank updates must have written some weights"
+
+    adapted = device.to_program()
+    adapted.save(tmp_path / "program")
+    loaded = IntegerProgram.load(tmp_path / "program")
+    with torch.no_grad():
+        expected = device.eval()(probe).numpy()
+    assert _mismatches(loaded.run(probe), expected) == 0
+    with torch.no_grad():
+        assert _mismatches(DeviceNet.from_program(loaded).eval()(probe).numpy(), expected) == 0
+
+
+def test_requantizer_forward_and_straight_through_gradient():
+    """clip(round(v / 2^k), lo, hi) 2^k; gradient 1 inside [lo, hi] (and v > 0 after ReLU), else 0."""
+    spec = {"bits": 4, "signed": True, "exponent": -2, "rounding": "half_even"}
+    v = torch.tensor([-3.0, -0.125, 0.375, 0.6, 1.9, 2.5], dtype=torch.float64, requires_grad=True)
+    plain = Requantizer(spec)
+    out = plain(v)
+    # codes: round(v * 4) = -12, -0 (half even), 2 (1.5 -> 2), 2 (2.4), 8 -> clip 7, 10 -> 7
+    assert out.tolist() == [-2.0, 0.0, 0.5, 0.5, 1.75, 1.75]
+    out.sum().backward()
+    assert v.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    v.grad = None
+    relu = Requantizer(spec, "relu")
+    out = relu(v)
+    assert out.tolist() == [0.0, 0.0, 0.5, 0.5, 1.75, 1.75]
+    out.sum().backward()
+    assert v.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_relu6_ceiling_is_the_quantized_six():
+    spec = {"bits": 8, "signed": False, "exponent": -4, "rounding": "half_even"}  # up to 255/16 = 15.94
+    out = Requantizer(spec, "relu6")(torch.tensor([7.0, 5.99, -1.0], dtype=torch.float64))
+    assert out.tolist() == [6.0, 6.0, 0.0]
+
+
+def test_streaming_bn_statistics_and_fold(stream, one_thread):
+    """The lrt-cnn's unfoldable BNs become streaming BN: EMAs with eta = 1 - 1/B, w = q(gamma / sigma)."""
+    images, _ = stream.batch(0, 64)
+    program = _program("lrt-cnn", images, 8)
+    device = DeviceNet.from_program(program, bn_batch=10)
+    assert [bn.name for bn in device.bn_layers] == ["bn2", "bn4"]
+    bn = device.bn_layers[0]
+    mean0, msq0 = bn.mean_ema.clone(), bn.msq_ema.clone()
+    seen = {}
+    hook = bn.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0].detach().clone()))
+    device.train()
+    with torch.no_grad():
+        device(images[:1])
+    hook.remove()
+    x = seen["x"]
+    eta = 0.9
+    assert torch.allclose(bn.mean_ema, eta * mean0 + (1 - eta) * x.mean((0, 2, 3)))
+    assert torch.allclose(bn.msq_ema, eta * msq0 + (1 - eta) * (x * x).mean((0, 2, 3)))
+    mu, sigma = bn.statistics()
+    correction = 1 - eta ** int(bn.step)
+    assert torch.allclose(mu, bn.mean_ema / correction)
+    w, _ = bn.folded()
+    step = math.ldexp(1.0, bn.weight_q.exponent)
+    expected = torch.clamp(torch.round(bn.gamma.detach() / sigma / step), bn.weight_q.lo, bn.weight_q.hi) * step
+    assert torch.equal(w.detach(), expected)
+    # the export writes exactly the fold the device computes with
+    with torch.no_grad():
+        assert _mismatches(device.to_program().run(images[:8]), device.eval()(images[:8]).numpy()) == 0
+
+
+def test_device_rejects_wrong_shape_and_nan(stream):
+    images, _ = stream.batch(0, 8)
+    device = DeviceNet.from_program(_program("mnistnet", images, 8))
+    with pytest.raises(ValueError, match="does not match the program"):
+        device(torch.zeros(1, 1, 14, 14))
+    bad = images[:1].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        device(bad)
