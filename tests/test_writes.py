@@ -152,3 +152,17 @@ def test_report_file_names_stay_in_the_output_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
     table = (out / "report.md").read_text()
     assert "max pulses/cell (LRT paper's metric)" in table and "| 2.0 | 0.001 |" in table  # read, write energy apart
+
+
+def test_pipeline_report_defines_shift_blocks_and_keeps_threshold_lines_apart() -> None:
+    from edgetrain.pipeline.report import _describe_scenario, _threshold_figure
+
+    blocks = [{"start": 0, "kinds": ["CD"]}, {"start": 10, "kinds": ["ST", "WN"]}, {"start": 20, "kinds": []}]
+    text = _describe_scenario({"name": "shift", "dataset": "mnist", "samples": 30, "blocks": blocks})
+    assert "CD = class clustering" in text and "ST = random scale" in text and "WN = white noise" in text
+    history = {"steps": [0, 1], "values": {f"net.q{i}.log2_t": [i, i + 0.5] for i in range(14)}}
+    fig = _threshold_figure(history)
+    ax = fig.axes[0]
+    styles = {(tuple(line.get_color()), line.get_linestyle()) for line in ax.get_lines()}
+    assert len(styles) == 14  # no two lines look alike
+    assert len(ax.get_legend().get_texts()) == 14  # and every one is named

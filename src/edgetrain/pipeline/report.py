@@ -11,7 +11,15 @@ import matplotlib.pyplot as plt
 
 from edgetrain.pipeline.config import PipelineConfig
 from edgetrain.report import Report
-from edgetrain.report.adaptation import plot_scenario
+from edgetrain.report.adaptation import frontier_of, plot_frontier, plot_scenario
+
+SHIFT_KIND_NAMES = {
+    "CD": "class clustering (each class arrives in runs)",
+    "ST": "random scale, rotation and shift",
+    "BG": "background contrast, offset and gradient",
+    "WN": "white noise",
+}
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def _accuracy_rows(summary: dict[str, Any]) -> list[list[Any]]:
@@ -42,13 +50,24 @@ def _accuracy_rows(summary: dict[str, Any]) -> list[list[Any]]:
 
 
 def _threshold_figure(history: dict[str, Any]) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for name, values in history["values"].items():
-        ax.plot(history["steps"], values, linewidth=1, label=name.removeprefix("net.").removesuffix(".log2_t"))
+    """One line per quantizer: a distinct colour (tab20) and line style per line, the legend beside
+    the axes with every line in it."""
+    lines = history["values"]
+    columns = max(1, math.ceil(len(lines) / 24))
+    fig, ax = plt.subplots(figsize=(9 + 2.2 * columns, 4.5))
+    colours = plt.get_cmap("tab20")
+    for i, (name, values) in enumerate(lines.items()):
+        ax.plot(
+            history["steps"],
+            values,
+            linewidth=1.2,
+            color=colours(i % 20),
+            linestyle=LINE_STYLES[(i // 20) % len(LINE_STYLES)],
+            label=name.removeprefix("net.").removesuffix(".log2_t"),
+        )
     ax.set(xlabel="retraining step", ylabel="log2 t (threshold = 2^ceil)", title="Threshold evolution (TQT)")
     ax.grid(alpha=0.3)
-    if len(history["values"]) <= 16:
-        ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=columns, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 
@@ -61,6 +80,8 @@ def _describe_scenario(scenario: dict[str, Any]) -> str:
     blocks = scenario.get("blocks") or []
     if len(blocks) > 1:
         parts.append("shift blocks " + ", ".join(f"{b['start']}: {'+'.join(b['kinds']) or 'none'}" for b in blocks))
+        kinds = sorted({kind for b in blocks for kind in b["kinds"]}, key=list(SHIFT_KIND_NAMES).index)
+        parts.append("where " + ", ".join(f"{kind} = {SHIFT_KIND_NAMES[kind]}" for kind in kinds))
     drift = scenario.get("drift")
     if drift:
         rate = f"bit-flip p = {drift['p']:.1e}" if drift["kind"] == "digital" else f"sigma = {drift['sigma']:.3g}"
@@ -118,17 +139,30 @@ def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> 
         drift = scenario.get("drift") or {}
         title = str(scenario.get("name", "stream")) + (f" + {drift['kind']} drift" if drift.get("kind") else "")
         png = plot_scenario(logs, out / "adapt" / "adaptation.png", title)
-        report.image(png, "Online accuracy and max writes per cell vs samples, one line per update rule")
+        report.image(png, "Online accuracy and max writes per cell (code changes) vs samples, one line per update rule")
+        frontier = plot_frontier(frontier_of(logs), out / "adapt" / "frontier.png", title)
+        report.image(frontier, "Online accuracy against max and total writes (code changes); Pareto points filled")
+        report.paragraph(
+            "Writes count code changes: a cell whose stored code changes at an update event (a digital NVM "
+            "with program-and-verify). Write density and the projected lifetime use the same count. The last "
+            "but one column is the LRT paper's activity metric (every non-zero applied update a programming "
+            "pulse, conv SGD updates applied pixel by pixel), shown only to compare with the paper. Energy is "
+            "split: reads (one full read of every weight per sample, the same for every rule) dominate; "
+            "writes are what the rules change."
+        )
         report.table(
             [
                 "rule",
                 "online acc",
                 "test acc",
                 "max writes/cell",
+                "total writes",
                 "write density",
-                "energy (uJ)",
+                "read energy (uJ)",
+                "write energy (uJ)",
                 "aux memory (kbit)",
                 "projected NVM lifetime",
+                "max pulses/cell (LRT paper's metric)",
                 "samples/s",
             ],
             [
@@ -136,11 +170,14 @@ def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> 
                     rule,
                     f"{r['online_accuracy']:.3f}",
                     f"{r['test_accuracy']:.3f}",
-                    r["max_writes_paper"],
+                    r["max_writes"],
+                    r["total_writes"],
                     f"{r['write_density']:.2e}",
-                    f"{r['energy_pj']['total'] / 1e6:.1f}",
+                    f"{r['energy_pj']['read'] / 1e6:.1f}",
+                    f"{r['energy_pj']['write'] / 1e6:.3f}",
                     f"{sum(r['aux_memory_bits'].values()) / 1e3:.1f}",
                     _lifetime(r["projected_lifetime_samples"]),
+                    r["pulse_max_writes"],
                     f"{r['samples_per_second']:.0f}",
                 ]
                 for rule, r in adapt["rules"].items()
