@@ -35,7 +35,14 @@ from flwr.serverapp import Grid, ServerApp
 from edgetrain.atomic import write_json_atomic
 from edgetrain.fleet.config import FleetConfig
 from edgetrain.fleet.device import FleetDevice, load_device_net
-from edgetrain.fleet.merge import FactorNorms, check_update, mean_delta, merge_lowrank
+from edgetrain.fleet.merge import (
+    FactorNorms,
+    check_update,
+    decode_factors,
+    encode_factors,
+    mean_delta,
+    merge_lowrank,
+)
 
 LOG = logging.getLogger("edgetrain.fleet")
 RESULT_NAME = "fleet.json"
@@ -100,12 +107,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 # -- the server side ---------------------------------------------------------------------------------
-def expected_payload(strategy: str, shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, tuple[int, ...]]:
+def expected_payload(strategy: str, shapes: dict[str, tuple[int, int]], config: FleetConfig) -> dict[str, tuple]:
     """The arrays a device of ``strategy`` must send, with their shapes."""
     if strategy == "federated-lowrank":
         out: dict[str, tuple[int, ...]] = {}
         for name, (n, m) in shapes.items():
-            out[f"{name}.L"], out[f"{name}.R"] = (n, rank), (m, rank)
+            out[f"{name}.L"], out[f"{name}.R"] = (n, config.rank), (m, config.rank)
+            if config.factor_bits == 16:
+                out[f"{name}.scale"] = (2,)
         return out
     if strategy in ("fedavg", "fedavg-sgd"):
         return {f"{name}.delta": shape for name, shape in shapes.items()}
@@ -125,10 +134,10 @@ def merge(
     out: dict[str, np.ndarray] = {}
     for name in shapes:
         if strategy == "federated-lowrank":
-            factors = merge_lowrank([(u[f"{name}.L"], u[f"{name}.R"]) for u in updates], config.rank)
+            factors = merge_lowrank([decode_factors(name, u) for u in updates], config.rank)
             if config.max_norm:
                 factors = norms(name, factors)
-            out[f"{name}.L"], out[f"{name}.R"] = (f.astype(np.float32) for f in factors)
+            out.update(encode_factors(name, factors, config.factor_bits))
         else:
             out[f"{name}.delta"] = mean_delta([u[f"{name}.delta"] for u in updates]).astype(np.float32)
     return out
@@ -154,7 +163,7 @@ def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
 def run_strategy(grid: Grid, nodes: list[int], config: FleetConfig, strategy: str, out: Path) -> dict[str, Any]:
     """All rounds of one strategy; returns its per-round and per-device figures."""
     shapes = {layer.name: tuple(layer.shape2d) for layer in load_device_net(str(config.model)).weight_layers}
-    expected = expected_payload(strategy, shapes, config.rank)
+    expected = expected_payload(strategy, shapes, config)
     norms = FactorNorms()
     state_dir = out / "devices" / uuid.uuid4().hex[:12]  # this run's device states (a fresh fleet)
     update: dict[str, np.ndarray] = {}

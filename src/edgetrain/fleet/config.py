@@ -69,6 +69,7 @@ class FleetConfig:
     drift: str = "digital"
     drift_scale: float = 1.0
     rank: int = 4
+    factor_bits: int = 16  # factors on the link: 16 (float16 + one float32 scale per matrix) or 32 (float32)
     lr: float = 0.01
     max_norm: bool = True
     batch_fc: int = 100
@@ -87,6 +88,8 @@ class FleetConfig:
         unknown = sorted(set(self.strategies) - set(STRATEGIES))
         if unknown or not self.strategies:
             raise ValueError(f"unknown fleet strategies {unknown}; choose from: {', '.join(STRATEGIES)}")
+        if self.factor_bits not in (16, 32):
+            raise ValueError(f"factor_bits must be 16 or 32, got {self.factor_bits}")
         if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
         if self.drift not in ("digital", "analog", "none"):

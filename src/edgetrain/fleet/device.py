@@ -34,6 +34,7 @@ from edgetrain.adapt.scenarios import Scenario, make_scenario
 from edgetrain.data import load_dataset
 from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform
 from edgetrain.fleet.config import FleetConfig
+from edgetrain.fleet.merge import decode_factors, encode_factors
 from edgetrain.nvm import DriftSpec, NVMArray
 
 NEVER = 2**62  # a LowRank batch that never ends: the fleet decides when the weights are written
@@ -214,7 +215,7 @@ class FleetDevice:
         lr_eff = self.config.lr * math.sqrt(self.config.samples_per_round)
         for layer in self.trainer.net.weight_layers:
             if self.strategy == "federated-lowrank":
-                left, right = update[f"{layer.name}.L"].astype(np.float64), update[f"{layer.name}.R"].astype(np.float64)
+                left, right = decode_factors(layer.name, update)
                 step = np.rint(lr_eff * (left @ right.T) / layer.formats.weight.lsb).astype(np.int64)
             else:  # W - D + round(M) = W - (D - round(M))
                 step = self.sent.get(layer.name, 0) - np.rint(update[f"{layer.name}.delta"]).astype(np.int64)
@@ -236,8 +237,7 @@ class FleetDevice:
         payload: dict[str, np.ndarray] = {}
         if self.strategy == "federated-lowrank":
             for name, state in self.trainer.rule.layers.items():
-                left, right = pending_factors(state, self.config.rank)
-                payload[f"{name}.L"], payload[f"{name}.R"] = left.astype(np.float32), right.astype(np.float32)
+                payload.update(encode_factors(name, pending_factors(state, self.config.rank), self.config.factor_bits))
         elif self.strategy in TRACKED:
             for name, array in self.trainer.arrays.items():
                 payload[f"{name}.delta"] = array.written.astype(np.int16)

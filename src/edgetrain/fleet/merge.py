@@ -36,6 +36,30 @@ def merge_lowrank(updates: Sequence[Factors], rank: int) -> Factors:
     return acc.factors()
 
 
+def encode_factors(name: str, factors: Factors, bits: int) -> dict[str, np.ndarray]:
+    """Factors as sent: ``bits = 32``: float32; ``16``: L / s_L and R / s_R in float16 with the
+    max-abs scales (s_L, s_R) in float32 under ``name.scale`` (the accumulator keeps 16-bit bases)."""
+    left, right = factors
+    if bits == 32:
+        return {f"{name}.L": left.astype(np.float32), f"{name}.R": right.astype(np.float32)}
+    scales = np.array([np.abs(left).max(initial=0.0), np.abs(right).max(initial=0.0)], dtype=np.float32)
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float64)
+    return {
+        f"{name}.L": (left / safe[0]).astype(np.float16),
+        f"{name}.R": (right / safe[1]).astype(np.float16),
+        f"{name}.scale": scales,
+    }
+
+
+def decode_factors(name: str, arrays: Mapping[str, np.ndarray]) -> Factors:
+    """The float64 factors of :func:`encode_factors`."""
+    left, right = arrays[f"{name}.L"].astype(np.float64), arrays[f"{name}.R"].astype(np.float64)
+    if f"{name}.scale" in arrays:
+        scale = arrays[f"{name}.scale"].astype(np.float64)
+        left, right = left * scale[0], right * scale[1]
+    return left, right
+
+
 def mean_delta(deltas: Sequence[np.ndarray]) -> np.ndarray:
     """FedAvg of weight deltas: (1/K) sum_k D_k (float64, in weight codes)."""
     if not deltas:
