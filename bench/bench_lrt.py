@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_lrt.py --quick            # narrow LRT net, short streams (minutes)
     .venv/bin/python bench/bench_lrt.py --paper --parts fig1 --scenarios digital-drift --rules lowrank-max-norm
 
-Protocols (the LRT paper, v1 section 6, and the authors' code): the LRT CNN pretrained quantized-in-the-loop on elastic MNIST
-(cached under ``runs/lrt-bench/``); Fig. 1: 4 scenarios x 5 rules from the pretrained net, online
+Protocols (the LRT paper, v1 section 6, and the authors' code): the LRT CNN pretrained quantized-in-the-loop
+on elastic MNIST (cached under ``runs/lrt-bench/``); Fig. 1: 4 scenarios x 5 rules from the pretrained net, online
 EMA accuracy and max writes per cell; Table 1 (biased/unbiased accumulator for conv x FC) and Table 2
 (ablations): from scratch on the control stream, mean accuracy over the last ``tail`` samples,
 mean +- std over seeds. Writes ``bench/results/lrt.json`` and the fragment ``bench/results/lrt.md``
@@ -157,7 +157,7 @@ def fig1_run(net: QNet, scenario: str, rule: UpdateRule, scale: Scale, out: Path
         write_json_atomic(out / "log.json", log)
         print(
             f"  {scenario} {rule.config()['rule']}: {trainer.step_count} samples, online "
-            f"{trainer.online_accuracy:.3f}, max writes {trainer.max_writes_paper}, "
+            f"{trainer.online_accuracy:.3f}, max writes {trainer.max_writes} (pulses {trainer.pulse_max_writes}), "
             f"{log['timing']['samples_per_second']:.1f}/s",
             flush=True,
         )
@@ -205,7 +205,8 @@ def summarize(log: dict[str, Any]) -> dict[str, Any]:
         "online_accuracy": final["online_accuracy"],
         "test_accuracy": final["test_accuracy"],
         "max_writes": final["max_writes"],
-        "max_writes_paper": final["max_writes_paper"],
+        "total_writes": final["total_writes"],
+        "pulse_max_writes": final["pulse_max_writes"],
         "write_density": final["write_density"],
         "energy_pj": final["energy_pj"]["total"],
         "aux_memory_bits": sum(final["aux_memory_bits"].values()),
@@ -226,16 +227,17 @@ def collect_fig1(runs: Path) -> dict[str, Any]:
 
 
 def write_ratios(fig1: dict[str, Any], runs: Path) -> dict[str, Any]:
-    """SGD / low-rank max-norm max writes per scenario, compared at the same number of samples (the
-    shorter run's length; the longer run's value is read from its log history at that step)."""
+    """SGD / low-rank max-norm max writes per scenario, under the paper's count (SGD's per-pixel pulses
+    against low-rank code changes, as the paper compares them) and code changes for both, at the same
+    number of samples (the shorter run's length; the longer run's value is read from its log history)."""
 
     def at(scenario: str, rule: str, step: int) -> tuple[int, int]:
         run = fig1[scenario][rule]
         if run["samples"] == step:
-            return run["max_writes"], run["max_writes_paper"]
+            return run["max_writes"], run["pulse_max_writes"]
         history = json.loads((runs / "fig1" / scenario / rule / "log.json").read_text())["history"]
         i = max(j for j, k in enumerate(history["step"]) if k <= step)
-        return history["max_writes"][i], history["max_writes_paper"][i]
+        return history["max_writes"][i], history["pulse_max_writes"][i]
 
     ratios = {}
     for scenario, rules in fig1.items():
@@ -245,7 +247,7 @@ def write_ratios(fig1: dict[str, Any], runs: Path) -> dict[str, Any]:
             ratios[scenario] = {
                 "samples": step,
                 "paper_count": sgd_paper / max(lowrank, 1),
-                "nvm_count": sgd_nvm / max(lowrank, 1),
+                "code_change_count": sgd_nvm / max(lowrank, 1),
             }
     return ratios
 
@@ -324,8 +326,9 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
             f"### Fig. 1: online accuracy (EMA 0.999) at the end of each stream ({scale.fig1_samples} samples "
             "unless a run was stopped early); paper at 100k",
             "",
-            "| scenario | rule | samples | ours | paper | max writes (ours) | max writes (paper, log10) |",
-            "|---|---|---|---|---|---|---|",
+            "| scenario | rule | samples | ours | paper | max writes/cell (code changes) "
+            "| max pulses/cell (LRT paper's metric) | paper's metric (paper, log10) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for scenario, rules in fig1.items():
             paper_writes = PAPER_LOG10_WRITES[scenario]
@@ -338,16 +341,22 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
                 lines.append(
                     f"| {scenario} | {rule} | {r['samples']} | {r['online_accuracy']:.3f} "
                     f"| {PAPER_FIG1[scenario][rule]:.3f} "
-                    f"| {r['max_writes_paper']} | {'-' if writes_paper is None else f'10^{writes_paper}'} |"
+                    f"| {r['max_writes']} | {r['pulse_max_writes']} "
+                    f"| {'-' if writes_paper is None else f'10^{writes_paper}'} |"
                 )
         lines += [
             "",
-            "Max writes count the paper's way: SGD conv cells once per output pixel where a and dz are "
-            "both non-zero (the authors' code); low-rank writes are cells whose NVM code changed. Counting "
-            "only NVM code changes (one SGD write event per sample), SGD writes about as rarely as low-rank "
-            "training or more rarely (the NVM-count column below): most per-sample updates round to zero on "
-            "the 8-bit weight grid, which is also why SGD barely improves on bias-only training (the paper's "
-            "observation).",
+            "Writes are code changes (a cell whose stored code changes at an update event). The LRT paper's "
+            "metric is an activity count, kept only to compare with the paper: SGD conv cells count once per "
+            "output pixel where a and dz are both non-zero (the authors' code; edgetrain's `pulse` write "
+            "model), low-rank cells once per non-zero applied update. Counting code changes, deterministic "
+            "batch-1 SGD writes about as rarely as low-rank training or more rarely: most per-sample updates "
+            "round to zero on the 8-bit weight grid, which is also why it barely improves on bias-only "
+            "training (the paper's observation). See the write-accounting section for the fair batch-1 "
+            "baseline (SGD with stochastic rounding). Digital drift here flips each bit with probability p (the "
+            "paper's text); the authors' code flips about 2p (Binomial(2, p) draws, "
+            '`DriftSpec(flip_draw="binomial2")`), so these digital-drift figures face a drift half as strong as '
+            "the paper's Fig. 1(d); `bench/bench_writes.py` runs at the authors' strength.",
             "",
             f"The pretrained net's validation accuracy on the elastic stream ({pre['val_accuracy']:.3f} here; "
             "the paper's 128-channel net: about 0.98) bounds every rule's online accuracy: compare rules "
@@ -359,11 +368,11 @@ def markdown(scale_name: str, scale: Scale, data: dict[str, Any]) -> str:
         if ratios:
             lines += [
                 "",
-                "| scenario | at samples | SGD / low-rank max-norm max writes (paper count) | (NVM count) |",
+                "| scenario | at samples | SGD / low-rank max-norm max writes (LRT paper's metric) | (code changes) |",
                 "|---|---|---|---|",
             ]
             lines += [
-                f"| {s} | {r.get('samples', '-')} | {r['paper_count']:.0f}x | {r['nvm_count']:.2g}x |"
+                f"| {s} | {r.get('samples', '-')} | {r['paper_count']:.0f}x | {r['code_change_count']:.2g}x |"
                 for s, r in ratios.items()
             ]
         lines.append("")
@@ -421,11 +430,12 @@ def verdict(scale: Scale, data: dict[str, Any]) -> str:
                 f"samples (paper: {target} at 100k; {verdict})"
             )
     for scenario, ratio in data.get("write_ratios", {}).items():
-        ok = "meets" if ratio["paper_count"] >= 1000 else "misses"
+        ok = "reproduces" if ratio["paper_count"] >= 1000 else "does not reproduce"
         at = f" at {ratio['samples']} samples" if "samples" in ratio else ""
         notes.append(
-            f"{scenario}: SGD/low-rank max writes {ratio['paper_count']:.0f}x{at} ({ok} the 1000x target; "
-            f"{ratio['nvm_count']:.2g}x counting only NVM code changes)"
+            f"{scenario}: SGD/low-rank max writes by the LRT paper's activity metric {ratio['paper_count']:.0f}x"
+            f"{at} ({ok} the paper's ~10^3x); counting code changes, the honest figure, "
+            f"{ratio['code_change_count']:.2g}x"
         )
     timing = data.get("timing", {}).get("lowrank-max-norm")
     if timing:
