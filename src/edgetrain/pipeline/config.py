@@ -224,8 +224,9 @@ def _range_problems(config: PipelineConfig) -> list[str]:
     return problems
 
 
-def _name_problems(config: PipelineConfig) -> list[str]:
-    """Unknown model, dataset, scenario, drift or rule names (each with the valid ones)."""
+def _name_problems(config: PipelineConfig, rule_options_in_range: bool = True) -> list[str]:
+    """Unknown model, dataset, scenario, drift or rule names (each with the valid ones), and the rules'
+    own option checks when the ``[adapt]`` numbers passed the range checks (no problem reported twice)."""
     from edgetrain.adapt import rules
     from edgetrain.adapt.scenarios import SCENARIOS
     from edgetrain.data.datasets import DATASETS
@@ -266,7 +267,7 @@ def _name_problems(config: PipelineConfig) -> list[str]:
     for rule in adapt.rules:
         if rule not in rules.RULES:
             known("adapt", "rules", rule, list(rules.RULES))
-        elif hasattr(rules, "parse_rule_options"):
+        elif rule_options_in_range and hasattr(rules, "parse_rule_options"):
             try:
                 rules.parse_rule_options(rule, rule_options(config, rule))
             except (TypeError, ValueError) as err:
@@ -285,7 +286,8 @@ def rule_options(config: PipelineConfig, rule: str) -> dict[str, Any]:
 
 def validate_config(config: PipelineConfig) -> PipelineConfig:
     """Check the whole config (ranges and names) and raise one ConfigError listing every problem."""
-    problems = _range_problems(config) + _name_problems(config)
+    ranges = _range_problems(config)
+    problems = ranges + _name_problems(config, not any(p.startswith("[adapt]") for p in ranges))
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
         raise ConfigError(f"config has {count}: " + "; ".join(problems))
