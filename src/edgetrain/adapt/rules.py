@@ -464,8 +464,8 @@ class LowRank(UpdateRule):
         super().update(step)
 
     def estimate(self, state: _LowRankLayer) -> tuple[np.ndarray, float, np.ndarray | None]:
-        """(G, s, Q): the max-normed gradient-sum estimate G = L R^T / s (or the dense sum / s), its
-        divisor s = s_L s_R, and an orthonormal basis Q (n x r) of its column space (None if dense)."""
+        """(G, s, L): the max-normed gradient-sum estimate G = L R^T / s (or the dense sum / s), its
+        divisor s = s_L s_R, and the left factor L (n x r; None for a dense sum)."""
         if state.acc is None:
             assert state.dense is not None
             grad, scale = normed(state.norm_l, state.dense)
@@ -473,8 +473,7 @@ class LowRank(UpdateRule):
         left, right = state.acc.factors()
         left_n, s_l = normed(state.norm_l, left)
         right_n, s_r = normed(state.norm_r, right)
-        basis = np.linalg.qr(left)[0] if left.any() else np.zeros_like(left)
-        return left_n @ right_n.T, s_l * s_r, basis
+        return left_n @ right_n.T, s_l * s_r, left
 
     def allowed_writes(self, samples: int) -> int | None:
         """Governor budget after ``samples`` samples: floor(E samples / T) writes per cell (None: off)."""
@@ -497,7 +496,7 @@ class LowRank(UpdateRule):
     def _apply(self, layer: Any, state: _LowRankLayer, step: int) -> None:
         """One update event attempt (docs/adaptation.md): gated by rho_min, reset after a write."""
         state.mult += state.batch
-        grad, scale, basis = self.estimate(state)
+        grad, scale, left = self.estimate(state)
         lr_eff = self.lr * math.sqrt(state.mult)
         lsb = layer.formats.weight.lsb
         x = lr_eff * grad / lsb
@@ -506,21 +505,23 @@ class LowRank(UpdateRule):
             self.write(layer, step_codes)
             self.update_events[layer.name] += 1
             remainder = (x - step_codes) * (lsb * scale / lr_eff) if self.options.error_feedback else None
-            self.feedback(state, remainder, basis)
+            self.feedback(state, remainder, left)
             state.mult = 0.0
 
     @staticmethod
-    def feedback(state: _LowRankLayer, remainder: np.ndarray | None, basis: np.ndarray | None) -> None:
+    def feedback(state: _LowRankLayer, remainder: np.ndarray | None, left: np.ndarray | None) -> None:
         """Restart the accumulator after a write: empty, or (error feedback) from the unwritten
         remainder E, in gradient-sum units, kept within rank r: Q Q^T E with Q an orthonormal basis
-        of the written update's column space (the rounding noise outside it is dropped); fed as the
-        r terms q_k (E^T q_k)^T. A dense (grouped conv) sum restarts from E itself."""
+        of the written update's column space (span of the left factor L; the rounding noise outside
+        it is dropped), fed as the r terms q_k (E^T q_k)^T. A dense (grouped conv) sum restarts from E."""
         if state.acc is None:
             assert state.dense is not None
             state.dense[:] = 0.0 if remainder is None else remainder
             return
         state.acc.reset()
-        if remainder is not None and basis is not None and basis.any():
+        if remainder is not None and left is not None and left.any():
+            u, sv, _ = np.linalg.svd(left, full_matrices=False)
+            basis = u[:, sv > 1e-6 * sv[0]]  # the directions L actually spans
             state.acc.add(basis.T, basis.T @ remainder)
 
     def aux_memory_bits(self) -> dict[str, int]:
