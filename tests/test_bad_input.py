@@ -3,6 +3,7 @@ and that nothing already computed was lost or overwritten."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -190,7 +191,11 @@ def test_garbage_onnx_and_integer_out_on_a_file(float_checkpoint: Path, tmp_path
     assert blocker.read_text() == "keep me"
     program = tmp_path / "prog"
     assert main(["export", "--checkpoint", str(quantized), "--format", "integer", "--out", str(program)]) == 0
-    capsys.readouterr()
+    assert "MAC widths observed on 512 training images" in capsys.readouterr().out
+    mac_bits = json.loads((program / "manifest.json").read_text())["mac_bits"]
+    assert mac_bits and all(
+        0 < w["observed"] <= w["worst_case"] and w["observed_samples"] == 512 for w in mac_bits.values()
+    )
     assert main(["eval", "--checkpoint", str(quantized), "--integer", str(program), "--samples", "32"]) == 0
     out = capsys.readouterr().out
     assert "accumulator values saturated" in out and "MAC bits worst" in out

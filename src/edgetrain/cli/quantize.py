@@ -157,12 +157,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "integer":
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise CLIError(f"--out {args.out} is a file; an integer program is a folder (manifest + weights)")
-        path = to_integer(qmodel, meta=program_meta(meta)).save(args.out)
+        program = to_integer(qmodel, meta=program_meta(meta))
+        _observe_macs(program, meta["dataset"], args.calib)
+        path = program.save(args.out)
     else:
         example = torch.zeros(2, meta["in_channels"], meta["image_size"], meta["image_size"])
         path = to_onnx(qmodel, args.out, example)
     print(f"{args.format} export -> {path}")
     return 0
+
+
+def _observe_macs(program: IntegerProgram, dataset: str, samples: int) -> None:
+    """Run the first ``samples`` training images so the manifest's ``mac_bits`` records observed MAC widths."""
+    try:
+        images = _split(dataset, "train", samples).images
+    except (ValueError, FileNotFoundError) as err:
+        print(f"observed MAC widths not recorded (the {dataset!r} training images are unavailable: {err})")
+        return
+    program.run(images)
+    widest = max((w["observed"] or 0 for w in program.mac_bits().values()), default=0)
+    print(f"MAC widths observed on {len(images)} training images: up to {widest} bits (manifest mac_bits)")
 
 
 def _batched(fn: Any, images: torch.Tensor, label: str, batch: int = 500) -> np.ndarray:
@@ -303,6 +317,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="quantized checkpoint from `edgetrain quantize`")
     p.add_argument("--format", choices=("integer", "onnx"), default="integer")
     p.add_argument("--out", required=True, help="directory (integer) or .onnx file")
+    p.add_argument("--calib", type=positive_int, default=512, help="training images run to observe MAC widths")
     p.set_defaults(handler=cmd_export)
 
     p = subparsers.add_parser("eval", help="float, fake-quant, integer and ONNX top-1 side by side")
