@@ -21,6 +21,7 @@ from edgetrain.adapt import (
     LowRank,
     MinibatchSGD,
     OnlineTrainer,
+    make_rule,
     quantize_for_adaptation,
 )
 from edgetrain.adapt.qnet import PAPER_FORMATS, PAPER_WIDE, QNet, StreamingBN
@@ -195,6 +196,31 @@ def test_resume_gives_the_same_log(base_net, tmp_path):
     log = resumed.run(240, test_every=80)
     for key in ("config", "history", "tests", "final"):
         assert log[key] == whole[key], key
+
+
+@pytest.mark.parametrize(
+    "rule_name, options",
+    [
+        ("sgd-sr", {}),
+        ("lowrank", {"rounding": "stochastic", "write_threshold": 1.0, "error_feedback": True}),
+        ("lowrank", {"endurance": 1e3, "lifetime_samples": 2e4, "batch_fc": 20}),
+    ],
+)
+def test_resume_is_exact_with_the_random_and_stateful_knobs(base_net, tmp_path, rule_name, options):
+    drift = DriftSpec("analog", p0=60)
+
+    def fresh() -> OnlineTrainer:
+        return OnlineTrainer(copy.deepcopy(base_net), make_rule(rule_name, options), DigitStream(160, drift), seed=3)
+
+    whole = fresh().run(160)
+    killed = fresh()
+    killed.run(80, checkpoint_every=80, checkpoint=tmp_path / "half.safetensors")
+    resumed = fresh()
+    resumed.resume(tmp_path / "half.safetensors")
+    log = resumed.run(160)
+    for key in ("config", "history", "final"):
+        assert log[key] == whole[key], key
+    assert whole["final"]["total_writes"] > 0
 
 
 def test_missing_or_corrupt_checkpoint_is_a_clear_error(base_net, tmp_path):
