@@ -207,7 +207,7 @@ def test_codes_out_of_range_are_rejected(small_program) -> None:
 
 
 def test_float_ops_cannot_be_exported_to_integer() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU())
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softmax(dim=1))
     qmodel = quantize(model, images(1), images(4), QuantConfig(allow_float=True))
     with pytest.raises(IntegerProgramError, match="no integer implementation"):
         to_integer(qmodel)

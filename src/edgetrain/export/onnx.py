@@ -132,8 +132,17 @@ class _Builder:
                 kernel_shape=op["kernel"],
             )
             y = self.qdq(self.node("Mul", [window_sum, self.tensor(op["reciprocal"], op["recip_q"], ())]), op["out_q"])
-        elif kind == "add":
-            y = self.qdq(self.activation(self.node("Add", op["inputs"]), op["activation"]), op["out_q"])
+        elif kind in ("add", "sub"):
+            y = self.node("Add" if kind == "add" else "Sub", op["inputs"])
+            y = self.qdq(self.activation(y, op["activation"]), op["out_q"])
+        elif kind == "mul":
+            y = self.qdq(self.node("Mul", op["inputs"]), op["out_q"])
+        elif kind == "mean":
+            axes = self.const(f"{out}.axes", np.array(op["axes"], np.int64))
+            total = self.node("ReduceSum", [op["input"], axes], keepdims=int(bool(op["keepdim"])))
+            y = self.qdq(self.node("Mul", [total, self.tensor(op["reciprocal"], op["recip_q"], ())]), op["out_q"])
+        elif kind == "lookup":
+            y = self.qdq(self.lookup(op, self.shape(source)), op["out_q"])
         elif kind == "leaky_relu":
             alpha = self.tensor(op["alpha"], op["alpha_q"], ())
             product = self.qdq(self.node("Mul", [op["input"], alpha]), op["prod_q"])
@@ -147,15 +156,51 @@ class _Builder:
                     strides=op["stride"],
                     pads=op["padding"] * 2,
                     dilations=op["dilation"],
+                    ceil_mode=int(op.get("ceil_mode", False)),
                 )
             elif kind == "concat":
                 y = self.node("Concat", op["inputs"], axis=int(op["axis"]))
+            elif kind in ("pad", "upsample", "transpose", "slice"):
+                y = self.move(op, self.shape(source))
             else:
                 shape = self.const(f"{out}.shape", np.array(op["shape"], np.int64))
                 y = self.node("Reshape", [op["input"], shape])
             y = self.qdq(y, self.quantizer_of[source])
         self.quantizer_of[out] = self.last_quantizer  # every op ends with the QDQ of its output quantizer
         self.alias[out] = y
+
+    def lookup(self, op: dict[str, Any], shape: list[int]) -> str:
+        """Gather from the table's values at ``code - n_in`` (+ ``channel * 2^b`` for per-channel tables)."""
+        fmt, k_in = self.program.fmt(op["in_q"]), int(self.program.quantizers[op["in_q"]]["exponent"])
+        table = self.program.tensors[op["table"]]
+        k_out = int(self.program.quantizers[op["out_q"]]["exponent"])
+        values = self.const(f"{op['output']}.table", np.ldexp(table.reshape(-1), k_out).astype(np.float32))
+        inverse = self.const(f"{op['in_q']}.inv_scale", np.float32(np.ldexp(1.0, -k_in)))
+        scaled = self.node("Mul", [op["input"], inverse])
+        index = self.node("Cast", [scaled], to=TensorProto.INT64)  # exact: the input lies on the grid
+        offset = np.array(-fmt.qmin, np.int64)
+        if table.ndim == 2:  # row of channel c starts at c * 2^b
+            rows = np.arange(table.shape[0], dtype=np.int64).reshape(1, -1, *([1] * (len(shape) - 2)))
+            offset = offset + rows * table.shape[1]
+        index = self.node("Add", [index, self.const(f"{op['output']}.offset", offset)])
+        return self.node("Gather", [values, index], axis=0)
+
+    def move(self, op: dict[str, Any], shape: list[int]) -> str:
+        """Pad (zeros), nearest upsampling (repeat via Expand), Transpose or Slice: codes move, scale kept."""
+        kind, x, out = op["op"], op["input"], op["output"]
+        if kind == "pad":
+            return self.node("Pad", [x, self.const(f"{out}.pads", np.array(op["pads"], np.int64))], mode="constant")
+        if kind == "transpose":
+            return self.node("Transpose", [x], perm=[int(d) for d in op["perm"]])
+        if kind == "slice":
+            start, axis = int(op["start"]), int(op["axis"])
+            bounds = [np.array([v], np.int64) for v in (start, start + int(op["length"]), axis)]
+            names = [self.const(f"{out}.{k}", v) for k, v in zip(("starts", "ends", "axes"), bounds, strict=True)]
+            return self.node("Slice", [x, *names])
+        (_, c, h, w), (sh, sw) = shape, op["scale"]
+        split = self.node("Reshape", [x, self.const(f"{out}.split", np.array([-1, c, h, 1, w, 1], np.int64))])
+        tiled = self.node("Expand", [split, self.const(f"{out}.tile", np.array([1, 1, 1, sh, 1, sw], np.int64))])
+        return self.node("Reshape", [tiled, self.const(f"{out}.shape", np.array([-1, c, h * sh, w * sw], np.int64))])
 
     def compute(self, op: dict[str, Any]) -> str:
         bias_shape = (-1,) + (1,) * (self.ndim - 2)

@@ -81,9 +81,24 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
     "maxpool": ("input", "output", "kernel", "stride", "padding", "dilation"),
     "concat": ("inputs", "output", "axis"),
     "reshape": ("input", "output", "shape"),
+    "sub": ("inputs", "output", "out_q", "activation"),
+    "mul": ("inputs", "output", "out_q"),
+    "lookup": ("input", "output", "table", "in_q", "out_q"),
+    "mean": ("input", "output", "axes", "keepdim", "reciprocal", "recip_q", "out_q"),
+    "pad": ("input", "output", "pads"),
+    "upsample": ("input", "output", "scale"),
+    "transpose": ("input", "output", "perm"),
+    "slice": ("input", "output", "axis", "start", "length"),
 }
+PASSTHROUGH_OPS = ("maxpool", "reshape", "concat", "pad", "upsample", "transpose", "slice")  # codes move, k kept
 QUANTIZER_FIELDS = ("role", "bits", "signed", "exponent", "rounding", "threshold", "log2_t")
-TENSOR_QUANTIZERS = {"weight": "weight_q", "bias": "bias_q", "reciprocal": "recip_q", "alpha": "alpha_q"}
+TENSOR_QUANTIZERS = {
+    "weight": "weight_q",
+    "bias": "bias_q",
+    "reciprocal": "recip_q",
+    "alpha": "alpha_q",
+    "table": "out_q",  # a lookup table holds output codes
+}
 TENSOR_FIELDS = tuple(TENSOR_QUANTIZERS)
 ACTIVATIONS = ("none", "relu", "relu6")
 BATCH = 256  # images per executor chunk (bounds the im2col memory)
@@ -150,6 +165,16 @@ def conv2d_int(
     kernel = w.astype(dtype).reshape(groups, o // groups, -1).transpose(0, 2, 1)
     out = np.matmul(cols, kernel).reshape(groups, n, ho, wo, o // groups)
     return out.transpose(1, 0, 4, 2, 3).reshape(n, o, ho, wo).astype(np.int64)
+
+
+def _ceil_pool_extra(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """End padding that gives torch's ``ceil_mode`` pool output size (the last window must start
+    inside the input or the left padding)."""
+    span = dilation * (kernel - 1) + 1
+    out = -(-(size + 2 * padding - span) // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return max(0, (out - 1) * stride + span - (size + 2 * padding))
 
 
 def _align(values: list[np.ndarray], exponents: list[int]) -> tuple[list[np.ndarray], int]:
@@ -258,12 +283,17 @@ class IntegerProgram:
         if kind == "quantize":
             q, k = self.quantizers[op["quantizer"]], self._k(op["quantizer"])
             return quantize_to_codes(x, k, self.fmt(op["quantizer"]), q["rounding"]), k
-        if kind in ("maxpool", "reshape", "concat"):
+        if kind in PASSTHROUGH_OPS:
             return self._passthrough(op, env)
-        if kind == "add":
+        if kind in ("add", "sub"):
             (a, ka), (b, kb) = (env[name] for name in op["inputs"])
             (a, b), k = _align([a, b], [ka, kb])
-            return self._requantize(a + b, k, op["out_q"], op["activation"]), self._k(op["out_q"])
+            return self._requantize(a + b if kind == "add" else a - b, k, op["out_q"], op["activation"]), self._k(
+                op["out_q"]
+            )
+        if kind == "mul":  # exact product of the codes at exponent k_a + k_b, then one shift
+            (a, ka), (b, kb) = (env[name] for name in op["inputs"])
+            return self._requantize(a * b, ka + kb, op["out_q"]), self._k(op["out_q"])
         codes, k_in = env[op["input"]]
         if kind == "requantize":
             return self._requantize(codes, k_in, op["quantizer"], op["activation"]), self._k(op["quantizer"])
@@ -277,6 +307,11 @@ class IntegerProgram:
             prod = self._requantize(codes * self.tensors[op["alpha"]], k_in + self._k(op["alpha_q"]), op["prod_q"])
             (a, b), k = _align([codes, prod], [k_in, self._k(op["prod_q"])])
             return self._requantize(np.maximum(a, b), k, op["out_q"]), self._k(op["out_q"])
+        if kind == "mean":
+            acc = codes.sum(axis=tuple(op["axes"]), keepdims=bool(op["keepdim"])) * self.tensors[op["reciprocal"]]
+            return self._requantize(acc, k_in + self._k(op["recip_q"]), op["out_q"]), self._k(op["out_q"])
+        if kind == "lookup":
+            return self._lookup(op, codes, k_in), self._k(op["out_q"])
         raise IntegerProgramError(f"unknown op {kind!r}")
 
     def _passthrough(self, op: dict[str, Any], env: dict[str, tuple[np.ndarray, int]]) -> tuple[np.ndarray, int]:
@@ -289,8 +324,40 @@ class IntegerProgram:
         codes, k = env[op["input"]]
         if kind == "reshape":
             return codes.reshape(op["shape"]), k
-        win = _windows(codes, op["kernel"], op["stride"], op["padding"], op["dilation"], np.iinfo(np.int64).min)
+        if kind == "pad":  # ONNX order: begins of every axis, then ends; zeros
+            half = len(op["pads"]) // 2
+            return np.pad(codes, list(zip(op["pads"][:half], op["pads"][half:], strict=True))), k
+        if kind == "upsample":  # nearest, integer factors: every pixel repeated
+            return np.repeat(np.repeat(codes, op["scale"][0], axis=2), op["scale"][1], axis=3), k
+        if kind == "transpose":
+            return np.transpose(codes, op["perm"]), k
+        if kind == "slice":
+            start = int(op["start"])
+            return np.take(codes, np.arange(start, start + int(op["length"])), axis=int(op["axis"])), k
+        fill = np.iinfo(np.int64).min
+        if op.get("ceil_mode", False):  # torch's ceil_mode: extra windows at the end, over -inf padding
+            extra = [
+                _ceil_pool_extra(size, *params)
+                for size, params in zip(
+                    codes.shape[2:],
+                    zip(op["kernel"], op["stride"], op["padding"], op["dilation"], strict=True),
+                    strict=True,
+                )
+            ]
+            codes = np.pad(codes, ((0, 0), (0, 0), (0, extra[0]), (0, extra[1])), constant_values=fill)
+        win = _windows(codes, op["kernel"], op["stride"], op["padding"], op["dilation"], fill)
         return win.max(axis=(-2, -1)), k
+
+    def _lookup(self, op: dict[str, Any], codes: np.ndarray, k_in: int) -> np.ndarray:
+        """T[code - n_in]: the table holds the output codes of f on the input grid (one row per channel
+        when 2-D)."""
+        if k_in != self._k(op["in_q"]):
+            raise IntegerProgramError(f"lookup {op['output']!r}: input exponent {k_in} is not its table's")
+        table = self.tensors[op["table"]]
+        index = codes - self.fmt(op["in_q"]).qmin
+        if table.ndim == 1:
+            return table[index]
+        return table[_channel(np.arange(len(table)), codes.ndim), index]
 
     def _compute(self, op: dict[str, Any], codes: np.ndarray, k_in: int) -> tuple[np.ndarray, int]:
         """q_out(act(q_acc(sum w x) + b)): int64 accumulate, shift to the int16 accumulator, add bias."""
@@ -457,6 +524,10 @@ class IntegerProgram:
                     fmt, codes = self.fmt(op[qkey]), self.tensors[op[key]]
                     if codes.size and (codes.min() < fmt.qmin or codes.max() > fmt.qmax):
                         raise IntegerProgramError(f"op {i} ({kind}): {key} codes outside {fmt} range")
+            if kind == "lookup":
+                entries, table = 2 ** self.fmt(op["in_q"]).bits, self.tensors[op["table"]]
+                if table.ndim not in (1, 2) or table.shape[-1] != entries:
+                    raise IntegerProgramError(f"op {i} (lookup): table shape {table.shape}, needs {entries} entries")
             defined.add(op["output"])
         if self.output not in defined:
             raise IntegerProgramError(f"output {self.output!r} is not produced by any op")

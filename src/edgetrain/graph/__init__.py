@@ -1,4 +1,4 @@
-"""torch.fx graph quantizer: fold BN, apply the Graffitist-style rules of docs/quantization.md, share scales, calibrate."""
+"""torch.fx graph quantizer: fold BN, apply the rules of docs/quantization.md, share scales, calibrate."""
 
 from edgetrain.graph.quantize import (
     SUPPORTED_OPS,
@@ -9,6 +9,7 @@ from edgetrain.graph.quantize import (
     build_quantized_model,
     calibrate_model,
     quantize,
+    register_elementwise,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "build_quantized_model",
     "calibrate_model",
     "quantize",
+    "register_elementwise",
 ]

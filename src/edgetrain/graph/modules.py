@@ -8,6 +8,7 @@ integer products is exact (Graffitist's bit-accurate mode) and the integer progr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -206,20 +207,6 @@ class QAvgPool(QuantModule):
         return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
 
 
-class QAdd(QuantModule):
-    """Residual add ``q_out(act(a + b))``; both inputs arrive quantized with one shared threshold."""
-
-    roles = {"out_q": "activation"}
-
-    def __init__(self, out_q: TQTQuantizer, activation: str = "none") -> None:
-        super().__init__()
-        self.out_q = out_q
-        self.activation = activation
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.out_q(apply_activation(a + b, self.activation))
-
-
 class QLeakyReLU(QuantModule):
     """``q8( max( q16(x), q16( q16(alpha) q16(x) ) ) )``: the input (already int16) and the product
     share one threshold (docs/quantization.md); valid for 0 <= alpha <= 1."""
@@ -237,3 +224,171 @@ class QLeakyReLU(QuantModule):
         xe = self.exact(x)
         product = self.prod_q(xe * self.alpha_q(self.alpha).to(xe.dtype)).to(x.dtype)
         return self.out_q(torch.maximum(x, product))
+
+
+class QAdd(QuantModule):
+    """Residual add ``q_out(act(a + b))`` (or ``a - b``); both inputs arrive quantized with one shared threshold."""
+
+    roles = {"out_q": "activation"}
+
+    def __init__(self, out_q: TQTQuantizer, activation: str = "none", subtract: bool = False) -> None:
+        super().__init__()
+        self.out_q = out_q
+        self.activation = activation
+        self.subtract = subtract
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.out_q(apply_activation(a - b if self.subtract else a + b, self.activation))
+
+
+class QMul(QuantModule):
+    """Product of two quantized tensors (SE gating): ``q_out(a * b)``.
+
+    The integer codes multiply exactly with exponent ``k_a + k_b`` (broadcasting as torch does), then
+    one shift requantizes to ``out_q`` (TQT appendix A); in eval mode the product runs in float64.
+    """
+
+    roles = {"out_q": "activation"}
+
+    def __init__(self, out_q: TQTQuantizer) -> None:
+        super().__init__()
+        self.out_q = out_q
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.out_q(self.exact(a) * self.exact(b)).to(a.dtype)
+
+
+class QMean(QuantModule):
+    """Mean over any dims as a sum times the reciprocal weight (the avg-pool rule of docs/quantization.md)::
+
+    y = q_out_floor( sum_dims x * q_r(1 / n) )
+    """
+
+    roles = {"recip_q": "reciprocal", "out_q": "activation"}
+
+    def __init__(
+        self, dims: tuple[int, ...], keepdim: bool, count: int, recip_q: TQTQuantizer, out_q: TQTQuantizer
+    ) -> None:
+        super().__init__()
+        self.dims, self.keepdim = tuple(dims), bool(keepdim)
+        self.register_buffer("reciprocal", torch.tensor(1.0 / count))
+        self.recip_q = recip_q
+        self.out_q = out_q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xe = self.exact(x)
+        total = xe.sum(self.dims, keepdim=self.keepdim)
+        return self.out_q(total * self.recip_q(self.reciprocal).to(xe.dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, keepdim={self.keepdim}"
+
+
+def upsample_nearest(x: torch.Tensor, factor_h: int, factor_w: int) -> torch.Tensor:
+    """Nearest upsampling of NCHW by integer factors: every pixel repeated (pure data movement)."""
+    return x.repeat_interleave(factor_h, dim=2).repeat_interleave(factor_w, dim=3)
+
+
+def apply_per_channel(
+    fn: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor, channels: int, ndim: int
+) -> torch.Tensor:
+    """``fn`` on a 1-D tensor of values: (L,) when ``channels == 0``, else (channels, L) with the values
+    laid along a non-channel dim of an ``ndim``-d probe (dim 0 of (L, C) for 2-d, dim 2 of (1, C, L, 1..))."""
+    if not channels:
+        return fn(values)
+    if ndim == 2:
+        return fn(values.reshape(-1, 1).repeat(1, channels)).t()
+    probe = values.reshape(1, 1, -1, *([1] * (ndim - 3))).repeat(1, channels, *([1] * (ndim - 2)))
+    return fn(probe).reshape(channels, -1)
+
+
+class Elementwise(nn.Module):
+    """A float element-wise function ``f(t)`` of one tensor: a module (``nn.Sigmoid``, ``nn.PReLU``), or
+    a function called with ``t`` placed at ``slot`` (an index into ``args`` or a keyword) among constant
+    arguments (``F.elu(t, alpha=0.5)``, ``t + 3``, ``torch.clamp(t, 0, 6)``)."""
+
+    def __init__(
+        self,
+        target: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        slot: int | str = 0,
+    ) -> None:
+        super().__init__()
+        self.module = target if isinstance(target, nn.Module) else None
+        self.function = None if isinstance(target, nn.Module) else target
+        self.args, self.kwargs, self.slot = tuple(args), dict(kwargs or {}), slot
+
+    def _call(self, t: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        if isinstance(self.slot, str):
+            return self.function(*args, **(kwargs | {self.slot: t}))
+        return self.function(*args[: self.slot], t, *args[self.slot :], **kwargs)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.module is not None:
+            return self.module(t)
+        return self._call(t, self.args, self.kwargs)
+
+    def float64(self, t: torch.Tensor) -> torch.Tensor:
+        """``f(t)`` with every floating parameter, buffer and constant operand in float64."""
+
+        def wide(v: Any) -> Any:
+            return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        if self.module is not None:
+            state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+            return torch.func.functional_call(self.module, {k: wide(v) for k, v in state.items()}, (t,))
+        return self._call(t, tuple(wide(a) for a in self.args), {k: wide(v) for k, v in self.kwargs.items()})
+
+    def extra_repr(self) -> str:
+        return "" if self.module is not None else getattr(self.function, "__name__", str(self.function))
+
+
+class QLookup(QuantModule):
+    """An element-wise function on b-bit codes as an exact 2^b-entry lookup table::
+
+        T[i] = q_out( f( s_in * (n_in + i) ) ),   y = T[code(x) - n_in]
+
+    ``in_q`` holds the input's threshold (shared with the quantizer that produced the input), so the
+    table is the function restricted to the input grid. ``channels > 0``: one table per channel
+    (``nn.PReLU``, a per-channel constant operand), T has shape (channels, 2^b). In eval mode the
+    forward indexes the table (the integer program and ONNX ``Gather`` do the same); in training it is
+    ``q_out(f(x))`` in float32, whose gradient is the float function's derivative (straight-through on
+    the table) and trains ``out_q``'s threshold as any TQT quantizer.
+    """
+
+    roles = {"in_q": "lookup_input", "out_q": "activation"}
+
+    def __init__(
+        self, fn: Elementwise, in_q: TQTQuantizer, out_q: TQTQuantizer, channels: int = 0, ndim: int = 0
+    ) -> None:
+        super().__init__()
+        self.fn = fn
+        self.in_q = in_q
+        self.out_q = out_q
+        self.channels, self.ndim = int(channels), int(ndim)
+
+    def grid(self) -> torch.Tensor:
+        """The 2^b input values s_in * code, code = n_in .. p_in, in float64."""
+        fmt = self.in_q.format
+        return torch.arange(fmt.qmin, fmt.qmax + 1, dtype=torch.float64) * self.in_q.scale
+
+    def table(self) -> torch.Tensor:
+        """T (2^b,) or (channels, 2^b): output values on ``out_q``'s grid, computed in float64."""
+        return self.out_q(apply_per_channel(self.fn.float64, self.grid(), self.channels, self.ndim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_q(x)
+        if self.training or not self.bit_exact or not (self.in_q.enabled and self.out_q.enabled):
+            return self.out_q(self.fn(x))
+        table = self.table()
+        index = (torch.round(x.double() / self.in_q.scale).long() - self.in_q.format.qmin).clamp_(
+            0, table.shape[-1] - 1
+        )
+        if not self.channels:
+            return table[index].to(x.dtype)
+        channel = torch.arange(self.channels).reshape(1, -1, *([1] * (x.dim() - 2)))
+        return table[channel, index].to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}" if self.channels else ""

@@ -2,6 +2,7 @@
 
 from edgetrain.models import (
     basic,  # noqa: F401  (registers mnistnet, lrt-cnn)
+    modern,  # noqa: F401  (registers mobilenetv3-tiny, unet-tiny)
     tiny,  # noqa: F401  (registers the graph-rule zoo nets)
 )
 from edgetrain.models.basic import LRTNet
