@@ -221,3 +221,27 @@ def test_resume_file_of_another_lr_is_refused_naming_lr(tmp_path: Path) -> None:
 def test_no_best_val_shown_without_a_validation_split(capsys) -> None:
     result = train_float(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), _tiny_data(), None, 1, 1e-3, 8)
     assert "best_val" not in capsys.readouterr().err and math.isnan(result.best_val_accuracy)
+
+
+def test_a_failed_run_replaces_the_stale_report_with_what_finished(tmp_path: Path, monkeypatch, capsys) -> None:
+    from edgetrain.pipeline.stages import fingerprint, run_stage
+
+    out = tmp_path / "run"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "report.md").write_text("the report of an earlier config")
+    (out / "report" / "figure_01.png").write_bytes(b"an old plot")
+
+    def stops_in_quantize(config, command):
+        run_stage(out, "pretrain", fingerprint("pretrain", {}), lambda d: {"test_accuracy": 0.5}, print)
+        run_stage(out, "quantize", fingerprint("quantize", {}), lambda d: 1 / 0, print)
+
+    monkeypatch.setattr(cli_pipeline, "run_pipeline", stops_in_quantize)
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\ndataset = "digits"\n[adapt]\nrules = []\n[output]\ndir = "{out}"\n')
+    assert main(["run", str(config)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "edgetrain run: error: ZeroDivisionError: division by zero (edgetrain --debug run ... shows the traceback)"
+    )
+    report = (out / "report" / "report.md").read_text()
+    assert "| pretrain | done |" in report and "| quantize | failed | ZeroDivisionError: division by zero |" in report
+    assert "| export | not run |" in report and not (out / "report" / "figure_01.png").exists()
