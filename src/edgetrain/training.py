@@ -5,6 +5,8 @@ hooks (batch-norm freezing, threshold freezing), evaluation on a validation spli
 selection, a tqdm progress bar and atomic, resumable checkpoints (``torch.save`` to a temporary
 file + ``os.replace``; loaded with ``weights_only=True``). A resumed run reproduces the
 uninterrupted one exactly: batch order depends only on (seed, epoch) and the RNG state is saved.
+Under ``torchrun`` the same loop runs data-parallel (:mod:`edgetrain.distributed`): each rank takes
+its share of every global batch, DDP averages the gradients, rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from edgetrain.atomic import torch_save_atomic
 from edgetrain.data import Dataset, epoch_batches, num_batches
+from edgetrain.distributed import data_parallel, global_sum, rank_share, resolve_device, world
 
 LRSchedule = Callable[[int], float]  # global step -> multiplier of a param group's base lr
 
@@ -52,12 +56,15 @@ class TrainHook:
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Arg-max class of every image, in eval mode; every submodule's previous mode is restored
-    (so a batch-norm layer frozen in eval mode during training stays frozen)."""
+    """Arg-max class of every image, in eval mode, on the model's device; every submodule's previous mode
+    is restored (so a batch-norm layer frozen in eval mode during training stays frozen)."""
     modes = {module: module.training for module in model.modules()}
+    device = next(model.parameters(), images).device
     model.eval()
     try:
-        return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+        return torch.cat(
+            [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+        )
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -111,6 +118,8 @@ class Trainer:
         checkpoint: str | os.PathLike[str] | None = None,
         progress: bool = True,
         description: str = "train",
+        device: str | torch.device = "cpu",
+        find_unused_parameters: bool = False,
     ) -> None:
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -134,6 +143,16 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.running_loss = math.nan  # EMA (0.98) of the task loss, for display and the history
         self.loss_fn = nn.CrossEntropyLoss()
+        self.rank, self.world_size = world()
+        last_batch = len(train) % batch_size or batch_size
+        if self.world_size > min(batch_size, last_batch):
+            raise ValueError(
+                f"{self.world_size} ranks need every batch to hold at least {self.world_size} samples "
+                f"(batch_size {batch_size}, last batch {last_batch}); change batch_size or the training-set size"
+            )
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self.forward_model = data_parallel(self.model, self.device, find_unused_parameters)
         # what a checkpoint must match to be resumed by this run: everything that determines the result
         self.signature = {
             "dataset": train.name,
@@ -206,8 +225,18 @@ class Trainer:
                 self.best_val, self.best_step = accuracy, self.step
                 self.best_state = copy.deepcopy(self.model.state_dict())
         self.history.append(record)
-        if self.checkpoint:
+        if self.checkpoint and self.rank == 0:
             torch_save_atomic(self._state(), self.checkpoint)
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the batch; with N ranks, (N / B) x the sum over this rank's share, so
+        that DDP's gradient average is the gradient of the global batch's mean (module docstring)."""
+        if self.world_size == 1:
+            return self.loss_fn(self.forward_model(images.to(self.device)), labels.to(self.device))
+        share, share_labels = rank_share(images, labels, self.rank, self.world_size)
+        logits = self.forward_model(share.to(self.device))
+        summed = F.cross_entropy(logits, share_labels.to(self.device), reduction="sum")
+        return summed * (self.world_size / len(labels))
 
     def run(self) -> TrainResult:
         """Train (resuming from ``checkpoint`` if it exists); load the best weights at the end."""
@@ -215,7 +244,8 @@ class Trainer:
             self._resume(load_checkpoint(self.checkpoint))
         start = time.perf_counter()
         total = self.epochs * self.steps_per_epoch
-        bar = tqdm(total=total, initial=self.step, desc=self.description, disable=not self.progress, leave=False)
+        show = self.progress and self.rank == 0
+        bar = tqdm(total=total, initial=self.step, desc=self.description, disable=not show, leave=False)
         while self.step < total:
             epoch, first_batch = divmod(self.step, self.steps_per_epoch)
             self.model.train()
@@ -226,7 +256,7 @@ class Trainer:
             ):
                 self._set_lr()
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(self.model(images), labels)
+                loss = self._loss(images, labels)
                 total_loss = loss + self.regularizer() if self.regularizer else loss
                 total_loss.backward()
                 for hook in self.hooks:
@@ -235,7 +265,7 @@ class Trainer:
                 self.step += 1
                 for hook in self.hooks:
                     hook.on_step_end(self, self.step)
-                value = float(loss.detach())
+                value = float(global_sum(loss.detach()) / self.world_size)  # the global batch's mean loss
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"loss became {value} at step {self.step}: lower the learning rate or check the data"

@@ -10,6 +10,10 @@
   freeze the not-yet-frozen threshold with the smallest mean |grad| over those steps whose
   ceil(log2_t) equals ceil of its EMA (decay 0.9999).
 - The best checkpoint on the validation split is kept; progress bar; atomic, resumable checkpoints.
+- Data-parallel under ``torchrun`` (``edgetrain.distributed``): DistributedDataParallel over the
+  ranks (gloo on CPU, nccl with ``device="cuda"``); each global batch of ``batch_size`` is split over
+  the ranks and the gradients averaged, so every rank holds the same weights and thresholds after
+  every step; rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from edgetrain.data import Dataset
+from edgetrain.distributed import close_distributed, init_distributed
 from edgetrain.training import Trainer, TrainHook, TrainResult, staircase
 
 REFERENCE_BATCH = 24  # Graffitist's decay periods are given for batch size 24
@@ -50,6 +55,7 @@ class RetrainConfig:
     freeze_ema_decay: float = 0.9999
     eval_every: int | None = None
     seed: int = 0
+    device: str = "cpu"  # "cpu" | "cuda" (cuda:LOCAL_RANK under torchrun)
 
     def scaled(self, period: int) -> int:
         """A period given at batch 24, scaled by 24/B."""
@@ -153,8 +159,27 @@ def retrain(
     With ``config.train_thresholds=False`` the thresholds stay at their calibrated values; ``hooks``
     add observers (e.g. :class:`ThresholdHistory`).
     Returns the :class:`~edgetrain.training.TrainResult`; ``model`` ends with the best weights.
+    Under ``torchrun`` it joins the process group (or uses the one already open) and runs data-parallel
+    (module docstring); a group it opened is closed (barrier, then destroy) before it returns.
     """
     cfg = config or RetrainConfig()
+    opened = init_distributed(cfg.device)
+    try:
+        return _retrain(model, train, val, cfg, checkpoint, progress, hooks)
+    finally:
+        if opened:
+            close_distributed()
+
+
+def _retrain(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset | None,
+    cfg: RetrainConfig,
+    checkpoint: str | os.PathLike[str] | None,
+    progress: bool,
+    hooks: Sequence[TrainHook],
+) -> TrainResult:
     torch.manual_seed(cfg.seed)
     weights, thresholds = split_parameters(model)
     if not cfg.train_thresholds:
@@ -189,5 +214,7 @@ def retrain(
         checkpoint=checkpoint,
         progress=progress,
         description="TQT retraining",
+        device=cfg.device,
+        find_unused_parameters=cfg.freeze_thresholds,  # a frozen threshold gets no gradient
     )
     return trainer.run()

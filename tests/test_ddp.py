@@ -1,0 +1,121 @@
+"""Data-parallel TQT retraining: ``torchrun --standalone --nproc-per-node=2`` on CPU (gloo) equals a
+single process on the same global batch; every rank holds the same weights and thresholds after every
+step; rank 0's checkpoint resumes an interrupted run.
+
+This file is also the script torchrun runs (``__main__``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgetrain.data import Dataset
+from edgetrain.graph import QuantConfig, quantize
+from edgetrain.tqt import RetrainConfig, retrain
+from edgetrain.training import Trainer, TrainHook
+
+INTERRUPT_AT = 5  # steps; the checkpoint before it is the one at step 4 (eval_every = 2)
+
+
+def _setup() -> tuple[nn.Module, Dataset, Dataset, RetrainConfig]:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)
+    )
+    images = torch.rand(72, 1, 6, 6)
+    labels = (images.mean((1, 2, 3)) * 3 * 2).long().clamp(0, 2)
+    train = Dataset("toy", "train", images[:60], labels[:60], ("a", "b", "c"))  # batches of 16: 16, 16, 16, 12
+    val = Dataset("toy", "val", images[60:], labels[60:], ("a", "b", "c"))
+    qmodel = quantize(net.eval(), images[:1], images, QuantConfig(), mode="retrain")
+    recipe = RetrainConfig(epochs=2, batch_size=16, weight_lr=1e-2, threshold_lr=1e-2, bn_stat_epochs=0, eval_every=2)
+    return qmodel, train, val, recipe
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+class SameOnEveryRank(TrainHook):
+    """After each step, rank 0's weights and thresholds are broadcast and compared bit for bit."""
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        import torch.distributed as dist
+
+        mine = _flat(trainer.model)
+        reference = mine.clone()
+        dist.broadcast(reference, 0)
+        if not torch.equal(mine, reference):
+            raise AssertionError(f"rank {trainer.rank} differs from rank 0 after step {step}")
+
+
+class Interrupt(TrainHook):
+    """Stop every rank at step ``at`` (None: never), as a Ctrl-C would."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at = at
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def main(out: Path) -> None:
+    """Under torchrun: an interrupted run, resumed from rank 0's checkpoint, every step checked."""
+    import torch.distributed as dist
+
+    from edgetrain.distributed import close_distributed, init_distributed, world
+
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    rank, world_size = world()
+    assert world_size == 2
+    qmodel, train, val, recipe = _setup()
+    checkpoint = out / "retrain.pt"
+    try:
+        retrain(
+            qmodel,
+            train,
+            val,
+            recipe,
+            checkpoint=checkpoint,
+            progress=False,
+            hooks=[SameOnEveryRank(), Interrupt(INTERRUPT_AT)],
+        )
+    except KeyboardInterrupt:
+        pass
+    dist.barrier()
+    qmodel, *_ = _setup()  # a fresh process would start from scratch too
+    retrain(
+        qmodel, train, val, recipe, checkpoint=checkpoint, progress=False, hooks=[SameOnEveryRank(), Interrupt(None)]
+    )
+    if rank == 0:
+        torch.save(qmodel.state_dict(), out / "ddp_final.pt")
+    close_distributed()
+
+
+def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--standalone", "--nproc-per-node=2", __file__, str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "retrain.pt").exists()  # rank 0's checkpoint
+    ddp = torch.load(tmp_path / "ddp_final.pt", weights_only=True)
+    qmodel, train, val, recipe = _setup()
+    calibrated = {name: value.clone() for name, value in qmodel.state_dict().items()}
+    retrain(qmodel, train, val, recipe, progress=False)
+    single = qmodel.state_dict()
+    assert ddp.keys() == single.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+    thresholds = [name for name in single if name.endswith("log2_t")]
+    assert thresholds and any(float(ddp[n]) != float(calibrated[n]) for n in thresholds)  # they were trained
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
