@@ -2,8 +2,9 @@
 
 - Simulation (the default, one command on one machine): ``flwr.simulation.run_simulation`` with the
   Ray backend (Flower 1.42's only simulation backend), one Ray actor (``num_cpus = 1``) that hosts
-  every device in turn, no runtime dependency installation, and ``ray.shutdown()`` afterwards so no
-  Ray process outlives the run.
+  every device in turn, no runtime dependency installation; it runs in a child process
+  (``python -m edgetrain.fleet CONFIG OUT``) whose process group is stopped afterwards, Ray's
+  processes with it.
 - Deployment: ``flower-superlink`` and one ``flower-supernode`` per device, insecure on loopback
   (127.0.0.1 only), the app submitted with ``flwr run``; for a real fleet start them with TLS
   certificates instead (docs/fleet.md). Every process is started in its own process group and the
@@ -95,7 +96,28 @@ def run_fleet(config: FleetConfig, out: str | Path) -> dict[str, Any]:
 
 
 def run_simulation_engine(config: FleetConfig, out: Path) -> None:
-    """All strategies in one Flower simulation (Ray backend, one actor)."""
+    """All strategies in one Flower simulation, run by a child process in its own process group
+    (Ray's processes join the driver's group): when it ends, the group is stopped, so no Ray
+    worker outlives the run even if ``ray.shutdown`` leaves one finishing."""
+    config_path = out / "fleet-config.json"
+    config_path.write_text(config.to_json())
+    groups = ProcessGroups(out / "logs")
+    try:
+        proc = groups.start(
+            "simulation",
+            [sys.executable, "-m", "edgetrain.fleet", str(config_path), str(out)],
+            {**os.environ, **NO_INSTALL},
+            inherit_output=True,
+        )
+        proc.wait()
+    finally:
+        groups.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the Flower simulation failed (exit {proc.returncode}); its log is above")
+
+
+def simulate(config: FleetConfig, out: Path) -> None:
+    """The simulation itself: ``run_simulation`` with the Ray backend, one actor (``num_cpus = 1``)."""
     os.environ.update(NO_INSTALL)
     import ray
     from flwr.simulation import run_simulation
@@ -120,6 +142,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_for_port(port: int, seconds: float) -> None:
+    """Block until something listens on 127.0.0.1:``port`` (TimeoutError after ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds:.0f} s") from None
+            time.sleep(0.2)
+
+
 class ProcessGroups:
     """Processes started in their own process groups; :meth:`stop` ends every group (children too)."""
 
@@ -127,25 +162,65 @@ class ProcessGroups:
         self.logs = logs
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with (self.logs / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str], inherit_output: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in a new process group, its output in logs/NAME.log (or this process's)."""
+        if inherit_output:
+            proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        else:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            with (self.logs / f"{name}.log").open("wb") as log:
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs.append(proc)
         return proc
 
     def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL, to every group and every descendant (some start their own session)."""
+        family = {proc.pid for proc in self.procs}
+        family |= descendants(family)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in self.procs:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+            for pid in family:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and any(proc.poll() is None for proc in self.procs):
+            while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+                for proc in self.procs:
+                    proc.poll()
                 time.sleep(0.1)
         for proc in self.procs:
             proc.wait(timeout=grace)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, already dead, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """Every live descendant of ``roots`` (from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
 
 
 def run_deployment_engine(config: FleetConfig, out: Path, timeout: float | None = None) -> None:
@@ -182,6 +257,7 @@ def run_deployment_engine(config: FleetConfig, out: Path, timeout: float | None 
             ],
             env,
         )
+        wait_for_port(link_port, 120.0)
         for index in range(config.devices):
             groups.start(
                 f"supernode-{index}",
