@@ -11,8 +11,8 @@
   whole group is stopped at the end (a supernode's ``flower-superexec`` children included).
 
 Before either engine runs, :func:`prepare_model` makes the device model: the configured model file
-or exported program, or (``model`` unset) the small LRT net pretrained quantized-in-the-loop on
-elastic digits, cached in the run folder.
+or exported program, or (``model`` unset) an exported integer program of the small LRT net
+(float-trained on elastic digits, TQT-quantized), made once per run folder.
 """
 
 from __future__ import annotations
@@ -58,23 +58,33 @@ out = "{out}"
 
 
 def prepare_model(config: FleetConfig, out: Path) -> FleetConfig:
-    """``config`` with ``model`` set: as given, or a pretrained small net cached at out/model.safetensors."""
+    """``config`` with ``model`` set: as given, or the fleet's default device, an exported integer
+    program (out/program): the LRT net of ``arch`` trained in float on elastic digits, quantized with
+    TQT (static calibration, 8-bit weights) and exported; made once per run folder."""
     if config.model is not None:
         if not Path(config.model).exists():
             raise FileNotFoundError(f"device model {config.model} does not exist; give a model file or program folder")
         return replace(config, model=str(Path(config.model).resolve()))
-    path = (out / "model.safetensors").resolve()
-    if not path.is_file():
+    program_dir = (out / "program").resolve()
+    if not (program_dir / "manifest.json").is_file():
         import torch
 
-        from edgetrain.adapt.pretrain import pretrain, save_model
+        from edgetrain.adapt.pretrain import build_float
         from edgetrain.adapt.scenarios import pretraining_set
+        from edgetrain.export import to_integer
+        from edgetrain.graph import QuantConfig, quantize
+        from edgetrain.training import train_float
 
         torch.set_num_threads(1)
+        torch.manual_seed(config.seed)
         train = pretraining_set(config.dataset, config.pretrain_samples, seed=config.seed)
-        net, _ = pretrain(config.arch, train, None, epochs=config.pretrain_epochs, seed=config.seed)
-        save_model(net, config.arch, path, {"pretrain_samples": config.pretrain_samples})
-    return replace(config, model=str(path))
+        model = build_float(config.arch)
+        train_float(model, train, None, epochs=config.pretrain_epochs, lr=2.5e-3, seed=config.seed, progress=False)
+        model.eval()
+        calibration = train.images[:256]
+        qmodel = quantize(model, calibration[:1], calibration, QuantConfig(weight_bits=8), mode="static")
+        to_integer(qmodel.eval(), meta={"model": config.arch, "dataset": config.dataset}).save(program_dir)
+    return replace(config, model=str(program_dir))
 
 
 def run_fleet(config: FleetConfig, out: str | Path) -> dict[str, Any]:
