@@ -1,0 +1,142 @@
+"""A fleet of devices adapting together (docs/fleet.md): local LowRank, federated low-rank, FedAvg of
+full weight deltas and FedAvg of per-sample SGD deltas, side by side on Flower's simulation engine.
+
+    .venv/bin/python bench/bench_fleet.py                      # 8 devices x 4 rounds x 50 samples
+    .venv/bin/python bench/bench_fleet.py --devices 16 --rounds 10 --samples-per-round 100
+
+Every device is the same exported integer program (the LRT net, float-trained on elastic digits,
+TQT 8-bit) on its own NVM with its own digital drift, seeing a new user: 5 of the 10 classes and
+inputs rotated by 30 degrees. The same seeds, streams and drift for every strategy. Targets: federated
+low-rank beats local-only on every device's held-out accuracy; its uplink bytes per round are >= 20x
+fewer than FedAvg of full deltas at equal or better fleet accuracy; its devices write no more than
+local LowRank's. Writes ``bench/results/fleet.json`` and ``fleet.md``; the run, plots and report
+under ``runs/fleet-bench/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from edgetrain.atomic import atomic_write, write_json_atomic  # noqa: E402
+from edgetrain.fleet import FleetConfig, run_fleet, write_report  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def verdicts(strategies: dict[str, Any]) -> dict[str, Any]:
+    """The three targets, measured."""
+    local, fed, fedavg = strategies["local"], strategies["federated-lowrank"], strategies["fedavg"]
+    local_acc = {d["device"]: d["test_accuracy"] for d in local["devices"]}
+    fed_acc = {d["device"]: d["test_accuracy"] for d in fed["devices"]}
+    wins = [k for k in fed_acc if fed_acc[k] > local_acc.get(k, float("inf"))]
+    ratio = fedavg["uplink_bytes_per_round"] / max(fed["uplink_bytes_per_round"], 1.0)
+    return {
+        "beats_local_on_every_device": len(wins) == len(fed_acc),
+        "devices_where_federated_beats_local": len(wins),
+        "devices": len(fed_acc),
+        "uplink_ratio_fedavg_over_federated": ratio,
+        "uplink_20x_at_equal_or_better_accuracy": ratio >= 20 and fed["test_accuracy"] >= fedavg["test_accuracy"],
+        "writes_no_more_than_local": fed["max_writes"] <= local["max_writes"],
+    }
+
+
+def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, seconds: float) -> str:
+    config = result["config"]
+    lines = [
+        "## Fleet: federated low-rank adaptation on Flower",
+        "",
+        f"{config['devices']} devices x {config['rounds']} rounds x {config['samples_per_round']} samples, "
+        f"net {config['arch']}, rank {config['rank']}, {config['factor_bits']}-bit factors on the link, "
+        f"split {config['split']} ({config['classes_per_device']} classes per device, rotated {config['angle']} deg), "
+        f"{config['drift']} drift x{config['drift_scale']}, {config['test_samples']} held-out samples per device; "
+        f"Flower simulation engine (Ray, one actor); {seconds / 60:.1f} min on the shared 2-core machine.",
+        "",
+        "| strategy | fleet test acc | worst device | uplink B/round | total uplink B | total downlink B | "
+        "max writes | total writes | aux bits/device |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, f in result["strategies"].items():
+        lines.append(
+            f"| {name} | {f['test_accuracy']:.4f} | {f['min_device_test_accuracy']:.4f} | "
+            f"{f['uplink_bytes_per_round']:.0f} | {f['uplink_bytes']} | {f['downlink_bytes']} | {f['max_writes']} | "
+            f"{f['total_writes']} | {f['aux_memory_bits']} |"
+        )
+    per_device = {
+        name: {d["device"]: d["test_accuracy"] for d in f["devices"]} for name, f in result["strategies"].items()
+    }
+    names = list(per_device)
+    lines += ["", "Held-out accuracy per device:", "", "| device | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]  # fmt: skip
+    for device in sorted(per_device[names[0]]):
+        lines.append(
+            f"| {device} | " + " | ".join(f"{per_device[n].get(device, float('nan')):.3f}" for n in names) + " |"
+        )
+    met = {key: "met" if value else "NOT met" for key, value in checks.items() if isinstance(value, bool)}
+    lines += [
+        "",
+        "Targets: "
+        f"federated low-rank beats local on {checks['devices_where_federated_beats_local']} of {checks['devices']} "
+        f"devices ({met['beats_local_on_every_device']}); FedAvg sends "
+        f"{checks['uplink_ratio_fedavg_over_federated']:.1f}x the uplink bytes per round "
+        f"(>= 20x at equal or better accuracy: {met['uplink_20x_at_equal_or_better_accuracy']}); "
+        f"device writes no more than local LowRank's: {met['writes_no_more_than_local']}.",
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--samples-per-round", type=int, default=50)
+    parser.add_argument("--test-samples", type=int, default=200)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--drift-scale", type=float, default=1.0)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "fleet-bench"))
+    args = parser.parse_args()
+    config = FleetConfig(
+        devices=args.devices,
+        rounds=args.rounds,
+        samples_per_round=args.samples_per_round,
+        test_samples=args.test_samples,
+        arch={"arch": "lrt-cnn", "width": args.width, "hidden": args.hidden},
+        pretrain_samples=8000,
+        pretrain_epochs=2,
+        drift_scale=args.drift_scale,
+        round_timeout=3600.0,
+    )
+    t0 = time.perf_counter()
+    result = run_fleet(config, args.out)
+    seconds = time.perf_counter() - t0
+    write_report(result, args.out)
+    checks = verdicts(result["strategies"])
+    command = "python bench/bench_fleet.py " + " ".join(sys.argv[1:])
+    summary = {
+        "recorded_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "command": command.strip(),
+        "seconds": seconds,
+        "targets": checks,
+        **result,
+    }
+    write_json_atomic(RESULTS / "fleet.json", summary)
+    text = markdown(result, checks, command.strip(), seconds)
+    atomic_write(RESULTS / "fleet.md", lambda tmp: tmp.write_text(text))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
