@@ -99,6 +99,13 @@ def test_unsupported_op_is_found_before_any_stage_runs(tmp_path: Path, monkeypat
     assert "[model] cannot be quantized" in err and "fft" in err and len(err.splitlines()) == 1
     assert not (out / "pretrain").exists() and not (out / ".pretrain.partial").exists()
 
+    in_float = sections.replace("rules = []", 'rules = ["sgd"]') + "[quantize]\nallow_float = true\n"
+    config.write_text(in_float + f'[output]\ndir = "{out}"\n')  # quantizes, but the device runs integers only
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "[adapt] the model cannot be adapted on the device" in err and len(err.splitlines()) == 1
+    assert not (out / "pretrain").exists() and not (out / ".pretrain.partial").exists()
+
 
 def test_out_pointing_at_a_file(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "results.txt"

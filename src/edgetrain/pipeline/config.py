@@ -27,8 +27,10 @@ dir = "runs/my-run"
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import json
 import math
 import tomllib
@@ -295,10 +297,12 @@ def validate_config(config: PipelineConfig) -> PipelineConfig:
 
 
 def preflight(config: PipelineConfig, train: Dataset) -> None:
-    """What the config will do, checked before the first stage: the data is usable and the model
-    builds for it and traces through the quantization graph pass with every op supported.
+    """What the config will do, checked before the first stage: the data is usable, the model builds
+    for it and traces through the quantization graph pass with every op supported (or
+    ``allow_float``), and, with ``[adapt] rules``, its integer program becomes the adapting device.
 
-    Cheap: one graph rewrite of the untrained model on one zero image, no calibration or training."""
+    Cheap: one graph rewrite of the untrained model on one zero image and one export of its
+    (uncalibrated) integer program; no calibration or training."""
     import torch
 
     from edgetrain.graph import build_quantized_model
@@ -311,7 +315,7 @@ def preflight(config: PipelineConfig, train: Dataset) -> None:
     settings = quant_settings(config.quantize)
     example = torch.zeros(1, *train.images.shape[1:])
     try:
-        build_quantized_model(model.eval(), example, settings, "static")
+        qmodel = build_quantized_model(model.eval(), example, settings, "static")
     except UnsupportedOpError as err:
         first = " ".join(line.strip() for line in str(err).splitlines())
         raise ConfigError(f"[model] cannot be quantized: {first}") from err
@@ -320,6 +324,19 @@ def preflight(config: PipelineConfig, train: Dataset) -> None:
             f"[model] does not run on {config.data.dataset} images of shape {list(train.images.shape[1:])} "
             f"({type(err).__name__}: {err})"
         ) from err
+    if config.adapt.rules:
+        from edgetrain.adapt import DeviceNet
+        from edgetrain.export import to_integer
+
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # torch.fx's shape pass prints tracebacks itself
+                DeviceNet.from_program(to_integer(qmodel.eval()))
+        except Exception as err:  # an op the integer program or the device cannot run
+            first = " ".join(line.strip() for line in str(err).splitlines())
+            raise ConfigError(
+                f"[adapt] the model cannot be adapted on the device ({type(err).__name__}: {first}); "
+                "set [adapt] rules = [] to stop after the export"
+            ) from err
 
 
 def load_config(path: str | Path) -> PipelineConfig:
