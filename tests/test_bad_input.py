@@ -252,3 +252,13 @@ def test_a_failed_run_replaces_the_stale_report_with_what_finished(tmp_path: Pat
     report = (out / "report" / "report.md").read_text()
     assert "| pretrain | done |" in report and "| quantize | failed | ZeroDivisionError: division by zero |" in report
     assert "| export | not run |" in report and not (out / "report" / "figure_01.png").exists()
+
+
+def test_a_failing_browser_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    from edgetrain.report import browser
+
+    monkeypatch.setattr(browser, "find_chromium", lambda: "/bin/false")
+    page = tmp_path / "report.html"
+    page.write_text("<html></html>")
+    with pytest.raises(RuntimeError, match=r"Chromium failed to render .*report.html \(exit 1\): no message$"):
+        browser.screenshot(page, tmp_path / "shot.png")

@@ -28,7 +28,8 @@ def find_chromium() -> str | None:
 
 
 def screenshot(html_path: Path, png_path: Path, width: int = 1100, height: int = 2400, timeout: float = 90.0) -> Path:
-    """Screenshot ``html_path`` into ``png_path``; raises ``RuntimeError`` if Chromium is missing or fails."""
+    """Screenshot ``html_path`` into ``png_path``; raises a one-line ``RuntimeError`` if Chromium is
+    missing, fails or takes longer than ``timeout`` seconds."""
     browser = find_chromium()
     if browser is None:
         raise RuntimeError("Chromium is not installed: apt-get install -y chromium")
@@ -41,7 +42,11 @@ def screenshot(html_path: Path, png_path: Path, width: int = 1100, height: int =
             f"--screenshot={png_path}",
             html_path.resolve().as_uri(),
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"Chromium did not render {html_path} within {timeout:.0f} s") from None
     if done.returncode != 0 or not png_path.exists():
-        raise RuntimeError(f"Chromium failed ({done.returncode}): {done.stderr[-2000:]}")
+        last = done.stderr.strip().splitlines()[-1:] or ["no message"]
+        raise RuntimeError(f"Chromium failed to render {html_path} (exit {done.returncode}): {last[0][:300]}")
     return png_path
