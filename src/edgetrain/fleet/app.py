@@ -50,6 +50,7 @@ NODE_WAIT_SECONDS = 120.0
 
 client_app = ClientApp()
 _DEVICES: dict[tuple[str, int], FleetDevice] = {}  # (state folder, device) -> the device in this process
+# (one fleet's devices at a time: each device's state is saved every round, so a dropped one is rebuilt)
 
 
 # -- the device side ---------------------------------------------------------------------------------
@@ -70,6 +71,8 @@ def _device(config: FleetConfig, strategy: str, index: int, state: Path) -> Flee
     """This process's device ``index``: cached, else rebuilt from its saved state (a rejoin), else new."""
     key = (str(state), index)
     if key not in _DEVICES:
+        for other in [k for k in _DEVICES if k[0] != key[0]]:  # another strategy's fleet: saved, drop it
+            del _DEVICES[other]
         torch.set_num_threads(1)
         device = FleetDevice(config, index, strategy)
         if state.is_file():
@@ -89,6 +92,8 @@ def train(msg: Message, context: Context) -> Message:
     device = _device(config, strategy, index, state)
     faults = set() if final else config.faults_of(index, round_index)
     update_writes = device.apply(from_record(msg.content.array_records["update"]))
+    if update_writes:
+        device.save(state)  # the update event is in non-volatile memory: it survives a dropout
     if "dropout" in faults:
         device.learn(config.samples_per_round // 2)
         del _DEVICES[(str(state), index)]  # power lost: only the saved (non-volatile) state survives
