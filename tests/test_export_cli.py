@@ -81,5 +81,6 @@ def test_cli_errors_are_reported_without_traceback(tmp_path, capsys) -> None:
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
-    assert "corrupt" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt")]) == 1  # a failure, not a usage error
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt" in err[0]

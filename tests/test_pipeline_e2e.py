@@ -5,8 +5,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
+import torch
 
+from edgetrain.adapt import DeviceNet
 from edgetrain.data import DatasetNotFoundError, load_dataset
+from edgetrain.export import IntegerProgram
 from edgetrain.pipeline.config import PipelineConfig
 from edgetrain.pipeline.run import run_pipeline
 from edgetrain.report.browser import find_chromium, screenshot
@@ -55,8 +58,23 @@ def test_every_stage_reports_numbers(run) -> None:
     assert history["steps"] and all(len(v) == len(history["steps"]) for v in history["values"].values())
     rules = summary["adapt"]["rules"]
     assert set(rules) == {"lowrank", "sgd", "bias-only"}
-    assert rules["bias-only"]["max_writes_paper"] == 0
-    assert rules["sgd"]["max_writes_paper"] > rules["lowrank"]["max_writes_paper"]
+    assert rules["bias-only"]["max_writes"] == rules["bias-only"]["total_writes"] == 0
+    assert rules["lowrank"]["total_writes"] > 0
+
+
+def test_adapt_stage_deploys_the_exported_program(run) -> None:
+    """Each rule adapted the export stage's integer program; its adapted program is the device, bit for bit."""
+    config, summary, _ = run
+    out = Path(config.output.dir)
+    exported = IntegerProgram.load(out / "export" / "integer")
+    images = load_dataset("fashion-mnist", "test").images[:20]
+    for rule in summary["adapt"]["rules"]:
+        adapted = IntegerProgram.load(out / "adapt" / rule / "program")
+        changed = sum(int((adapted.tensors[k] != exported.tensors[k]).sum()) for k in exported.tensors)
+        assert (changed > 0) == (rule != "inference")
+        with torch.no_grad():
+            device = DeviceNet.from_program(adapted).eval()
+            assert (device(images).numpy() == adapted.run(images)).all()
 
 
 def test_report_artifacts(run) -> None:

@@ -22,34 +22,41 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from edgetrain.atomic import torch_save_atomic
 from edgetrain.cli import CLIError, positive_float, positive_int
-from edgetrain.data import Dataset, load_dataset
+from edgetrain.data import Dataset, DataSource, Preprocess
+from edgetrain.data.images import COLORS
+from edgetrain.distributed import DEVICES, is_main_process
 from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
 from edgetrain.fixedpoint import Rounding, reject_nan
 from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
-from edgetrain.models import MODELS, create_model
+from edgetrain.modelfile import read_model_file, save_model_file
+from edgetrain.models import MODELS
+from edgetrain.pipeline.models import model_from_spec
+from edgetrain.tqt import CALIBRATION_METHODS
 from edgetrain.tqt.retrain import RetrainConfig, retrain
-from edgetrain.training import evaluate, load_checkpoint, train_float
+from edgetrain.training import evaluate, train_float
 
 
-def _save(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    if Path(path).is_dir():
-        raise CLIError(
-            f"--out {path} is a folder; give a file path for the checkpoint (e.g. {Path(path) / 'model.pt'})"
-        )
-    return torch_save_atomic(obj, path)
-
-
-def _finish(obj: dict[str, Any], out: str) -> None:
-    """Save the result, then drop the ``<out>.resume`` checkpoint of the finished run."""
-    _save(obj, out)
+def _finish(out: str, kind: str, meta: dict[str, Any], state_dict: dict[str, Any], **extra: Any) -> None:
+    """Save the model file (``edgetrain.modelfile``), then drop the finished run's ``<out>.resume``."""
+    if Path(out).is_dir():
+        raise CLIError(f"--out {out} is a folder; give a file path for the checkpoint (e.g. {Path(out) / 'model.pt'})")
+    save_model_file(out, kind, meta, state_dict, **extra)
     Path(out + ".resume").unlink(missing_ok=True)
 
 
-def _split(name: str, split: str, samples: int | None) -> Dataset:
-    data = load_dataset(name, split)
+def _split(source: str | DataSource, split: str, samples: int | None) -> Dataset:
+    data = (source if isinstance(source, DataSource) else DataSource(source)).load(split)
     return data.subset(samples) if samples else data
+
+
+def _data_source(args: argparse.Namespace, meta: dict[str, Any] | None = None) -> DataSource:
+    """--data/--root/--image-size/--resize/--color/--mean/--std as a DataSource; without --data, the one
+    a model file records (``meta``)."""
+    if args.data is None and meta is not None:
+        return DataSource.from_dict(meta["data"]) if meta.get("data") else DataSource(meta["dataset"])
+    preprocess = Preprocess(args.image_size, args.resize, args.color, tuple(args.mean), tuple(args.std))
+    return DataSource(args.data or "fashion-mnist", args.root, preprocess)
 
 
 def _model_meta(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
@@ -64,13 +71,11 @@ def _model_meta(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
 
 
 def _float_model(meta: dict[str, Any]) -> nn.Module:
-    return create_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+    return model_from_spec(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"])
 
 
 def load_float(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    state = load_checkpoint(path)
-    if state.get("kind") != "float":
-        raise ValueError(f"{path} is not a float model checkpoint from `edgetrain train`")
+    state = read_model_file(path, "float")
     model = _float_model(state["meta"])
     model.load_state_dict(state["state_dict"])
     return model.eval(), state["meta"]
@@ -78,9 +83,7 @@ def load_float(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]
 
 def load_quantized(path: str | os.PathLike[str]) -> tuple[QuantizedModel, dict[str, Any]]:
     """Rebuild a quantized model from an ``edgetrain quantize`` checkpoint (graph pass, then state dict)."""
-    state = load_checkpoint(path)
-    if state.get("kind") != "quantized":
-        raise ValueError(f"{path} is not a quantized model checkpoint from `edgetrain quantize`")
+    state = read_model_file(path, "quantized")
     meta = state["meta"]
     example = torch.zeros(1, meta["in_channels"], meta["image_size"], meta["image_size"])
     qmodel = build_quantized_model(_float_model(meta), example, QuantConfig(**state["config"]), state["mode"])
@@ -92,8 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if Path(args.out).is_dir():
         raise CLIError(f"--out {args.out} is a folder; give a file path for the checkpoint")
-    train, val = _split(args.data, "train", args.train_samples), _split(args.data, "val", None)
-    meta = _model_meta(args, train)
+    source = _data_source(args)
+    train, val = _split(source, "train", args.train_samples), _split(source, "val", None)
+    meta = {**_model_meta(args, train), "data": source.as_dict()}
     model = _float_model(meta)
     result = train_float(
         model,
@@ -105,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint=args.out + ".resume",
     )
-    _finish({"kind": "float", "meta": meta, "state_dict": model.state_dict()}, args.out)
+    _finish(args.out, "float", meta, model.state_dict())
     print(
         f"float {args.model}: val top-1 {100 * result.best_val_accuracy:.2f}% (epoch {result.best_epoch:.1f}) "
         f"-> {args.out}"
@@ -118,36 +122,34 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model, meta = load_float(args.float)
     if args.model and args.model != meta["model"]:
         raise ValueError(f"--model {args.model} but {args.float} holds a {meta['model']}")
-    train = _split(meta["dataset"] if args.data is None else args.data, "train", args.train_samples)
-    val = _split(train.name, "val", None)
+    source = _data_source(args, meta)
+    train, val = _split(source, "train", args.train_samples), _split(source, "val", None)
     config = QuantConfig(
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
         rounding=Rounding.parse(args.rounding),
         weight_calibration=args.weight_calibration,
+        activation_calibration=args.calibration,
         allow_float=args.allow_float,
     )
     calib = train.images[: args.calib]
     qmodel = quantize(model, calib[:1], calib, config, mode=args.mode)
     if args.mode == "retrain":
-        recipe = RetrainConfig(epochs=args.epochs, batch_size=args.batch_size, weight_lr=args.weight_lr, seed=args.seed)
+        recipe = RetrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, weight_lr=args.weight_lr, seed=args.seed, device=args.device
+        )
         retrain(qmodel, train, val, recipe, checkpoint=args.out + ".resume")
+        if not is_main_process():  # under torchrun: rank 0 reports and writes the model file
+            return 0
     print(
         f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}: val top-1 "
         f"{100 * evaluate(qmodel, val):.2f}% (float {100 * evaluate(model, val):.2f}%)"
     )
     if args.table:
         print(qmodel.quantizer_table())
-    _finish(
-        {
-            "kind": "quantized",
-            "meta": meta,
-            "config": config.as_dict(),
-            "mode": args.mode,
-            "state_dict": qmodel.state_dict(),
-        },
-        args.out,
-    )
+    if args.analyze:
+        _print_analysis(qmodel, calib, val, args.analyze)
+    _finish(args.out, "quantized", meta, qmodel.state_dict(), config=config.as_dict(), mode=args.mode)
     print(f"-> {args.out}")
     return 0
 
@@ -197,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_program(args)
     qmodel, meta = load_quantized(args.checkpoint)
     session = _onnx_session(args.onnx) if args.onnx else None  # every input file is checked before any work
-    data = _split(args.data or meta["dataset"], args.split, args.samples)
+    data = _split(_data_source(args, meta), args.split, args.samples)
     labels = data.labels.numpy()
     with torch.no_grad():
         fake = _batched(lambda x: qmodel(x).numpy(), data.images, "fake-quant")
@@ -275,6 +277,15 @@ def _print_mac_table(program: IntegerProgram) -> None:
         )
 
 
+def _print_analysis(qmodel: QuantizedModel, calib: torch.Tensor, val: Dataset, png: str) -> None:
+    """``--analyze``: per-quantizer SQNR / clipping and per-layer float recovery (edgetrain.analysis)."""
+    from edgetrain.analysis import analysis_report
+
+    table, path = analysis_report(qmodel.cpu(), calib, val.subset(1000), png)
+    print(table)
+    print(f"analysis plot -> {path}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     models = ", ".join(sorted(MODELS))
 
@@ -282,9 +293,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
         p.add_argument("--seed", type=int, default=0)
 
-    p = subparsers.add_parser("train", help="float pretraining of a zoo model (checkpointed)")
-    p.add_argument("--model", required=True, help=f"one of: {models}")
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist | mnist | digits")
+    def data_spec(p: argparse.ArgumentParser) -> None:
+        """The [data] keys of a pipeline config (docs/user-guide.md)."""
+        p.add_argument("--root", default=None, help="data folder for --data folder (image tree, .npy or IDX)")
+        p.add_argument("--image-size", type=int, default=0, help="square input side after resize + centre crop")
+        p.add_argument("--resize", type=int, default=0, help="shorter side before the crop (default: --image-size)")
+        p.add_argument("--color", default="", choices=COLORS, help="gray | rgb (default: as the images are)")
+        p.add_argument("--mean", type=float, nargs="+", default=[], help="per-channel normalisation mean")
+        p.add_argument("--std", type=float, nargs="+", default=[], help="per-channel normalisation std")
+
+    p = subparsers.add_parser("train", help="float pretraining of a zoo model or your own (checkpointed)")
+    p.add_argument("--model", required=True, help=f"one of: {models}; or path/to/file.py:build or module:build")
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist | mnist | digits | folder (with --root)")
+    data_spec(p)
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--batch-size", type=positive_int, default=128)
@@ -297,11 +318,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--float", required=True, help="float checkpoint from `edgetrain train`")
     p.add_argument("--model", help="zoo model name, checked against the float checkpoint")
     p.add_argument("--data", default=None, help="dataset (default: the one the float model was trained on)")
+    data_spec(p)
     p.add_argument("--mode", choices=("static", "retrain"), default="static")
     p.add_argument("--weight-bits", type=int, choices=(8, 4), default=8)
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--rounding", default="half_even", choices=[r.value for r in Rounding])
-    p.add_argument("--weight-calibration", default=None, help="max | 3sd | kl_j | percentile | mse")
+    p.add_argument("--weight-calibration", default=None, choices=CALIBRATION_METHODS, help="default: max / 3sd")
+    p.add_argument(
+        "--calibration", default="auto", choices=CALIBRATION_METHODS, help="activation thresholds (default auto)"
+    )
     p.add_argument("--allow-float", action="store_true", help="leave unsupported ops in float")
     p.add_argument("--calib", type=positive_int, default=512, help="calibration images")
     p.add_argument("--epochs", type=positive_int, default=1, help="retraining epochs")
@@ -309,6 +334,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-lr", type=positive_float, default=1e-4)
     p.add_argument("--train-samples", type=positive_int, default=None)
     p.add_argument("--table", action="store_true", help="print every quantizer")
+    p.add_argument(
+        "--analyze",
+        nargs="?",
+        const="quantize-analysis.png",
+        metavar="PNG",
+        help="per-quantizer SQNR and clipping, per-layer float recovery; plot to PNG (default quantize-analysis.png)",
+    )
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="retraining device (torchrun: one per rank)")
     p.add_argument("--out", required=True)
     common(p)
     p.set_defaults(handler=cmd_quantize)
@@ -327,7 +360,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--program", "--integer", dest="integer", help="integer program folder (alone: its top-1 on its own data)"
     )
     p.add_argument("--onnx", help="ONNX file")
-    p.add_argument("--data", default=None)
+    p.add_argument("--data", default=None, help="dataset (default: the one the model file records)")
+    data_spec(p)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--samples", type=positive_int, default=None, help="first N images of the split")
     common(p)

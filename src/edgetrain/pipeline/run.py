@@ -20,10 +20,10 @@ import torch
 
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
 from edgetrain.adapt.scenarios import make_scenario
-from edgetrain.atomic import torch_save_atomic
 from edgetrain.data import Dataset, DataSource
 from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
 from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
+from edgetrain.modelfile import MODEL_FORMAT, read_model_file, save_model_file
 from edgetrain.nvm import DriftSpec
 from edgetrain.pipeline.config import PipelineConfig, rule_options
 from edgetrain.pipeline.models import build_model, data_source
@@ -54,19 +54,18 @@ def load_pipeline_data(config: PipelineConfig) -> PipelineData:
     return PipelineData(train, val, test)
 
 
-def save_state(module: torch.nn.Module, path: Path) -> None:
-    """The module's state_dict, written atomically (loaded back with weights_only=True)."""
-    torch_save_atomic(module.state_dict(), path)
+def save_state(config: PipelineConfig, kind: str, module: torch.nn.Module, path: Path) -> None:
+    """The stage's model file (``edgetrain.modelfile``: architecture recorded, read without unpickling)."""
+    meta = {"model": config.model.name or config.model.import_path, "data": data_source(config.data).as_dict()}
+    save_model_file(path, kind, meta, module.state_dict())
 
 
-def load_state(module: torch.nn.Module, path: Path) -> None:
-    from edgetrain.training import load_checkpoint
-
-    module.load_state_dict(load_checkpoint(path))
+def load_state(module: torch.nn.Module, path: Path, kind: str) -> None:
+    module.load_state_dict(read_model_file(path, kind)["state_dict"])
 
 
 def pretrain_stage(config: PipelineConfig, data: PipelineData, out: Path, log: Callable[[str], None]) -> StageResult:
-    key = fingerprint("pretrain", asdict(config.model), asdict(config.data), asdict(config.pretrain))
+    key = fingerprint("pretrain", MODEL_FORMAT, asdict(config.model), asdict(config.data), asdict(config.pretrain))
 
     def body(directory: Path) -> dict[str, Any]:
         torch.manual_seed(config.data.seed)
@@ -82,7 +81,7 @@ def pretrain_stage(config: PipelineConfig, data: PipelineData, out: Path, log: C
             seed=config.data.seed,
             checkpoint=directory / "checkpoint.pt",
         )
-        save_state(model, directory / "model.pt")
+        save_state(config, "float", model, directory / "model.pt")
         (directory / "checkpoint.pt").unlink(missing_ok=True)
         accuracy = evaluate(model, data.test)
         log(f"[pretrain] float test accuracy {accuracy:.4f} ({result.seconds:.0f} s)")
@@ -98,7 +97,7 @@ def pretrain_stage(config: PipelineConfig, data: PipelineData, out: Path, log: C
 
 def float_model(config: PipelineConfig, data: PipelineData, stage: StageResult) -> torch.nn.Module:
     model = build_model(config.model, data.train)
-    load_state(model, stage.directory / "model.pt")
+    load_state(model, stage.directory / "model.pt", "float")
     return model.eval()
 
 
@@ -114,7 +113,7 @@ def quant_config(config: PipelineConfig) -> QuantConfig:
 def quantize_stage(
     config: PipelineConfig, data: PipelineData, out: Path, pretrained: StageResult, log: Callable[[str], None]
 ) -> StageResult:
-    key = fingerprint("quantize", pretrained.fingerprint, asdict(config.quantize))
+    key = fingerprint("quantize", MODEL_FORMAT, pretrained.fingerprint, asdict(config.quantize))
     section = config.quantize
 
     def body(directory: Path) -> dict[str, Any]:
@@ -146,7 +145,7 @@ def quantize_stage(
             )
             log(f"[quantize] TQT-retrained test accuracy {summary['retrained_accuracy']:.4f}")
             final, mode = qmodel, "retrain"
-        save_state(final, directory / "qmodel.pt")
+        save_state(config, "quantized", final, directory / "qmodel.pt")
         summary["mode"] = mode
         summary["quantizers"] = [asdict(q) for q in final.quantizers()]
         return summary
@@ -160,7 +159,7 @@ def quantized_model(
     """Rebuild the stage's QuantizedModel (graph rewrite only, no calibration) and load its state."""
     model = float_model(config, data, pretrained)
     qmodel = build_quantized_model(model, data.train.images[:1], quant_config(config), quantized.summary["mode"])
-    load_state(qmodel, quantized.directory / "qmodel.pt")
+    load_state(qmodel, quantized.directory / "qmodel.pt", "quantized")
     for module in qmodel.modules():
         if hasattr(module, "freeze_bn"):
             module.freeze_bn()
