@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def adapt(program: et.IntegerProgram, rule: str, stream, samples: int, streaming
 
 def render(result: dict) -> str:
     lines = [
+        "## The exported program adapts on the device (every zoo net)",
+        "",
+        f"`{result['command']}`",
+        "",
         f"Stream: {result['samples']} samples of digital drift (authors' Binomial(2, p) flips) on elastic MNIST, "
         f"seed 0; nets pretrained on {result['pretrain_samples']} elastic digits for {result['epochs']} epoch(s), "
         "static INT8; one torch thread. Writes are code changes. Load average (1 min) at start / end: "
@@ -116,6 +121,8 @@ def main() -> None:
     stream = dataclasses.replace(stream, drift=dataclasses.replace(stream.drift, flip_draw="binomial2"))
     result = {"samples": args.samples, "pretrain_samples": args.pretrain, "epochs": args.epochs, "nets": []}
     result["load_average_start"] = list(os.getloadavg())
+    result["command"] = "python bench/bench_device.py " + " ".join(sys.argv[1:])
+    result["recorded_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for name in args.nets:
         program, info = pretrained_program(name, args.pretrain, args.epochs, seed=0)
         runs = [adapt(program, rule, stream, args.samples, streaming_bn=True) for rule in RULES]
