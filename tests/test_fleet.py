@@ -216,3 +216,13 @@ def test_report_writes_plots_and_markdown(tmp_path) -> None:
     assert "| federated-lowrank | 0.6000 |" in text and "rejected device 1" in text
     for name in ("accuracy_vs_round.png", "bytes_vs_accuracy.png", "writes_per_device.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_rejects_a_bad_config_in_one_line(tmp_path, capsys) -> None:
+    from edgetrain.cli import main
+
+    bad = tmp_path / "fleet.toml"
+    bad.write_text("devices = 2\nbogus = 1\n")
+    assert main(["fleet", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown fleet config key(s) ['bogus']" in capsys.readouterr().err
+    assert main(["fleet", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "run")]) == 2

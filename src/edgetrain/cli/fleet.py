@@ -58,13 +58,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The fleet config of a command line: the CONFIG file (or defaults) with the flags applied."""
     from edgetrain.fleet.config import STRATEGIES, FleetConfig
 
-    config = FleetConfig.load(args.config) if args.config else FleetConfig()
     overrides = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
     if args.strategy:
         overrides["strategies"] = STRATEGIES if "all" in args.strategy else tuple(dict.fromkeys(args.strategy))
     try:
+        config = FleetConfig.load(args.config) if args.config else FleetConfig()
         return replace(config, **overrides)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # a bad key or value in the config or the flags
         raise CLIError(str(err)) from err
 
 

@@ -241,6 +241,12 @@ def run_strategy(grid: Grid, nodes: list[int], config: FleetConfig, strategy: st
                 "test_accuracy": float(np.mean(scores)) if scores else None,
             }
         )
+        LOG.info(
+            "%s round %d/%d: %d accepted, %d rejected, %d dropped, %d silent; uplink %d B, downlink %d B; "
+            "mean held-out accuracy %s",
+            strategy, round_index, config.rounds, len(accepted), len(rejected), len(dropped), len(silent),
+            rounds[-1]["uplink_bytes"], rounds[-1]["downlink_bytes"], rounds[-1]["test_accuracy"],
+        )  # fmt: skip
         update = merge(strategy, accepted, shapes, config, norms) if not final else {}
     return summarize(strategy, rounds, devices)
 
@@ -269,6 +275,11 @@ def summarize(strategy: str, rounds: list[dict[str, Any]], devices: dict[int, di
 def serve(grid: Grid, config: FleetConfig, out: Path) -> dict[str, Any]:
     """Every strategy of ``config`` in turn on the same devices (fresh state per strategy); writes
     ``out/fleet.json`` and returns it."""
+    if not LOG.handlers:  # the ServerApp's process: one line per round on stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("edgetrain fleet: %(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
     nodes = _wait_for_nodes(grid, config.devices)[: config.devices]
     result: dict[str, Any] = {"config": json.loads(config.to_json()), "strategies": {}}
     for strategy in config.strategies:
