@@ -110,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif isinstance(err, ValueError | RuntimeError) and str(err).strip():
             message = _one_line(err)
         else:  # an unexpected error: name its type, the traceback is one flag away
-            message = f"{type(err).__name__}: {err} (edgetrain --debug {args.command} ... shows the traceback)"
+            message = (
+                f"{type(err).__name__}: {_one_line(err)} (edgetrain --debug {args.command} ... shows the traceback)"
+            )
         print(f"{prefix} {message}", file=sys.stderr)
         return FAILURE_EXIT
 
