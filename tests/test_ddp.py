@@ -117,5 +117,21 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path
     assert thresholds and any(float(ddp[n]) != float(calibrated[n]) for n in thresholds)  # they were trained
 
 
+def test_device_and_rank_share() -> None:
+    import pytest
+
+    from edgetrain.distributed import rank_share, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    images, labels = torch.arange(7.0).reshape(7, 1, 1, 1), torch.arange(7)
+    shares = [rank_share(images, labels, rank, 3)[1].tolist() for rank in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]  # every sample once, whatever the batch size
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
