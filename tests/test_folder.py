@@ -113,6 +113,27 @@ def test_scenarios_run_on_a_normalised_colour_folder(tmp_path: Path) -> None:
     assert set(make_scenario("new-user", dataset=source, samples=30).batch(0, 30)[1].tolist()) <= {0, 1}
 
 
+def test_fashion_mnist_written_as_pngs_reads_back_pixel_exact(tmp_path: Path) -> None:
+    from edgetrain.data import DatasetNotFoundError
+
+    try:
+        idx_train, idx_test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+    except DatasetNotFoundError as err:
+        pytest.skip(f"Fashion-MNIST is not installed: {err}")
+    names = [n.replace("/", "-") for n in idx_train.classes]  # class folders: "T-shirt-top", "Trouser", ...
+    for split, data in (("train", idx_train.subset(200)), ("test", idx_test.subset(50))):
+        pixels = np.rint(data.images[:, 0].numpy() * 255).astype(np.uint8)
+        write_tree(tmp_path, split, pixels, data.labels.numpy(), names, "png")
+    test = load_dataset("folder", "test", root=tmp_path)
+    assert test.classes == tuple(sorted(names)) and test.input_shape == (1, 28, 28)
+    # PNG is lossless: every image comes back exactly, under the label of its folder
+    original = {idx_test.images[i].numpy().tobytes(): names[int(idx_test.labels[i])] for i in range(50)}
+    for image, label in zip(test.images, test.labels, strict=True):
+        assert original[image.numpy().tobytes()] == test.classes[int(label)]
+    scenario = make_scenario("shift", dataset=DataSource("folder", str(tmp_path)), samples=20, block_length=10)
+    assert scenario.batch(0, 20)[0].shape == (20, 1, 28, 28)
+
+
 def cut_opencv_digits(root: Path, per_class_train: int, per_class_test: int) -> None:
     """OpenCV's digits sheet (50 rows x 100 columns of 20 x 20 digits, 5 rows per class) as a PNG tree."""
     sheet = np.asarray(Image.open(OPENCV_DIGITS).convert("L"))
