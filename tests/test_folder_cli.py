@@ -90,3 +90,16 @@ def test_train_quantize_eval_a_users_model_file_on_an_image_folder(
     assert main(["eval", "--checkpoint", "int8.pt", "--float", "float.pt", *common]) == 0
     out = capsys.readouterr().out
     assert "folder/test (10 images)" in out  # the data spec recorded by `train` is reused
+
+
+def test_config_keys_for_data_and_calibration_are_checked() -> None:
+    from edgetrain.pipeline.config import ConfigError, config_from_dict, validate_config
+
+    config = config_from_dict({"data": {"image_size": 32, "mean": [0.5, 1], "std": [0.25, 0.5]}})
+    assert config.data.mean == [0.5, 1.0] and "mean = [0.5, 1.0]" in config.to_toml()
+    with pytest.raises(ConfigError, match="list of numbers"):
+        config_from_dict({"data": {"std": ["wide"]}})
+    bad = config_from_dict({"quantize": {"calibration": "klj"}, "data": {"color": "bgr"}, "adapt": {"rules": []}})
+    with pytest.raises(ConfigError, match="did you mean 'kl_j'") as err:
+        validate_config(bad)
+    assert "[data] color = 'bgr' is unknown" in str(err.value)
