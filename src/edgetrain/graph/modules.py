@@ -8,6 +8,7 @@ integer products is exact (Graffitist's bit-accurate mode) and the integer progr
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -335,9 +336,8 @@ class Elementwise(nn.Module):
         def wide(v: Any) -> Any:
             return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
-        if self.module is not None:
-            state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
-            return torch.func.functional_call(self.module, {k: wide(v) for k, v in state.items()}, (t,))
+        if self.module is not None:  # a float64 copy: the table needs values, not gradients
+            return copy.deepcopy(self.module).double()(t)
         return self._call(t, tuple(wide(a) for a in self.args), {k: wide(v) for k, v in self.kwargs.items()})
 
     def extra_repr(self) -> str:
