@@ -9,13 +9,14 @@ TQT 8-bit) on its own NVM with its own digital drift, seeing a new user: 5 of th
 inputs rotated by 30 degrees. The same seeds, streams and drift for every strategy. Targets: federated
 low-rank beats local-only on every device's held-out accuracy; its uplink bytes per round are >= 20x
 fewer than FedAvg of full deltas at equal or better fleet accuracy; its devices write no more than
-local LowRank's. Writes ``bench/results/fleet.json`` and ``fleet.md``; the run, plots and report
-under ``runs/fleet-bench/``.
+local LowRank's. Writes ``bench/results/fleet.json`` and ``fleet.md`` (``--name``); the run, plots
+and report under ``--out`` (default ``runs/fleet-bench/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -46,13 +47,14 @@ def verdicts(strategies: dict[str, Any]) -> dict[str, Any]:
         "uplink_ratio_fedavg_over_federated": ratio,
         "uplink_20x_at_equal_or_better_accuracy": ratio >= 20 and fed["test_accuracy"] >= fedavg["test_accuracy"],
         "writes_no_more_than_local": fed["max_writes"] <= local["max_writes"],
+        "total_writes_ratio_federated_over_local": fed["total_writes"] / max(local["total_writes"], 1),
     }
 
 
 def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, seconds: float) -> str:
     config = result["config"]
     lines = [
-        "## Fleet: federated low-rank adaptation on Flower",
+        f"## Fleet: federated low-rank adaptation on Flower (seed {config['seed']})",
         "",
         f"{config['devices']} devices x {config['rounds']} rounds x {config['samples_per_round']} samples, "
         f"net {config['arch']}, rank {config['rank']}, {config['factor_bits']}-bit factors on the link, "
@@ -88,7 +90,8 @@ def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, secon
         f"devices ({met['beats_local_on_every_device']}); FedAvg sends "
         f"{checks['uplink_ratio_fedavg_over_federated']:.1f}x the uplink bytes per round "
         f"(>= 20x at equal or better accuracy: {met['uplink_20x_at_equal_or_better_accuracy']}); "
-        f"device writes no more than local LowRank's: {met['writes_no_more_than_local']}.",
+        f"max writes per cell no more than local LowRank's: {met['writes_no_more_than_local']} "
+        f"(total writes {checks['total_writes_ratio_federated_over_local']:.2f}x local's).",
         "",
         f"Command: `{command}`",
         "",
@@ -106,7 +109,18 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--drift-scale", type=float, default=1.0)
     parser.add_argument("--out", default=str(ROOT / "runs" / "fleet-bench"))
+    parser.add_argument("--seed", type=int, default=0, help="seeds the devices' streams, drift and held-out sets")
+    parser.add_argument("--name", default="fleet", help="results file stem: bench/results/NAME.json and NAME.md")
+    parser.add_argument("--render", action="store_true", help="only rewrite NAME.md from bench/results/NAME.json")
     args = parser.parse_args()
+    if args.render:
+        summary = json.loads((RESULTS / f"{args.name}.json").read_text())
+        summary["targets"] = verdicts(summary["strategies"])
+        write_json_atomic(RESULTS / f"{args.name}.json", summary)
+        text = markdown(summary, summary["targets"], summary["command"], summary["seconds"])
+        atomic_write(RESULTS / f"{args.name}.md", lambda tmp: tmp.write_text(text))
+        print(text)
+        return
     config = FleetConfig(
         devices=args.devices,
         rounds=args.rounds,
@@ -117,6 +131,7 @@ def main() -> None:
         pretrain_epochs=2,
         drift_scale=args.drift_scale,
         round_timeout=3600.0,
+        seed=args.seed,
     )
     t0 = time.perf_counter()
     result = run_fleet(config, args.out)
@@ -132,9 +147,9 @@ def main() -> None:
         "targets": checks,
         **result,
     }
-    write_json_atomic(RESULTS / "fleet.json", summary)
+    write_json_atomic(RESULTS / f"{args.name}.json", summary)
     text = markdown(result, checks, command.strip(), seconds)
-    atomic_write(RESULTS / "fleet.md", lambda tmp: tmp.write_text(text))
+    atomic_write(RESULTS / f"{args.name}.md", lambda tmp: tmp.write_text(text))
     print(text)
 
 
