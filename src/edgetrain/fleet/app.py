@@ -100,7 +100,9 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"device {index} dropped out half-way through round {round_index} (injected fault)")
     if "silent" in faults:
         time.sleep(config.round_timeout + 1.0)
-    if not final:
+    if final:
+        device.score()  # the last broadcast is in: the held-out accuracy the fleet ends with
+    else:
         device.learn(config.samples_per_round)
     payload = device.report() if not final else {}
     if "corrupt" in faults:

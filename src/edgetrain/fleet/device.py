@@ -232,6 +232,10 @@ class FleetDevice:
         self.trainer.run(self.trainer.step_count + samples)
         self.test_history.append(self.trainer.tests[-1]["accuracy"])
 
+    def score(self) -> None:
+        """Score the held-out set as the device stands (after the last fleet update)."""
+        self.test_history.append(self.trainer.test_accuracy())
+
     def report(self) -> dict[str, np.ndarray]:
         """What the device sends: factors (federated low-rank), its written delta (FedAvg), nothing (local)."""
         payload: dict[str, np.ndarray] = {}
