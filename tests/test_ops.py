@@ -1,6 +1,7 @@
 """Op coverage for real PyTorch CNNs: each op, written the way models are written (subclasses,
 functional calls, shape checks in forward), quantized statically, then checked bit for bit in the
-integer program and value for value in onnxruntime, on random and on real images (scikit-learn's digits)."""
+integer program and on the adapting device (``DeviceNet``), and value for value in onnxruntime, on
+random and on real images (scikit-learn's digits)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from edgetrain.adapt.device import DeviceNet, LookupTable
 from edgetrain.export import ort_session, to_integer
 from edgetrain.export.onnx import program_to_onnx
 from edgetrain.graph import QuantConfig, UnsupportedOpError, quantize, register_elementwise
@@ -47,6 +49,7 @@ def check_exact(model: nn.Module, tmp_path, config: QuantConfig | None = None) -
     calib = torch.cat([random_images(16, seed=1), real_images(16)])
     qmodel = quantize(model, calib[:1], calib, config)
     program = to_integer(qmodel)
+    device = DeviceNet.from_program(program)
     path = tmp_path / "model.onnx"
     import onnx
 
@@ -56,6 +59,7 @@ def check_exact(model: nn.Module, tmp_path, config: QuantConfig | None = None) -
         with torch.no_grad():
             expected = qmodel(x).numpy()
         np.testing.assert_array_equal(program.run(x), expected)
+        np.testing.assert_array_equal(device(x).detach().numpy(), expected)  # the adapting device too
         (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         np.testing.assert_array_equal(onnx_out, expected)
         assert (onnx_out.reshape(len(x), -1).argmax(1) == expected.reshape(len(x), -1).argmax(1)).all()
@@ -207,6 +211,21 @@ def test_lookup_table_gradient_is_the_float_derivative() -> None:
     codes = torch.round(inputs.detach() / lookup.in_q.scale)
     inside = ((codes >= lookup.in_q.format.qmin) & (codes <= lookup.in_q.format.qmax)).float()
     torch.testing.assert_close(inputs.grad, s * (1 - s) * inside)
+
+
+def test_device_lookup_backward_is_the_table_slope() -> None:
+    """On the device, the gradient through a table is its own slope (straight-through on the table)."""
+    x = random_images(8)
+    program = to_integer(quantize(ActivationNet(nn.Sigmoid()), x[:1], x))
+    op = next(op for op in program.ops if op["op"] == "lookup")
+    table = LookupTable(op, program)
+    codes = torch.arange(-128, 128, dtype=torch.float64)
+    v = (codes * table.step).requires_grad_()
+    out = table(v)
+    out.sum().backward()
+    values = table.values[0]
+    torch.testing.assert_close(out.detach(), values)
+    torch.testing.assert_close(v.grad[1:-1], (values[2:] - values[:-2]) / (2 * table.step))
 
 
 # --- two-tensor arithmetic, upsampling, means and data movement -------------------------------------

@@ -126,6 +126,50 @@ def _values(codes: np.ndarray, exponent: int) -> torch.Tensor:
     return torch.from_numpy(np.ldexp(codes.astype(np.float64), exponent))
 
 
+class _TableLookup(torch.autograd.Function):
+    """``T[code - n]`` in the value domain; backward: the table's own slope at that code (central
+    differences of its values), i.e. straight-through on the piecewise-linear table."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, table: LookupTable
+    ) -> torch.Tensor:
+        index = table.index(v)
+        ctx.save_for_backward(index)
+        ctx.table = table
+        return table.gather(table.values, index)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return grad * ctx.table.gather(ctx.table.slopes, index).to(grad.dtype), None
+
+
+class LookupTable:
+    """A ``lookup`` op (element-wise function on the input's codes): ``T[code - n_in]`` as values
+    ``code_out * 2^k_out``, one row per channel for a 2-D table, as ``IntegerProgram`` executes it."""
+
+    def __init__(self, op: dict[str, Any], program: IntegerProgram) -> None:
+        spec = program.quantizers[op["in_q"]]
+        self.step = math.ldexp(1.0, int(spec["exponent"]))
+        self.qmin = FixedPointFormat(int(spec["bits"]), bool(spec["signed"])).qmin
+        codes = program.tensors[op["table"]]
+        self.values = _values(codes, int(program.quantizers[op["out_q"]]["exponent"])).reshape(-1, codes.shape[-1])
+        (self.slopes,) = torch.gradient(self.values, spacing=self.step, dim=1)
+
+    def index(self, v: torch.Tensor) -> torch.Tensor:
+        return (torch.round(v.detach() / self.step).long() - self.qmin).clamp_(0, self.values.shape[1] - 1)
+
+    def gather(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if len(rows) == 1:
+            return rows[0][index]
+        channel = torch.arange(len(rows)).reshape(1, -1, *([1] * (index.dim() - 2)))
+        return rows[channel, index]
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return _TableLookup.apply(v, self)
+
+
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -374,13 +418,14 @@ class DeviceNet(nn.Module):
                 self.requantizers[op["output"]] = Requantizer(
                     program.quantizers[op["quantizer"]], op.get("activation", "none")
                 )
-            elif op["op"] in ("add", "avgpool"):
+            elif op["op"] in ("add", "sub", "mul", "mean", "lookup", "avgpool"):
                 self.requantizers[op["output"]] = Requantizer(
                     program.quantizers[op["out_q"]], op.get("activation", "none")
                 )
             elif op["op"] == "leaky_relu":
                 self.requantizers[op["output"] + "/product"] = Requantizer(program.quantizers[op["prod_q"]])
                 self.requantizers[op["output"]] = Requantizer(program.quantizers[op["out_q"]])
+        self.tables = {op["output"]: LookupTable(op, program) for op in program.ops if op["op"] == "lookup"}
         self.constants: dict[str, torch.Tensor] = {}
         for op in program.ops:
             for field, qfield in (("reciprocal", "recip_q"), ("alpha", "alpha_q")):
@@ -428,11 +473,13 @@ class DeviceNet(nn.Module):
         kind, out = op["op"], op["output"]
         if kind == "quantize":
             return self.requantizers[out](x.double())
-        if kind in ("add", "concat"):
+        if kind in ("add", "sub", "mul", "concat"):
             inputs = [env[name] for name in op["inputs"]]
             if kind == "concat":
                 return torch.cat(inputs, dim=int(op["axis"]))
-            return self.requantizers[out](inputs[0] + inputs[1])
+            if kind == "mul":  # exact in float64: a product of two codes times 2^(k_a + k_b)
+                return self.requantizers[out](inputs[0] * inputs[1])
+            return self.requantizers[out](inputs[0] + inputs[1] if kind == "add" else inputs[0] - inputs[1])
         v = env[op["input"]]
         if out in self.stages:
             return self.stages[out](v)
@@ -441,7 +488,23 @@ class DeviceNet(nn.Module):
         if kind == "reshape":
             return v.reshape(op["shape"])
         if kind == "maxpool":
-            return F.max_pool2d(v, op["kernel"], op["stride"], op["padding"], op["dilation"])
+            return F.max_pool2d(
+                v, op["kernel"], op["stride"], op["padding"], op["dilation"], ceil_mode=op.get("ceil_mode", False)
+            )
+        if kind == "mean":
+            return self.requantizers[out](v.sum(op["axes"], keepdim=bool(op["keepdim"])) * self.constants[out])
+        if kind == "lookup":
+            return self.tables[out](v)
+        if kind == "pad":  # ONNX order (begins, then ends) to torch's (last axis first)
+            half = len(op["pads"]) // 2
+            pads = [p for d in reversed(range(half)) for p in (op["pads"][d], op["pads"][half + d])]
+            return F.pad(v, pads)
+        if kind == "upsample":
+            return v.repeat_interleave(op["scale"][0], dim=2).repeat_interleave(op["scale"][1], dim=3)
+        if kind == "transpose":
+            return v.permute(*op["perm"])
+        if kind == "slice":
+            return v.narrow(int(op["axis"]), int(op["start"]), int(op["length"]))
         if kind == "avgpool":
             window_sum = F.avg_pool2d(v, op["kernel"], op["stride"], op["padding"], divisor_override=1)
             return self.requantizers[out](window_sum * self.constants[out])
