@@ -31,7 +31,8 @@ from edgetrain.fixedpoint import Rounding, reject_nan
 from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
 from edgetrain.modelfile import read_model_file, save_model_file
 from edgetrain.models import MODELS
-from edgetrain.pipeline.models import model_from_spec
+from edgetrain.pipeline.config import QuantizeSection
+from edgetrain.pipeline.models import model_from_spec, quant_settings
 from edgetrain.tqt import CALIBRATION_METHODS
 from edgetrain.tqt.retrain import RetrainConfig, retrain
 from edgetrain.training import evaluate, train_float
@@ -124,13 +125,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} but {args.float} holds a {meta['model']}")
     source = _data_source(args, meta)
     train, val = _split(source, "train", args.train_samples), _split(source, "val", None)
-    config = QuantConfig(
-        weight_bits=args.weight_bits,
-        act_bits=args.act_bits,
-        rounding=Rounding.parse(args.rounding),
-        weight_calibration=args.weight_calibration,
-        activation_calibration=args.calibration,
-        allow_float=args.allow_float,
+    config = quant_settings(
+        QuantizeSection(
+            weight_bits=args.weight_bits,
+            act_bits=args.act_bits,
+            first_last_weight_bits=args.first_last_weight_bits,
+            rounding=args.rounding,
+            weight_calibration=args.weight_calibration or "",
+            calibration=args.calibration,
+            allow_float=args.allow_float,
+        )
     )
     calib = train.images[: args.calib]
     qmodel = quantize(model, calib[:1], calib, config, mode=args.mode)
@@ -322,6 +326,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("static", "retrain"), default="static")
     p.add_argument("--weight-bits", type=int, choices=(8, 4), default=8)
     p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--first-last-weight-bits", type=int, choices=(8, 4), default=8)
     p.add_argument("--rounding", default="half_even", choices=[r.value for r in Rounding])
     p.add_argument("--weight-calibration", default=None, choices=CALIBRATION_METHODS, help="default: max / 3sd")
     p.add_argument(

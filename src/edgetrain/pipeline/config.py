@@ -86,6 +86,7 @@ class QuantizeSection:
     calibration: str = "auto"  # activation thresholds: auto (least quantization error) | kl_j | max | 3sd | ...
     weight_calibration: str = ""  # "": max (static) / 3sd (retrain)
     allow_float: bool = False  # leave ops the quantizer does not cover in float
+    rounding: str = "half_even"  # half_even | half_away | floor
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from edgetrain.data import Dataset, DataSource, Preprocess
+from edgetrain.fixedpoint import Rounding
 from edgetrain.graph import QuantConfig
 from edgetrain.models import MODELS, create_model
 from edgetrain.pipeline.config import DataSection, ModelSection, QuantizeSection
@@ -123,5 +124,6 @@ def quant_settings(section: QuantizeSection) -> QuantConfig:
         first_last_weight_bits=section.first_last_weight_bits,
         weight_calibration=section.weight_calibration or None,
         activation_calibration=section.calibration,
+        rounding=Rounding.parse(section.rounding),
         allow_float=section.allow_float,
     )

@@ -22,11 +22,11 @@ from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.data import Dataset, DataSource
 from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
-from edgetrain.graph import QuantConfig, QuantizedModel, build_quantized_model, quantize
+from edgetrain.graph import QuantizedModel, build_quantized_model, quantize
 from edgetrain.modelfile import MODEL_FORMAT, read_model_file, save_model_file
 from edgetrain.nvm import DriftSpec
 from edgetrain.pipeline.config import PipelineConfig, rule_options
-from edgetrain.pipeline.models import build_model, data_source
+from edgetrain.pipeline.models import build_model, data_source, quant_settings
 from edgetrain.pipeline.report import write_report
 from edgetrain.pipeline.stages import StageError, StageResult, fingerprint, run_stage, write_json_atomic
 from edgetrain.pipeline.steps import CHECKPOINT_NAME, adapt_device, verify_program
@@ -101,15 +101,6 @@ def float_model(config: PipelineConfig, data: PipelineData, stage: StageResult) 
     return model.eval()
 
 
-def quant_config(config: PipelineConfig) -> QuantConfig:
-    section = config.quantize
-    return QuantConfig(
-        weight_bits=section.weight_bits,
-        act_bits=section.act_bits,
-        first_last_weight_bits=section.first_last_weight_bits,
-    )
-
-
 def quantize_stage(
     config: PipelineConfig, data: PipelineData, out: Path, pretrained: StageResult, log: Callable[[str], None]
 ) -> StageResult:
@@ -119,7 +110,7 @@ def quantize_stage(
     def body(directory: Path) -> dict[str, Any]:
         model = float_model(config, data, pretrained)
         calib = data.train.images[: section.calibration_samples]
-        static = quantize(model, calib[:1], calib, quant_config(config), mode="static")
+        static = quantize(model, calib[:1], calib, quant_settings(config.quantize), mode="static")
         summary: dict[str, Any] = {"static_accuracy": evaluate(static, data.test), "retrained": False}
         log(f"[quantize] static INT{section.weight_bits} test accuracy {summary['static_accuracy']:.4f}")
         final, mode = static, "static"
@@ -131,7 +122,7 @@ def quantize_stage(
                 threshold_lr=section.threshold_lr,
             )
             train = data.train.subset(section.retrain_samples) if section.retrain_samples else data.train
-            qmodel = quantize(model, calib[:1], calib, quant_config(config), mode="retrain")
+            qmodel = quantize(model, calib[:1], calib, quant_settings(config.quantize), mode="retrain")
             history = ThresholdHistory(qmodel, every=5)
             result = retrain(qmodel, train, data.val, recipe, checkpoint=directory / "checkpoint.pt", hooks=[history])
             (directory / "checkpoint.pt").unlink(missing_ok=True)
@@ -158,7 +149,9 @@ def quantized_model(
 ) -> QuantizedModel:
     """Rebuild the stage's QuantizedModel (graph rewrite only, no calibration) and load its state."""
     model = float_model(config, data, pretrained)
-    qmodel = build_quantized_model(model, data.train.images[:1], quant_config(config), quantized.summary["mode"])
+    qmodel = build_quantized_model(
+        model, data.train.images[:1], quant_settings(config.quantize), quantized.summary["mode"]
+    )
     load_state(qmodel, quantized.directory / "qmodel.pt", "quantized")
     for module in qmodel.modules():
         if hasattr(module, "freeze_bn"):

@@ -1,5 +1,7 @@
 """The steps of a network's life, shared by the CLI commands and the pipeline stages.
 
+``edgetrain quantize`` and the ``quantize`` stage both take their settings from
+``edgetrain.pipeline.models.quant_settings``;
 ``edgetrain eval`` and the ``export`` stage both check the program with :func:`verify_program`;
 ``edgetrain adapt --program`` and the ``adapt`` stage both run :func:`adapt_device` on a
 :class:`~edgetrain.adapt.DeviceNet` built from the exported program.
