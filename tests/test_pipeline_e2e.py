@@ -91,7 +91,7 @@ def test_report_artifacts(run) -> None:
     ):
         assert needle in text, needle
     pngs = sorted(md.parent.glob("figure_*.png"))
-    assert len(pngs) == 2 and all(p.stat().st_size > 10_000 for p in pngs)
+    assert len(pngs) == 3 and all(p.stat().st_size > 10_000 for p in pngs)  # adaptation, thresholds, writes
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 2 and len(page) > 50_000
     assert json.loads((Path(config.output.dir) / "summary.json").read_text())["export"]["integer_mismatches"] == 0
