@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -122,18 +121,17 @@ def main() -> None:
     result = {"samples": args.samples, "pretrain_samples": args.pretrain, "epochs": args.epochs, "nets": []}
     result["load_average_start"] = list(os.getloadavg())
     result["command"] = "python bench/bench_device.py " + " ".join(sys.argv[1:])
-    result["recorded_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = Path(args.out)
     for name in args.nets:
         program, info = pretrained_program(name, args.pretrain, args.epochs, seed=0)
         runs = [adapt(program, rule, stream, args.samples, streaming_bn=True) for rule in RULES]
         if any(op["op"] == "scale" for op in program.ops):
             runs.append(adapt(program, "lowrank", stream, args.samples, streaming_bn=False))
         result["nets"].append({"name": name, "pretrain": info, "runs": runs})
-        print(json.dumps(result["nets"][-1], indent=1), flush=True)
-    result["load_average_end"] = list(os.getloadavg())
-    out = Path(args.out)
-    write_json_atomic(out, result)
-    write_text_atomic(out.with_suffix(".md"), render(result))
+        result["load_average_end"] = list(os.getloadavg())
+        result["recorded_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        write_json_atomic(out, result)  # after every net: a stopped run keeps what it finished
+        write_text_atomic(out.with_suffix(".md"), render(result))
     print(render(result))
 
 
