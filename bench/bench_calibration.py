@@ -9,6 +9,7 @@ and .md; FP32 weights are cached in --cache so a rerun only calibrates.
 
     .venv/bin/python bench/bench_calibration.py                 # full: 10k test images
     .venv/bin/python bench/bench_calibration.py --quick         # smoke run on subsets
+    .venv/bin/python bench/bench_calibration.py --merge A.json B.log   # one table from partial runs
 """
 
 from __future__ import annotations
@@ -113,6 +114,32 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str)
     return "\n".join(lines)
 
 
+def rows_of(path: Path) -> list[dict[str, Any]]:
+    """The per-net rows of a result JSON, or the row lines a run printed (its log)."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)["results"]
+    return [json.loads(line) for line in text.splitlines() if line.startswith('{"model"')]
+
+
+def write(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, test_images: int) -> None:
+    result = {
+        "benchmark": "bench_calibration",
+        "dataset": "fashion-mnist",
+        "test_images": test_images,
+        "quick": args.quick,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "command": command,
+        "results": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(markdown(rows, args, command))
+    print((RESULTS / f"{args.out}.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(ZOO))
@@ -124,7 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="runs/bench_calibration", help="FP32 weights are kept here")
     parser.add_argument("--quick", action="store_true", help="2k training / 1k test images, 1 epoch")
     parser.add_argument("--out", default="bench_calibration")
+    parser.add_argument("--merge", nargs="+", help="result JSONs or run logs to combine (later ones win)")
     args = parser.parse_args(argv)
+    if args.merge:
+        rows = list({row["model"]: row for path in args.merge for row in rows_of(Path(path))}.values())
+        sources = [
+            json.loads(Path(path).read_text())["command"] if path.endswith(".json") else f"(rows printed in {path})"
+            for path in args.merge
+        ]
+        command = " ; ".join([*sources, "python bench/bench_calibration.py --merge " + " ".join(args.merge)])
+        write(rows, args, command, 10_000)
+        return 0
     torch.set_num_threads(args.threads)
     data = {split: load_dataset("fashion-mnist", split) for split in ("train", "val", "test")}
     if args.quick:
@@ -132,21 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {"train": data["train"].subset(2000), "val": data["val"].subset(500), "test": data["test"].subset(1000)}
     command = "python bench/bench_calibration.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = [run_net(name, data, args) for name in args.models]
-    result = {
-        "benchmark": "bench_calibration",
-        "dataset": "fashion-mnist",
-        "test_images": len(data["test"]),
-        "quick": args.quick,
-        "threads": args.threads,
-        "machine": platform.machine(),
-        "torch": torch.__version__,
-        "command": command.strip(),
-        "results": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(markdown(rows, args, command.strip()))
-    print((RESULTS / f"{args.out}.md").read_text())
+    write(rows, args, command.strip(), len(data["test"]))
     return 0
 
 
