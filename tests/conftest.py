@@ -11,3 +11,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def interrupt_adaptation_at(monkeypatch):
+    """``interrupt_adaptation_at(step)``: the online trainer raises KeyboardInterrupt (Ctrl-C) before
+    learning sample ``step``; ``interrupt_adaptation_at(None)`` lets it run again."""
+    from edgetrain.adapt import OnlineTrainer
+
+    original = OnlineTrainer.learn_sample
+
+    def arm(step: int | None) -> None:
+        def learn_sample(self, image, label):
+            if self.step_count == step:
+                raise KeyboardInterrupt
+            return original(self, image, label)
+
+        monkeypatch.setattr(OnlineTrainer, "learn_sample", original if step is None else learn_sample)
+
+    return arm

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 
-from edgetrain.adapt import OnlineTrainer
 from edgetrain.cli import main
 from edgetrain.export import IntegerProgram
 
@@ -74,18 +73,11 @@ def test_adapt_program_then_eval_program(exported, tmp_path, capsys):
     assert "integer top-1" in capsys.readouterr().out
 
 
-def test_killed_program_run_resumes_to_identical_log_and_program(exported, tmp_path, monkeypatch):
+def test_killed_program_run_resumes_to_identical_log_and_program(exported, tmp_path, interrupt_adaptation_at):
     assert main(adapt_args(exported["program"], tmp_path / "whole")) == 0
-    original = OnlineTrainer.learn_sample
-
-    def dies_at_45(self, image, label):
-        if self.step_count == 45:
-            raise KeyboardInterrupt
-        return original(self, image, label)
-
-    monkeypatch.setattr(OnlineTrainer, "learn_sample", dies_at_45)
+    interrupt_adaptation_at(45)
     assert main(adapt_args(exported["program"], tmp_path / "killed")) != 0
-    monkeypatch.setattr(OnlineTrainer, "learn_sample", original)
+    interrupt_adaptation_at(None)
     assert not (tmp_path / "killed" / "program").exists()
     assert main(adapt_args(exported["program"], tmp_path / "killed", "--resume")) == 0
     assert without_timing(tmp_path / "killed" / "log.json") == without_timing(tmp_path / "whole" / "log.json")

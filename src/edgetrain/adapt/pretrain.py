@@ -85,7 +85,7 @@ def load_for_adaptation(path: str | Path, arch: str | None = None) -> tuple[QNet
     A quantized model belongs on the device as its exported program (``edgetrain adapt --program``)."""
     source = Path(path)
     if not source.is_file():
-        raise CheckpointError(f"model file {source} does not exist")
+        raise FileNotFoundError(f"model file {source} does not exist")
     if source.suffix == ".safetensors":
         net, meta = load_model(source)
         recorded = meta["spec"].get("arch", "lrt-cnn")
