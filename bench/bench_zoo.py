@@ -31,7 +31,7 @@ from edgetrain.models import create_model
 from edgetrain.tqt.retrain import RetrainConfig, retrain
 from edgetrain.training import evaluate, train_float
 
-ZOO = ("mobilenetv2-tiny", "resnet-tiny", "inception-tiny", "darknet-tiny")
+ZOO = ("mobilenetv2-tiny", "resnet-tiny", "inception-tiny", "darknet-tiny", "mobilenetv3-tiny", "unet-tiny")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -209,7 +209,7 @@ class Tracer(fx.Tracer):
 
     def __init__(self, example: torch.Tensor) -> None:
         super().__init__()
-        self.example = example
+        self.example = example.detach().clone()  # in-place ops in the forward must not touch the caller's tensor
         self.values: dict[fx.Node, Any] = {}
 
     def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any) -> fx.Proxy:
@@ -217,18 +217,24 @@ class Tracer(fx.Tracer):
         node = proxy.node
         node.meta["source"] = _caller()
         with torch.no_grad(), _untraced_modules():
-            a, k = fx.map_arg((node.args, node.kwargs), self.value)
             if kind == "placeholder":
                 self.values[node] = self.example
-            elif kind == "get_attr":
-                self.value(node)
-            elif kind == "call_function":
-                self.values[node] = target(*a, **k)
-            elif kind == "call_method":
-                self.values[node] = getattr(a[0], target)(*a[1:], **k)
-            elif kind == "call_module":
-                self.values[node] = self.root.get_submodule(target)(*a, **k)
+            elif all(self.value(n) is not None for n in node.all_input_nodes):
+                try:  # best effort: only control flow on a value that could not be computed fails
+                    self.values[node] = self.evaluate(node)
+                except Exception:  # noqa: BLE001 - any op may refuse; fx's own error comes at to_bool
+                    pass
         return proxy
+
+    def evaluate(self, node: fx.Node) -> Any:
+        a, k = fx.map_arg((node.args, node.kwargs), self.value)
+        if node.op == "get_attr":
+            return self.value(node)
+        if node.op == "call_function":
+            return node.target(*a, **k)
+        if node.op == "call_method":
+            return getattr(a[0], node.target)(*a[1:], **k)
+        return self.root.get_submodule(node.target)(*a, **k)
 
     def value(self, node: fx.Node) -> Any:
         """The example's value at ``node`` (buffers and constants enter the graph as ``get_attr`` nodes)."""
@@ -237,6 +243,8 @@ class Tracer(fx.Tracer):
         return self.values.get(node)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
+        if obj.node not in self.values:
+            return super().to_bool(obj)
         return bool(self.values[obj.node])
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
