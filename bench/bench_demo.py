@@ -1,6 +1,6 @@
 """Wall-clock time of ``edgetrain demo`` from scratch, with the machine's load beside it.
 
-    .venv/bin/python bench/bench_demo.py [--out runs/bench-demo] [--threads N]
+    .venv/bin/python bench/bench_demo.py [--out runs/bench-demo] [--threads N] [--timeout SECONDS]
 
 Runs ``edgetrain demo --out OUT`` in a fresh folder (nothing cached) as a subprocess and records the
 wall time, the per-stage times the demo itself reports (its ``summary.json``), and the machine's
@@ -8,7 +8,9 @@ load: ``os.getloadavg()`` (1, 5 and 15 minute run-queue averages) before and aft
 and the CPU time the demo used (user + system, from ``resource.getrusage`` of the child). On a
 quiet machine the 1-minute load before the run is well below the CPU count; a higher load means
 other work shared the cores and the wall time overstates the demo's own cost, and the verdict says
-so. Every demo time the README states comes from this file.
+so. With ``--timeout`` a demo still running after that many seconds is stopped and the record says
+which stages had finished (the demo's ``status.json``) instead of a time. Every demo time the README
+states comes from this file.
 
 Writes ``bench/results/demo.json`` and the fragment ``bench/results/demo.md``.
 """
@@ -38,7 +40,7 @@ def machine_load() -> dict[str, float]:
     return {"load_1min": one, "load_5min": five, "load_15min": fifteen}
 
 
-def run_demo(out: Path, threads: int | None) -> dict[str, Any]:
+def run_demo(out: Path, threads: int | None, timeout: float | None) -> dict[str, Any]:
     """Run the demo once from scratch; wall and CPU seconds, load before and after, stage times."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ)
@@ -48,7 +50,20 @@ def run_demo(out: Path, threads: int | None) -> dict[str, Any]:
     before = machine_load()
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the demo
+        status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {}
+        return {
+            "command": " ".join(command[1:]),
+            "finished": False,
+            "wall_seconds": time.perf_counter() - start,
+            "cpu_seconds": None,
+            "stages_when_stopped": {name: entry.get("state") for name, entry in status.items()},
+            "load_before": before,
+            "load_after": machine_load(),
+            "dataset": None,
+        }
     wall = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     after = machine_load()
@@ -61,6 +76,7 @@ def run_demo(out: Path, threads: int | None) -> dict[str, Any]:
     }
     return {
         "command": " ".join(command[1:]),
+        "finished": True,
         "wall_seconds": wall,
         "cpu_seconds": (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime),
         "pipeline_seconds": summary.get("seconds"),
@@ -74,6 +90,12 @@ def run_demo(out: Path, threads: int | None) -> dict[str, Any]:
 def verdict(run: dict[str, Any], cpus: int) -> str:
     quiet = run["load_before"]["load_1min"] < QUIET_LOAD_SHARE * cpus
     minutes = run["wall_seconds"] / 60
+    if not run["finished"]:
+        stages = ", ".join(f"{name} {state}" for name, state in run["stages_when_stopped"].items()) or "none"
+        return (
+            f"stopped after {minutes:.1f} min without finishing (stages: {stages}) with the 1-min load at "
+            f"{run['load_before']['load_1min']:.1f} on {cpus} CPUs before the run; no demo time was measured"
+        )
     if not quiet:
         return (
             f"the machine was loaded (1-min load {run['load_before']['load_1min']:.1f} on {cpus} CPUs before the "
@@ -87,6 +109,7 @@ def verdict(run: dict[str, Any], cpus: int) -> str:
 def markdown(result: dict[str, Any]) -> str:
     run = result["run"]
     load = run["load_before"]
+    cpu = "" if run["cpu_seconds"] is None else f"{run['cpu_seconds']:.0f} s"
     return "\n".join(
         [
             "## The demo's running time",
@@ -94,8 +117,8 @@ def markdown(result: dict[str, Any]) -> str:
             "| what | value |",
             "|---|---|",
             f"| wall time of `{run['command']}` from scratch | {run['wall_seconds']:.0f} s "
-            f"({run['wall_seconds'] / 60:.1f} min) |",
-            f"| CPU time (user + system) | {run['cpu_seconds']:.0f} s |",
+            f"({run['wall_seconds'] / 60:.1f} min){'' if run['finished'] else ', stopped unfinished'} |",
+            f"| CPU time (user + system) | {cpu} |",
             f"| load before (1 / 5 / 15 min) | {load['load_1min']:.2f} / {load['load_5min']:.2f} / "
             f"{load['load_15min']:.2f} on {result['cpus']} CPUs |",
             f"| load after (1 min) | {run['load_after']['load_1min']:.2f} |",
@@ -112,9 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench-demo", help="demo output folder (emptied first)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the demo")
+    parser.add_argument("--timeout", type=float, default=None, help="stop the demo after this many seconds")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
-    run = run_demo(Path(args.out), args.threads)
+    run = run_demo(Path(args.out), args.threads, args.timeout)
     result = {
         "recorded_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
