@@ -9,6 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,14 +22,21 @@ ENGINE_PROCESSES = ("ray::", "raylet", "gcs_server", "flower-superlink", "flower
                     "flwr-serverapp", "flwr-clientapp")  # fmt: skip
 
 
-def engine_processes() -> set[tuple[int, str]]:
-    """Live (not zombie) Ray and Flower processes on this machine."""
+def engine_processes(token: str) -> set[tuple[int, str]]:
+    """Live (not zombie) Ray and Flower processes started by this test (its token is in their
+    environment, inherited from the process the test started)."""
     ps = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
     found = set()
     for line in ps.splitlines():
-        pid, stat, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (*line.split(None, 1), "")
-        if not stat.startswith("Z") and any(name in args for name in ENGINE_PROCESSES):
-            found.add((int(pid), args[:120]))
+        parts = line.split(None, 2)
+        if len(parts) < 3 or parts[1].startswith("Z") or not any(name in parts[2] for name in ENGINE_PROCESSES):
+            continue
+        try:
+            environ = Path(f"/proc/{parts[0]}/environ").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if f"EDGETRAIN_FLEET_TEST={token}".encode() in environ:
+            found.add((int(parts[0]), parts[2][:120]))
     return found
 
 
@@ -45,18 +55,26 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.mark.slow
 def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_model) -> None:
-    before = engine_processes()
+    token = uuid.uuid4().hex
     out = tmp_path / "fleet"
     argv = [str(Path(sys.executable).parent / "edgetrain"), "fleet", "--devices", "3", "--rounds", "2", "--strategy",
             "federated-lowrank", "--samples-per-round", "8", "--test-samples", "20", "--model", tiny_model,
             "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=480)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    env = {**os.environ, "EDGETRAIN_FLEET_TEST": token}
+    log = tmp_path / "fleet.log"
+    seen: set[tuple[int, str]] = set()  # the engine's processes while it runs (the check below finds them)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            deadline = time.monotonic() + 480
+            while proc.poll() is None and time.monotonic() < deadline:
+                seen |= engine_processes(token)
+                time.sleep(1.0)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = log.read_bytes()
     assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
     result = json.loads((out / "fleet.json").read_text())
     figures = result["strategies"]["federated-lowrank"]
@@ -65,21 +83,34 @@ def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_model)
     assert sorted(d["device"] for d in figures["devices"]) == [0, 1, 2]
     assert all(d["samples"] == 16 for d in figures["devices"])
     assert (out / "fleet.md").is_file() and (out / "accuracy_vs_round.png").is_file()
-    assert engine_processes() <= before, "a Ray or Flower process outlived the simulation"
+    assert any("ray::" in args for _, args in seen), "the Ray workers were not found while the fleet ran"
+    assert not engine_processes(token), "a Ray or Flower process outlived the simulation"
 
 
 @pytest.mark.slow
-def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_model) -> None:
-    before = engine_processes()
+def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_model, monkeypatch) -> None:
+    token = uuid.uuid4().hex
+    monkeypatch.setenv("EDGETRAIN_FLEET_TEST", token)  # inherited by every process the engine starts
     config = FleetConfig(
         devices=2, rounds=1, samples_per_round=8, strategies=("federated-lowrank",), model=tiny_model,
         test_samples=20, engine="deployment", round_timeout=240.0,
     )  # fmt: skip
-    result = run_fleet(config, tmp_path / "fleet")
+    outcome: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=run_fleet(config, tmp_path / "fleet")))
+    runner.start()
+    seen: set[tuple[int, str]] = set()  # the engine's processes while it runs (the check below finds them)
+    while runner.is_alive():
+        seen |= engine_processes(token)
+        runner.join(timeout=1.0)
+    assert "result" in outcome, "the deployment run failed; its logs are under the run folder"
+    result = outcome["result"]
     figures = result["strategies"]["federated-lowrank"]
     assert figures["rounds"][0]["accepted"] == 2 and figures["rounds"][1]["downlink_bytes"] > 0
     assert sorted(d["device"] for d in figures["devices"]) == [0, 1]
     assert all(d["fleet_update_writes"] > 0 for d in figures["devices"])
     logs = Path(tmp_path / "fleet" / "logs")
     assert {"superlink.log", "supernode-0.log", "supernode-1.log"} <= {p.name for p in logs.iterdir()}
-    assert engine_processes() <= before, "a SuperLink, SuperNode or SuperExec outlived the run"
+    assert {"flower-superlink", "flower-supernode", "flower-superexec"} <= {
+        name for _, args in seen for name in ENGINE_PROCESSES if name in args
+    }, "the engine's processes were not found while the fleet ran"
+    assert not engine_processes(token), "a SuperLink, SuperNode or SuperExec outlived the run"
