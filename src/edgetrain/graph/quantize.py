@@ -602,7 +602,7 @@ class _Builder:
     # -- two-tensor arithmetic
     def binary_operands(self, node: fx.Node) -> list[fx.Node] | None:
         """The two tensor operands of an add/sub/mul, or None when one is a constant (a lookup then)."""
-        operands = [a for a in node.args[:2]]
+        operands = list(node.args[:2])
         extra = {k: v for k, v in node.kwargs.items() if k != "alpha" or v != 1}
         if len(node.args) == 2 and not extra and all(is_tensor(a) and a not in self.constants for a in operands):
             return operands
