@@ -15,7 +15,7 @@ from edgetrain.pipeline.stages import STATUS_FILE, reset_status, write_status_re
 
 
 def demo_config(out: str) -> PipelineConfig:
-    """The built-in demo: mnistnet on Fashion-MNIST (20k training images), ~10 minutes on 2 cores."""
+    """The built-in demo: mnistnet on Fashion-MNIST (20k training images); bench/bench_demo.py times it."""
     config = PipelineConfig()
     config.data.train_samples = 20_000
     config.quantize.retrain_samples = 10_000
