@@ -1,5 +1,6 @@
 """A real pretrained CNN from a PyPI package (facenet-pytorch's MTCNN R-Net and O-Net, weights in the
-wheel): static INT8 keeps its decisions on real photos and the integer program is bit-exact."""
+wheel): static INT8 keeps its decisions on real photos; the integer program and the adapting device
+are bit-exact."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgetrain.adapt.device import DeviceNet
 from edgetrain.export import to_integer
 from edgetrain.graph import quantize
 from edgetrain.models.pretrained import PACKAGES, load_pretrained, mtcnn_input, photo_crops
@@ -38,6 +40,7 @@ def test_mtcnn_static_int8_is_bit_exact_and_agrees_with_float(facenet, name: str
     with torch.no_grad():
         reference, fake = model(test), qmodel(test)
     np.testing.assert_array_equal(program.run(test), fake.numpy())
+    np.testing.assert_array_equal(DeviceNet.from_program(program)(test).detach().numpy(), fake.numpy())
     assert (reference.argmax(1) == fake.argmax(1)).float().mean() >= 0.95
     ops = {op["op"] for op in program.ops}
     assert {"lookup", "maxpool", "transpose"} <= ops  # PReLU tables, ceil-mode pools, the permute
