@@ -164,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise CLIError(f"--out {args.out} is a file; an integer program is a folder (manifest + weights)")
         program = to_integer(qmodel, meta=program_meta(meta))
-        _observe_macs(program, meta["dataset"], args.calib)
+        _observe_macs(program, DataSource.from_dict(program_meta(meta)["data"]), args.calib)
         path = program.save(args.out)
     else:
         example = torch.zeros(2, meta["in_channels"], meta["image_size"], meta["image_size"])
@@ -173,12 +173,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _observe_macs(program: IntegerProgram, dataset: str, samples: int) -> None:
+def _observe_macs(program: IntegerProgram, source: DataSource, samples: int) -> None:
     """Run the first ``samples`` training images so the manifest's ``mac_bits`` records observed MAC widths."""
     try:
-        images = _split(dataset, "train", samples).images
+        images = _split(source, "train", samples).images
     except (ValueError, FileNotFoundError) as err:
-        print(f"observed MAC widths not recorded (the {dataset!r} training images are unavailable: {err})")
+        print(f"observed MAC widths not recorded (the {source.name!r} training images are unavailable: {err})")
         return
     program.run(images)
     widest = max((w["observed"] or 0 for w in program.mac_bits().values()), default=0)

@@ -56,7 +56,7 @@ def load_pipeline_data(config: PipelineConfig) -> PipelineData:
 
 def save_state(config: PipelineConfig, kind: str, module: torch.nn.Module, path: Path) -> None:
     """The stage's model file (``edgetrain.modelfile``: architecture recorded, read without unpickling)."""
-    meta = {"model": config.model.name or config.model.import_path, "data": data_source(config.data).as_dict()}
+    meta = {"model": config.model.import_path or config.model.name, "data": data_source(config.data).as_dict()}
     save_model_file(path, kind, meta, module.state_dict())
 
 
@@ -171,7 +171,7 @@ def export_stage(
 
     def body(directory: Path) -> dict[str, Any]:
         qmodel = quantized_model(config, data, pretrained, quantized)
-        meta = {"model": config.model.name or config.model.import_path, "data": adaptation_dataset(config).as_dict()}
+        meta = {"model": config.model.import_path or config.model.name, "data": adaptation_dataset(config).as_dict()}
         to_integer(qmodel, meta=meta).save(directory / "integer")
         program = IntegerProgram.load(directory / "integer")  # verify what was written, not what is in memory
         images = data.test.images[: config.export.verify_samples or len(data.test)]
