@@ -93,7 +93,7 @@ def test_report_artifacts(run) -> None:
     pngs = sorted(md.parent.glob("figure_*.png"))
     assert len(pngs) == 3 and all(p.stat().st_size > 10_000 for p in pngs)  # adaptation, thresholds, writes
     page = html.read_text()
-    assert page.count("data:image/png;base64,") == 2 and len(page) > 50_000
+    assert page.count("data:image/png;base64,") == 3 and len(page) > 50_000
     assert json.loads((Path(config.output.dir) / "summary.json").read_text())["export"]["integer_mismatches"] == 0
 
 
