@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from edgetrain.cli import CLIError
+from edgetrain.cli import CLIError, positive_int
 from edgetrain.pipeline.steps import CHECKPOINT_NAME
 
 RUN_FILE = "run.json"
@@ -64,14 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=STUCK_MODELS,
         help="stuck cells' code: uniform over the code range, or bounds (qmin or qmax)",
     )
-    p.add_argument("--samples", type=int, default=100_000)
+    p.add_argument("--samples", type=positive_int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run folder: log.json and checkpoint.safetensors")
-    p.add_argument("--checkpoint-every", type=int, default=5000, help="samples between checkpoints")
-    p.add_argument("--test-every", type=int, default=10_000, help="samples between test-set scores")
-    p.add_argument("--test-samples", type=int, default=1000)
+    p.add_argument("--checkpoint-every", type=positive_int, default=5000, help="samples between checkpoints")
+    p.add_argument("--test-every", type=positive_int, default=10_000, help="samples between test-set scores")
+    p.add_argument("--test-samples", type=positive_int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (batch 1: 1 is fastest)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (batch 1: 1 is fastest)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run_adapt)
 

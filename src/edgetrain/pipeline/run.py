@@ -172,7 +172,9 @@ def export_stage(
     def body(directory: Path) -> dict[str, Any]:
         qmodel = quantized_model(config, data, pretrained, quantized)
         meta = {"model": config.model.import_path or config.model.name, "data": adaptation_dataset(config).as_dict()}
-        to_integer(qmodel, meta=meta).save(directory / "integer")
+        program = to_integer(qmodel, meta=meta)
+        program.run(data.train.images[: config.quantize.calibration_samples])  # observed MAC widths in the manifest
+        program.save(directory / "integer")
         program = IntegerProgram.load(directory / "integer")  # verify what was written, not what is in memory
         images = data.test.images[: config.export.verify_samples or len(data.test)]
         labels = data.test.labels[: len(images)].numpy()
@@ -182,6 +184,8 @@ def export_stage(
             "verified_samples": len(images),
             "integer_mismatches": mismatches,
             "integer_accuracy": check.accuracy(labels),
+            "accumulator_saturations": program.stats.saturated_total,
+            "mac_bits": program.mac_bits(),
         }
         log(
             f"[export] integer program: {mismatches} mismatching outputs out of {len(images)} (bit-exact: "
