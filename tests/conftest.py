@@ -30,3 +30,15 @@ def interrupt_adaptation_at(monkeypatch):
         monkeypatch.setattr(OnlineTrainer, "learn_sample", original if step is None else learn_sample)
 
     return arm
+
+
+@pytest.fixture(scope="module")
+def tiny_lrt_model_file(tmp_path_factory) -> str:
+    """An untrained 4-channel LRT net saved as an adaptation model file (tests of mechanics, not accuracy)."""
+    from edgetrain.adapt.pretrain import build_qnet, save_model
+
+    torch.manual_seed(0)
+    spec = {"arch": "lrt-cnn", "width": 4, "hidden": 16}
+    path = tmp_path_factory.mktemp("tiny-lrt") / "tiny.safetensors"
+    save_model(build_qnet(spec), spec, path)
+    return str(path)

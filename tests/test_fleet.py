@@ -97,17 +97,8 @@ def test_config_from_toml_and_errors(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """An untrained tiny LRT net saved as a device model (no pretraining: the tests check mechanics)."""
-    import torch
-
-    from edgetrain.adapt.pretrain import build_qnet, save_model
-
-    torch.manual_seed(0)
-    spec = {"arch": "lrt-cnn", "width": 4, "hidden": 16}
-    path = tmp_path_factory.mktemp("fleet-model") / "tiny.safetensors"
-    save_model(build_qnet(spec), spec, path)
-    return str(path)
+def tiny_model(tiny_lrt_model_file) -> str:
+    return tiny_lrt_model_file
 
 
 class InProcessGrid:

@@ -41,16 +41,8 @@ def engine_processes(token: str) -> set[tuple[int, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    import torch
-
-    from edgetrain.adapt.pretrain import build_qnet, save_model
-
-    torch.manual_seed(0)
-    spec = {"arch": "lrt-cnn", "width": 4, "hidden": 16}
-    path = tmp_path_factory.mktemp("fleet-engine-model") / "tiny.safetensors"
-    save_model(build_qnet(spec), spec, path)
-    return str(path)
+def tiny_model(tiny_lrt_model_file) -> str:
+    return tiny_lrt_model_file
 
 
 @pytest.mark.slow

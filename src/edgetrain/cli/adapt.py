@@ -157,7 +157,7 @@ def source_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def run_settings(args: argparse.Namespace, model: dict[str, Any], source: Any) -> dict[str, Any]:
+def run_settings(args: argparse.Namespace, source: Any) -> dict[str, Any]:
     """Everything that determines the run's result (compared on --resume)."""
     origin = args.program or args.model
     return {
@@ -207,7 +207,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         raise CLIError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     torch.set_num_threads(args.threads)
     net, model, source = _device(args)
-    settings = run_settings(args, model, source)
+    settings = run_settings(args, source)
     if args.resume:
         check_resume(out, settings)
     stream = make_scenario(args.scenario, dataset=source, samples=args.samples, seed=args.seed)
