@@ -24,19 +24,23 @@ ENGINE_PROCESSES = ("ray::", "raylet", "gcs_server", "flower-superlink", "flower
 
 def engine_processes(token: str) -> set[tuple[int, str]]:
     """Live (not zombie) Ray and Flower processes started by this test (its token is in their
-    environment, inherited from the process the test started)."""
-    ps = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
+    environment, inherited from the process the test started). Read from /proc, not ``ps``: ``ps``
+    cuts its lines at 80 columns when it has no terminal, and a long venv path pushes the program
+    name past the cut."""
     found = set()
-    for line in ps.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) < 3 or parts[1].startswith("Z") or not any(name in parts[2] for name in ENGINE_PROCESSES):
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
         try:
-            environ = Path(f"/proc/{parts[0]}/environ").read_bytes()
-        except OSError:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            environ = (entry / "environ").read_bytes()
+        except (OSError, IndexError):
             continue  # gone meanwhile
-        if f"EDGETRAIN_FLEET_TEST={token}".encode() in environ:
-            found.add((int(parts[0]), parts[2]))
+        if state == "Z" or not any(name in args for name in ENGINE_PROCESSES):
+            continue
+        if f"EDGETRAIN_FLEET_TEST={token}".encode() in environ.split(b"\0"):
+            found.add((int(entry.name), args))
     return found
 
 
@@ -102,7 +106,7 @@ def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_mo
     assert all(d["fleet_update_writes"] > 0 for d in figures["devices"])
     logs = Path(tmp_path / "fleet" / "logs")
     assert {"superlink.log", "supernode-0.log", "supernode-1.log"} <= {p.name for p in logs.iterdir()}
-    # the check below is not vacuous: Flower processes of this run were seen while it ran. (In a fresh
-    # clone only the flwr app processes matched the run's token, not SuperLink/SuperNode: cause not found.)
-    assert any("flwr" in args or "flower" in args for _, args in seen), "no engine process was seen while it ran"
+    # the check below is not vacuous: this run's SuperLink and SuperNodes were seen while it ran
+    assert any("flower-superlink" in args for _, args in seen), "the SuperLink was not found while the fleet ran"
+    assert sum("flower-supernode" in args for _, args in seen) == 2, "the 2 SuperNodes were not found while it ran"
     assert not engine_processes(token), "a SuperLink, SuperNode or SuperExec outlived the run"
