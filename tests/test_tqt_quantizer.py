@@ -185,25 +185,63 @@ def test_empty_tensor_passes() -> None:
     assert tqt_quantize(torch.zeros(0), torch.tensor(0.0), 8).shape == (0,)
 
 
+def edge_codes(fmt: FixedPointFormat) -> torch.Tensor:
+    """x/s at the clip edges and ties: n - 1/2 (ties to the even n: inside), p + 1/2 (ties to p + 1:
+    clipped), their neighbours one float32 step away, interior ties, zeros of both signs."""
+    n, p = float(fmt.qmin), float(fmt.qmax)
+    edges = [n - 0.5, n - 0.75, n - 0.25, p + 0.5, p + 0.25, p + 0.75, 0.5, -0.5, 1.5, -1.5, 2.5, 0.0, -0.0]
+    bounds = torch.tensor([n - 0.5, p + 0.5])
+    steps = torch.cat([torch.nextafter(bounds, bounds - 1), torch.nextafter(bounds, bounds + 1)])
+    interior_ties = torch.arange(n, p, max(1.0, (p - n) // 40)) + 0.5
+    return torch.cat([torch.tensor(edges), steps, interior_ties])
+
+
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_fused_float32_path_equals_the_autograd_function(frozen: bool) -> None:
-    """float32 half-even runs torch's fused kernels: same values, same dq/dx, same threshold gradient."""
+def test_fast_float32_path_equals_the_reference_function(frozen: bool, relu: bool) -> None:
+    """float32 half-even runs the fused Function: the reference Function's values, dq/dx and threshold
+    gradient (on relu(x) through autograd's ReLU when the ReLU is fused), every width, edges and ties."""
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 9, 9) * 3
-    x.view(-1)[:200] = (torch.randint(-300, 300, (200,)) + 0.5) / 64  # exact ties on the int8 grid below
-    g = torch.randn_like(x)
-    for bits, signed, log2_t in ((8, True, 1.3), (8, False, -2.0), (16, True, 0.2), (4, True, 2.7), (2, False, 0.0)):
-        quantizer = TQTQuantizer(bits, signed, log2_t=log2_t)
-        if frozen:
-            quantizer.freeze()
-        xv = x.clone().requires_grad_()
-        y = quantizer(xv)
-        (y * g).sum().backward()
-        xr, tr = x.clone().requires_grad_(), torch.tensor(log2_t, requires_grad=True)
-        reference = _TQTQuantizeFunction.apply(xr, tr, quantizer.format, quantizer.rounding)
-        (reference * g).sum().backward()
-        assert torch.equal(y, reference) and torch.equal(xv.grad, xr.grad)
-        if frozen:
-            assert quantizer.log2_t.grad is None
-        else:
-            torch.testing.assert_close(quantizer.log2_t.grad, tr.grad, rtol=1e-5, atol=1e-6)
+    for bits in BITS:
+        for signed in (True, False):
+            log2_t = float(torch.empty(()).uniform_(-3, 3))
+            quantizer = TQTQuantizer(bits, signed, log2_t=log2_t).train()
+            if frozen:
+                quantizer.freeze()
+            x = torch.randn(2, 3, 9, 9) * quantizer.threshold * 1.3
+            codes = edge_codes(quantizer.format)
+            x.view(-1)[: len(codes)] = codes * quantizer.scale  # exact in float32: at most 17 significant bits
+            g = torch.randn_like(x)
+            xv = x.clone().requires_grad_()
+            y = quantizer(xv, relu=relu)
+            (y * g).sum().backward()
+            xr, tr = x.clone().requires_grad_(), torch.tensor(log2_t, requires_grad=True)
+            reference_input = torch.relu(xr) if relu else xr
+            reference = _TQTQuantizeFunction.apply(reference_input, tr, quantizer.format, quantizer.rounding)
+            (reference * g).sum().backward()
+            assert torch.equal(y, reference), (bits, signed)
+            assert torch.equal(xv.grad, xr.grad), (bits, signed)
+            if frozen:
+                assert quantizer.log2_t.grad is None
+            else:
+                torch.testing.assert_close(quantizer.log2_t.grad, tr.grad, rtol=1e-5, atol=1e-5 * quantizer.threshold)
+
+
+def test_fast_path_threshold_gradient_is_the_closed_form() -> None:
+    """The fused float32 threshold gradient ln2 (g.q - (g dq/dx).x) equals the float64 closed form."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1.5, 4000).astype(np.float32)
+    g = rng.normal(0, 1, 4000).astype(np.float32)
+    for bits, signed, log2_t in ((8, True, 0.3), (4, False, 1.0), (16, True, -0.5)):
+        q_ref, gx_ref, gt_ref = closed_form(x.astype(np.float64), g.astype(np.float64), log2_t, bits, signed)
+        q, gx, gt = autograd_grads(torch.from_numpy(x), torch.from_numpy(g), log2_t, bits, signed)
+        np.testing.assert_array_equal(q.numpy(), q_ref)
+        np.testing.assert_array_equal(gx.numpy(), gx_ref)
+        assert gt == pytest.approx(gt_ref, rel=1e-5, abs=1e-6)
+
+
+def test_disabled_quantizer_still_applies_the_fused_relu() -> None:
+    quantizer = TQTQuantizer(8, signed=False)
+    quantizer.enabled = False
+    x = torch.linspace(-2, 2, 9)
+    assert torch.equal(quantizer(x, relu=True), torch.relu(x))

@@ -31,6 +31,14 @@ def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     return x
 
 
+def quantize_activation(quantizer: TQTQuantizer, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``quantizer(act(x))``; in training a ReLU is fused into the quantizer's single pass (same values and
+    gradients, TQTQuantizer.forward's ``relu``); in eval the quantizer sees ``relu(x)`` (calibration hooks)."""
+    if activation == "relu" and quantizer.training:
+        return quantizer(x, relu=True)
+    return quantizer(apply_activation(x, activation))
+
+
 def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-channel vector shaped to broadcast over an ``ndim`` tensor whose channels are dim 1."""
     return t.reshape(1, -1, *([1] * (ndim - 2)))
@@ -66,7 +74,7 @@ class QActivation(QuantModule):
         return {"out_q": self.role}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_q(apply_activation(x, self.activation))
+        return quantize_activation(self.out_q, x, self.activation)
 
 
 class QCompute(QuantModule):
@@ -171,7 +179,7 @@ class QCompute(QuantModule):
         if correction is not None:
             acc = acc * correction
         y = self.acc_q(acc).to(x.dtype) + channel_view(self.bias_q(bias), x.dim())
-        return self.out_q(apply_activation(y, self.activation))
+        return quantize_activation(self.out_q, y, self.activation)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, activation={self.activation}, bn={'yes' if self.bn is not None else 'no'}"
@@ -239,7 +247,7 @@ class QAdd(QuantModule):
         self.subtract = subtract
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.out_q(apply_activation(a - b if self.subtract else a + b, self.activation))
+        return quantize_activation(self.out_q, a - b if self.subtract else a + b, self.activation)
 
 
 class QMul(QuantModule):

@@ -12,17 +12,26 @@ Backward, with ceil and round straight-through (the paper's exact threshold grad
 
 The gradient with respect to ``log2_t`` is summed over the whole tensor (one threshold per tensor).
 
-The float32 round-half-even case (the training hot path) runs torch's fused fake-quant kernels: its
-learnable per-tensor kernel computes dq/dx and dq/ds = {round(x/s) - x/s inside; n below; p above}
-summed over the tensor (LSQ's form), and with s = 2^ceil(log2_t) / 2^m built through a
-straight-through ceil, ds/dlog2_t = s ln2: exactly the TQT gradient above. Every other case (float64,
-other rounding modes, formats wider than 16 bits) runs the autograd Function below.
+The float32 round-half-even case (the training hot path) runs :class:`_FastTQTQuantizeFunction`:
+the same values and gradients in a few in-place passes (one new tensor forward, one backward)::
+
+    q = (clamp(x, n s, p s) + c) - c,   c = 1.5 * 2^23 * s
+        (float32 addition rounds to the nearest multiple of ulp(c) = s, ties to even: round(x/s) s)
+    dq/dx       = 1  if (n - 1/2) s <= x < (p + 1/2) s  else 0   (n even, p odd: half-even ties)
+    dL/dlog2_t  = ln2 * ( sum g q  -  sum (g dq/dx) x )
+
+the last line because s * {round(x/s) - x/s inside; n, p outside} = q - x * dq/dx, so the sum needs two
+dot products and no per-element temporary. ``relu=True`` fuses a preceding ReLU: q(relu(x)) clamps
+at 0 instead of n s, and dq/dx = 1 on 0 < x < (p + 1/2) s; a ReLU'd element contributes q = 0 to the
+threshold gradient, as in the unfused form. Every other case (float64, other rounding modes)
+runs the autograd Function below, the reference these formulas are tested against.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,17 +76,55 @@ class _TQTQuantizeFunction(torch.autograd.Function):
         return grad_x, grad_log2_t, None, None
 
 
-def _fake_quantize(x: torch.Tensor, log2_t: torch.Tensor, fmt: FixedPointFormat, rounding: Rounding) -> torch.Tensor:
-    """q(x) with the TQT gradients; torch's fused kernels where they compute exactly that (module docstring)."""
-    if x.dtype != torch.float32 or rounding is not Rounding.HALF_EVEN or fmt.bits > 16:
-        return _TQTQuantizeFunction.apply(x, log2_t, fmt, rounding)
-    scale = math.ldexp(1.0, fmt.exponent(float(log2_t.detach())))
-    if not log2_t.requires_grad:
-        return torch.fake_quantize_per_tensor_affine(x, scale, 0, fmt.qmin, fmt.qmax)
-    ceil = log2_t + (torch.ceil(log2_t) - log2_t).detach()  # value ceil(log2_t), gradient 1
-    smooth = torch.exp2(ceil - fmt.mantissa_bits)
-    scale_t = (scale + (smooth - smooth.detach())).reshape(1)  # value exactly 2^k, gradient s ln2
-    return torch._fake_quantize_learnable_per_tensor_affine(x, scale_t, x.new_zeros(1), fmt.qmin, fmt.qmax, 1.0)
+MAGIC_EXPONENT = 23  # float32 mantissa bits: c = 1.5 * 2^23 * s has ulp(c) = s
+MIN_FAST_EXPONENT, MAX_FAST_EXPONENT = -100, 100  # s, c and the clip bounds are normal float32 numbers
+
+
+class _FastTQTQuantizeFunction(torch.autograd.Function):
+    """float32 round-half-even q(x) (or q(relu(x))) with the TQT gradients (module docstring)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        log2_t: torch.Tensor,
+        fmt: FixedPointFormat,
+        exponent: int,
+        relu: bool,
+    ) -> torch.Tensor:
+        scale = math.ldexp(1.0, exponent)
+        magic = math.ldexp(1.5, exponent + MAGIC_EXPONENT)
+        quantized = x.clamp(0.0 if relu else fmt.qmin * scale, fmt.qmax * scale)
+        quantized.add_(magic).sub_(magic)
+        ctx.save_for_backward(x, quantized)
+        # dq/dx = 1 on lower < x < upper (open bounds, as hardtanh_backward takes them)
+        ctx.lower = 0.0 if relu else float(np.nextafter(np.float32((fmt.qmin - 0.5) * scale), np.float32(-np.inf)))
+        ctx.upper = (fmt.qmax + 0.5) * scale
+        return quantized
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        x, quantized = ctx.saved_tensors
+        grad_x = torch.ops.aten.hardtanh_backward(grad_out, x, ctx.lower, ctx.upper)
+        grad_log2_t = None
+        if ctx.needs_input_grad[1]:
+            grad_flat = grad_out.reshape(-1)
+            dot_q = torch.dot(grad_flat, quantized.reshape(-1))
+            grad_log2_t = (dot_q - torch.dot(grad_x.reshape(-1), x.reshape(-1))).mul(LN2).reshape(())
+        return grad_x if ctx.needs_input_grad[0] else None, grad_log2_t, None, None, None
+
+
+def _fake_quantize(
+    x: torch.Tensor, log2_t: torch.Tensor, fmt: FixedPointFormat, rounding: Rounding, relu: bool = False
+) -> torch.Tensor:
+    """q(x), or q(relu(x)) with ``relu``, with the TQT gradients; the fused path where it applies."""
+    exponent = fmt.exponent(float(log2_t.detach()))
+    fast = x.dtype == torch.float32 and rounding is Rounding.HALF_EVEN
+    if fast and MIN_FAST_EXPONENT <= exponent <= MAX_FAST_EXPONENT:
+        return _FastTQTQuantizeFunction.apply(x, log2_t, fmt, exponent, relu)
+    return _TQTQuantizeFunction.apply(torch.relu(x) if relu else x, log2_t, fmt, rounding)
 
 
 def tqt_quantize(
@@ -164,12 +211,13 @@ class TQTQuantizer(nn.Module):
         """The power-of-2 threshold 2^ceil(log2_t) actually used."""
         return math.ldexp(1.0, int(math.ceil(float(self.log2_t.detach()))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """q(x); with ``relu``, q(relu(x)) in one fused pass (forward pre-hooks then see x before the ReLU)."""
         if not self.enabled:
-            return x
+            return torch.relu(x) if relu else x
         if not self.training:  # inference: NaN is an error, as in the integer program (fixedpoint.reject_nan)
             reject_nan(bool(torch.isnan(x).any()), "the input of a quantizer")
-        return _fake_quantize(x, self.log2_t, self.format, self.rounding)
+        return _fake_quantize(x, self.log2_t, self.format, self.rounding, relu)
 
     def extra_repr(self) -> str:
         state = "frozen" if self.frozen else "trained"
