@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import edgetrain.cli.pipeline as cli_pipeline
+import edgetrain.pipeline.run as pipeline_run
 from edgetrain.cli import main
 from edgetrain.data import Dataset
-from edgetrain.pipeline.config import ConfigError, load_config
+from edgetrain.pipeline.config import ConfigError, PipelineConfig, load_config
 from edgetrain.training import train_float
 
 torch.set_num_threads(1)
@@ -76,8 +77,9 @@ def test_a_typo_in_the_second_rule_deletes_nothing(tmp_path: Path, capsys) -> No
     assert _snapshot(out) == before
 
 
-def test_unsupported_op_is_found_before_any_stage_runs(tmp_path: Path, monkeypatch, capsys) -> None:
-    (tmp_path / "gram_net.py").write_text(
+def _unsupported_op_model(folder: Path, monkeypatch) -> str:
+    """A model file whose forward uses torch.fft (no quantized op covers it); returns its import spec."""
+    (folder / "gram_net.py").write_text(
         "import torch\n"
         "class Gram(torch.nn.Module):\n"
         "    def __init__(self):\n"
@@ -89,7 +91,12 @@ def test_unsupported_op_is_found_before_any_stage_runs(tmp_path: Path, monkeypat
         "def build():\n"
         "    return Gram()\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(folder))
+    return "gram_net:build"
+
+
+def test_unsupported_op_is_found_before_any_stage_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    _unsupported_op_model(tmp_path, monkeypatch)
     out = tmp_path / "run"
     config = tmp_path / "gram.toml"
     sections = '[model]\nimport = "gram_net:build"\n[data]\ndataset = "digits"\n[adapt]\nrules = []\n'
@@ -105,6 +112,19 @@ def test_unsupported_op_is_found_before_any_stage_runs(tmp_path: Path, monkeypat
     err = capsys.readouterr().err.strip()
     assert "[adapt] the model cannot be adapted on the device" in err and len(err.splitlines()) == 1
     assert not (out / "pretrain").exists() and not (out / ".pretrain.partial").exists()
+
+
+def test_api_run_pipeline_checks_the_model_before_any_stage_runs(tmp_path: Path, monkeypatch) -> None:
+    config = PipelineConfig()
+    config.model.import_path = _unsupported_op_model(tmp_path, monkeypatch)
+    config.data.dataset, config.adapt.rules, config.output.dir = "digits", [], str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="cannot be quantized.*fft"):
+        pipeline_run.run_pipeline(config, log=lambda _: None)
+    assert not (tmp_path / "run").exists()  # no stage ran, nothing was written
+    config.model.import_path, config.adapt.samples = "", 0
+    with pytest.raises(ConfigError, match=r"\[adapt\] samples must be >= 1, got 0"):  # the whole config, too
+        pipeline_run.run_pipeline(config, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_out_pointing_at_a_file(tmp_path: Path, capsys) -> None:
@@ -238,11 +258,11 @@ def test_a_failed_run_replaces_the_stale_report_with_what_finished(tmp_path: Pat
     (out / "report" / "report.md").write_text("the report of an earlier config")
     (out / "report" / "figure_01.png").write_bytes(b"an old plot")
 
-    def stops_in_quantize(config, command):
-        run_stage(out, "pretrain", fingerprint("pretrain", {}), lambda d: {"test_accuracy": 0.5}, print)
-        run_stage(out, "quantize", fingerprint("quantize", {}), lambda d: 1 / 0, print)
+    def stops_in_quantize(config, data, out, log):
+        run_stage(out, "pretrain", fingerprint("pretrain", {}), lambda d: {"test_accuracy": 0.5}, log)
+        run_stage(out, "quantize", fingerprint("quantize", {}), lambda d: 1 / 0, log)
 
-    monkeypatch.setattr(cli_pipeline, "run_pipeline", stops_in_quantize)
+    monkeypatch.setattr(pipeline_run, "_run_stages", stops_in_quantize)
     config = tmp_path / "run.toml"
     config.write_text(f'[data]\ndataset = "digits"\n[adapt]\nrules = []\n[output]\ndir = "{out}"\n')
     assert main(["run", str(config)]) == 1

@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-from edgetrain.cli import CLIError
-from edgetrain.data import DatasetNotFoundError, load_dataset
-from edgetrain.pipeline.config import PipelineConfig, load_config, preflight
+from edgetrain.data import DatasetNotFoundError
+from edgetrain.pipeline.config import PipelineConfig, load_config
 from edgetrain.pipeline.run import run_pipeline
-from edgetrain.pipeline.stages import STATUS_FILE, reset_status, write_status_report
 
 
 def demo_config(out: str) -> PipelineConfig:
@@ -35,42 +32,27 @@ def run_demo(args: argparse.Namespace) -> int:
     config = demo_config(args.out)
     command = f"edgetrain demo --out {shlex.quote(args.out)}"
     try:
-        return _run_checked(config, command)
+        return _run(config, command)
     except DatasetNotFoundError as err:
         print(
             f"{err}\n\nFashion-MNIST is missing: running the demo on scikit-learn's 8x8 digits instead "
             "(quantization and export only; the adaptation scenarios need MNIST-style 28x28 data).",
             file=sys.stderr,
         )
-        return _run_checked(fallback_to_digits(config), command)
+        return _run(fallback_to_digits(config), command)
 
 
 def run_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.out:
         config.output.dir = args.out
-    return _run_checked(config, f"edgetrain run {shlex.quote(args.config)}")
+    return _run(config, f"edgetrain run {shlex.quote(args.config)}")
 
 
-def _run_checked(config: PipelineConfig, command: str) -> int:
-    """Check the config against its data and model before any stage runs; run it; if it stops,
-    write a report of what finished and what did not (then re-raise)."""
-    out = Path(config.output.dir)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"output folder {out} is a file; choose a folder (--out) for the stages and the report")
-    data = config.data
-    preflight(config, load_dataset(data.dataset, "train", root=data.root or None, seed=data.seed))
-    reset_status(out)
-    try:
-        return _report(run_pipeline(config, command))
-    except BaseException as err:
-        if (out / STATUS_FILE).exists():  # at least one stage started
-            stages = ["pretrain", "quantize", "export"] + (["adapt"] if config.adapt.rules else [])
-            write_status_report(out, stages, err)
-        raise
-
-
-def _report(summary: dict) -> int:
+def _run(config: PipelineConfig, command: str) -> int:
+    """Run the pipeline (it checks the config against its data and model before any stage runs, and
+    writes a report of what finished if it stops); exit status 1 if the program is not bit-exact."""
+    summary = run_pipeline(config, command)
     export = summary["export"]
     print(
         f"\nbit-exact integer program: {export['integer_mismatches']} mismatches on {export['verified_samples']} "

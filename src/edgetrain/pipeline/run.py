@@ -1,6 +1,7 @@
 """The main job: float network -> TQT quantized -> bit-exact integer program -> adapted on NVM -> report.
 
-``run_pipeline(config)`` runs the stages in order, each cached in ``<output.dir>/<stage>/``
+``run_pipeline(config)`` checks the whole config against its data and model first (nothing runs or
+is written before that), then runs the stages in order, each cached in ``<output.dir>/<stage>/``
 (see :mod:`edgetrain.pipeline.stages`): ``pretrain``, ``quantize``, ``export``, ``adapt``, then the
 report (always re-rendered, it is cheap).
 """
@@ -25,13 +26,29 @@ from edgetrain.export import IntegerProgram, ort_session, to_integer, to_onnx
 from edgetrain.graph import QuantizedModel, build_quantized_model, quantize
 from edgetrain.modelfile import MODEL_FORMAT, read_model_file, save_model_file
 from edgetrain.nvm import DriftSpec
-from edgetrain.pipeline.config import PipelineConfig, rule_options
+from edgetrain.pipeline.config import ConfigError, PipelineConfig, preflight, rule_options, validate_config
 from edgetrain.pipeline.models import build_model, data_source, quant_settings
 from edgetrain.pipeline.report import write_report
-from edgetrain.pipeline.stages import StageError, StageResult, fingerprint, run_stage, write_json_atomic
+from edgetrain.pipeline.stages import (
+    STATUS_FILE,
+    StageError,
+    StageResult,
+    fingerprint,
+    reset_status,
+    run_stage,
+    write_json_atomic,
+    write_status_report,
+)
 from edgetrain.pipeline.steps import CHECKPOINT_NAME, adapt_device, verify_program
 from edgetrain.tqt import RetrainConfig, ThresholdHistory, retrain
 from edgetrain.training import evaluate, train_float
+
+STAGE_NAMES = ("pretrain", "quantize", "export", "adapt")
+
+
+def planned_stages(config: PipelineConfig) -> list[str]:
+    """The stages ``config`` runs: all four, or without ``adapt`` when ``[adapt] rules`` is empty."""
+    return [name for name in STAGE_NAMES if name != "adapt" or config.adapt.rules]
 
 
 @dataclass
@@ -282,20 +299,51 @@ def adaptation_dataset(config: PipelineConfig) -> DataSource:
 def run_pipeline(
     config: PipelineConfig, command: str | None = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Run every stage (skipping the ones already done for the same inputs) and write the report.
+    """Check the config, run every stage (skipping the ones already done for the same inputs) and write
+    the report.
 
-    The config is saved as ``<output.dir>/config.toml``; ``command`` is the command line the report
-    gives to reproduce the run (default: ``edgetrain run <output.dir>/config.toml``).
-    Returns a summary dict; the report is at ``summary["report_html"]``.
+    Before any stage runs or anything is written: the config is validated whole
+    (:func:`~edgetrain.pipeline.config.validate_config`), its data is loaded and :func:`preflight`
+    builds and traces the model (every op supported) and, with ``[adapt] rules``, builds the adapting
+    device; each raises :class:`~edgetrain.pipeline.config.ConfigError`. The config is then saved as
+    ``<output.dir>/config.toml``; ``command`` is the command line the report gives to reproduce the run
+    (default: ``edgetrain run <output.dir>/config.toml``). If a stage fails or is interrupted, the
+    report says what finished and what did not (``<output.dir>/report/``) and the error propagates.
+    Returns a summary dict (``stage_seconds``: wall time of each stage in this run, 0 when reused);
+    the report is at ``summary["report_html"]``.
     """
     start = time.perf_counter()
+    validate_config(config)
     out = Path(config.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {out} is a file; choose a folder (--out) for the stages and the report")
+    data = load_pipeline_data(config)
+    preflight(config, data.train)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(config.to_toml())
     except OSError as err:
         raise StageError(f"cannot write to the output folder {out}: {err.strerror or err}; choose --out") from err
-    data = load_pipeline_data(config)
+    reset_status(out)
+    try:
+        summary = _run_stages(config, data, out, log)
+    except BaseException as err:
+        if (out / STATUS_FILE).exists():  # at least one stage started
+            write_status_report(out, planned_stages(config), err)
+        raise
+    summary["command"] = command or f"edgetrain run {shlex.quote(str(out / 'config.toml'))}"
+    summary["config"] = config.to_dict()
+    report_start = time.perf_counter()
+    markdown, html = write_report(summary, config, out)
+    summary["stage_seconds"]["report"] = time.perf_counter() - report_start
+    summary["seconds"] = time.perf_counter() - start
+    summary["report_md"], summary["report_html"] = str(markdown), str(html)
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _run_stages(config: PipelineConfig, data: PipelineData, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The stages in order; the summary of each under its name, and their times under ``stage_seconds``."""
     log(f"data: {data.train.name} train {len(data.train)} / val {len(data.val)} / test {len(data.test)}")
     pretrained = pretrain_stage(config, data, out, log)
     quantized = quantize_stage(config, data, out, pretrained, log)
@@ -304,10 +352,5 @@ def run_pipeline(
     if config.adapt.rules:
         stages.append(adapt_stage(config, out, exported, log))
     summary: dict[str, Any] = {stage.name: stage.summary for stage in stages}
-    summary["command"] = command or f"edgetrain run {shlex.quote(str(out / 'config.toml'))}"
-    summary["config"] = config.to_dict()
-    summary["seconds"] = time.perf_counter() - start
-    markdown, html = write_report(summary, config, out)
-    summary["report_md"], summary["report_html"] = str(markdown), str(html)
-    write_json_atomic(out / "summary.json", summary)
+    summary["stage_seconds"] = {stage.name: stage.seconds for stage in stages}
     return summary

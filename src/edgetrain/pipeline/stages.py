@@ -2,9 +2,10 @@
 is present and valid.
 
 A stage's output folder ``<root>/<name>/`` holds ``stage.json`` = {fingerprint, inputs, summary,
-files}. The fingerprint is a hash of everything that determines the stage's result (its own config
-section and the fingerprints of the stages it reads from), and ``inputs`` lists those values, so a
-reuse compares them and a rerun says in one line what changed. Changing one stage's settings re-runs
+files, seconds} (``seconds``: the wall time the stage took when it ran). The fingerprint is a hash
+of everything that determines the stage's result (its own config section and the fingerprints of the
+stages it reads from), and ``inputs`` lists those values, so a reuse compares them and a rerun says
+in one line what changed. Changing one stage's settings re-runs
 that stage and everything downstream, and nothing upstream.
 
 Nothing finished is deleted before its replacement is complete: a stage runs in
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,7 @@ class StageResult:
     summary: dict[str, Any]
     directory: Path
     skipped: bool
+    seconds: float = 0.0  # wall time of this run of the stage (0 when reused)
 
 
 def _read_meta(directory: Path) -> dict[str, Any] | None:
@@ -184,6 +187,7 @@ def run_stage(
         raise StageError(f"cannot create the output folder {partial}: {err.strerror or err}; choose --out") from err
     log(f"[{name}] running -> {final}")
     record_status(root, name, "running", "")
+    start = time.perf_counter()
     try:
         summary = body(partial)
     except KeyboardInterrupt:
@@ -192,14 +196,17 @@ def run_stage(
     except Exception as err:
         record_status(root, name, "failed", f"{type(err).__name__}: {err}")
         raise
+    seconds = time.perf_counter() - start
     files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file() and p.name != STAGE_FILE)
-    write_json_atomic(partial / STAGE_FILE, {"fingerprint": key, "inputs": inputs, "summary": summary, "files": files})
+    record = {"fingerprint": key, "inputs": inputs, "summary": summary, "files": files, "seconds": seconds}
+    write_json_atomic(partial / STAGE_FILE, record)
     try:
         _promote(partial, final)
     except OSError as err:
         raise StageError(f"cannot move the finished {name} results into {final}: {err.strerror or err}") from err
-    record_status(root, name, "done", "")
-    return StageResult(name, key, summary, final, skipped=False)
+    record_status(root, name, "done", f"{seconds:.0f} s")
+    log(f"[{name}] done in {seconds:.0f} s")
+    return StageResult(name, key, summary, final, skipped=False, seconds=seconds)
 
 
 def _marker(directory: Path) -> str | None:
