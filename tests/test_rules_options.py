@@ -126,6 +126,26 @@ def test_error_feedback_keeps_the_projected_remainder_within_rank_r() -> None:
     assert not plain.layers["fc"].acc.estimate().any()
 
 
+def test_adaptive_period_waits_until_the_update_rms_reaches_the_gate() -> None:
+    rng = np.random.default_rng(3)
+    left, right = rng.normal(size=(5, 2)), rng.normal(size=(7, 2))
+    assert LowRank.rms(left, right) == pytest.approx(np.sqrt(np.mean((left @ right.T) ** 2)))
+    layer = FakeLayer("fc", 3, 4)
+    dz, a = np.array([0.2, -0.1, 0.05]), np.array([0.3, 0.1, -0.2, 0.4])
+    lr, gate = 0.001, 1.0
+    rule, arrays = lowrank(layer, rank=1, unbiased=False, kappa_th=1e8, lr=lr, min_update_rms=gate)
+    layer.dz, layer.a = torch.tensor(dz[None], dtype=torch.float32), torch.tensor(a[None], dtype=torch.float32)
+    rms_per_sample = np.sqrt(np.mean(np.outer(dz, a) ** 2))  # the same term every sample: G_t = t dz a^T
+    # x_t = lr sqrt(t) G_t / lsb, rms(x_t) = lr t^1.5 rms(dz a^T) / lsb: the first t with rms >= gate
+    first = math.ceil((gate * LSB / (lr * rms_per_sample)) ** (2 / 3))
+    for step in range(first):
+        assert arrays["fc"].update_events == 0
+        rule.update(step)
+    assert arrays["fc"].update_events == 1 and rule.layers["fc"].mult == 0.0
+    x = lr * math.sqrt(first) * first * np.outer(dz, a) / LSB
+    np.testing.assert_array_equal(-arrays["fc"].codes, np.rint(x))
+
+
 def test_endurance_governor_never_exceeds_the_budget() -> None:
     layer = FakeLayer("fc", 4, 4)
     endurance, lifetime, samples = 3.0, 30.0, 30

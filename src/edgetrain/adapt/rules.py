@@ -134,6 +134,9 @@ class LowRankOptions(RuleOptions):
     max_norm: bool = option(True, "max-norm the factors and the bias/BN gradients (LRT App. D)")
     kappa_th: float = option(100.0, "conditioning gate kappa_th of the accumulator (LRT App. H)", above=0.0)
     rho_min: float = option(0.01, "write only when more than this fraction of cells would change", low=0.0, high=1.0)
+    min_update_rms: float = option(
+        0.0, "adaptive period: write only when the update's RMS reaches this many LSBs (0: off)", low=0.0
+    )
     lr: float = option(0.01, "learning rate", above=0.0)
     train_biases: bool = option(True, "per-sample SGD on biases and BN gamma/beta too")
     chunk: int = option(1, "accumulator terms folded per step", low=1)
@@ -408,7 +411,9 @@ class LowRank(UpdateRule):
     Every sample (every pixel of a conv layer, im2col) feeds dz = wmult dL/dz and a to the layer's
     streaming Kronecker-sum accumulator. Every B samples (``batch_conv`` / ``batch_fc``): mult += B;
     (L, R) = factors, max-normed if ``max_norm`` (divisors s_L, s_R); lr_eff = lr sqrt(mult);
-    x = lr_eff L R^T / lsb (the update in LSBs); dW_q = round(x) (``rounding="stochastic"``:
+    x = lr_eff L R^T / lsb (the update in LSBs); adaptive period (``min_update_rms``): if
+    rms(x) = ||x||_F / sqrt(n m) (from the factors) is below it, nothing happens and the accumulator
+    keeps accumulating (mult grows); else dW_q = round(x) (``rounding="stochastic"``:
     floor(x) + Bernoulli(frac x)); cells with |x| < ``write_threshold`` and cells that used up their
     endurance budget get dW_q = 0; if the fraction of non-zero dW_q exceeds ``rho_min`` the weights
     are written (W <- clip(W - dW_q)) and mult resets, and the accumulator restarts empty or, with
@@ -463,17 +468,26 @@ class LowRank(UpdateRule):
                 self._apply(layer, state, step)
         super().update(step)
 
-    def estimate(self, state: _LowRankLayer) -> tuple[np.ndarray, float, np.ndarray | None]:
-        """(G, s, L): the max-normed gradient-sum estimate G = L R^T / s (or the dense sum / s), its
-        divisor s = s_L s_R, and the left factor L (n x r; None for a dense sum)."""
+    def estimate(self, state: _LowRankLayer) -> tuple[np.ndarray, np.ndarray | None, float, np.ndarray | None]:
+        """(A, B, s, L): the max-normed gradient-sum estimate G = A B^T = L R^T / s (B None: A is the
+        dense sum / s), its divisor s = s_L s_R, and the left factor L (n x r; None for a dense sum)."""
         if state.acc is None:
             assert state.dense is not None
             grad, scale = normed(state.norm_l, state.dense)
-            return grad, scale, None
+            return grad, None, scale, None
         left, right = state.acc.factors()
         left_n, s_l = normed(state.norm_l, left)
         right_n, s_r = normed(state.norm_r, right)
-        return left_n @ right_n.T, s_l * s_r, left
+        return left_n, right_n, s_l * s_r, left
+
+    @staticmethod
+    def rms(left: np.ndarray, right: np.ndarray | None) -> float:
+        """RMS of the entries of A B^T from the factors alone: ||A B^T||_F^2 = sum((A^T A) * (B^T B)),
+        O((n + m) r^2) work, so a gated-off event never forms the dense n x m product."""
+        if right is None:
+            return float(np.sqrt(np.mean(left**2))) if left.size else 0.0
+        squared = float(np.sum((left.T @ left) * (right.T @ right)))
+        return math.sqrt(max(squared, 0.0) / (left.shape[0] * right.shape[0]))
 
     def allowed_writes(self, samples: int) -> int | None:
         """Governor budget after ``samples`` samples: floor(E samples / T) writes per cell (None: off)."""
@@ -494,12 +508,15 @@ class LowRank(UpdateRule):
         return step_codes
 
     def _apply(self, layer: Any, state: _LowRankLayer, step: int) -> None:
-        """One update event attempt (docs/adaptation.md): gated by rho_min, reset after a write."""
+        """One update event attempt (docs/adaptation.md): gated by min_update_rms and rho_min, reset
+        after a write."""
         state.mult += state.batch
-        grad, scale, left = self.estimate(state)
+        factor_a, factor_b, scale, left = self.estimate(state)
         lr_eff = self.lr * math.sqrt(state.mult)
         lsb = layer.formats.weight.lsb
-        x = lr_eff * grad / lsb
+        if lr_eff * self.rms(factor_a, factor_b) / lsb < self.options.min_update_rms:
+            return  # adaptive period: keep accumulating, mult (and so lr_eff) keeps growing
+        x = lr_eff * (factor_a if factor_b is None else factor_a @ factor_b.T) / lsb
         step_codes = self.step_codes(layer, x, step + 1)
         if np.count_nonzero(step_codes) > self.options.rho_min * step_codes.size:
             self.write(layer, step_codes)
