@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -49,6 +51,48 @@ def verdicts(strategies: dict[str, Any]) -> dict[str, Any]:
         "writes_no_more_than_local": fed["max_writes"] <= local["max_writes"],
         "total_writes_ratio_federated_over_local": fed["total_writes"] / max(local["total_writes"], 1),
     }
+
+
+def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
+    """Federated low-rank against local per device, and what each fleet update did to the devices'
+    held-out accuracy (before it: the score after the previous round's learning; after it: the
+    score right after the update event, before any learning)."""
+    local = {d["device"]: d["test_accuracy"] for d in strategies["local"]["devices"]}
+    fed = strategies["federated-lowrank"]
+    lines = ["", "Federated low-rank against local, per device (held-out accuracy at the end):", "",
+             "| device | local | federated-lowrank | fed - local | broadcasts written | declined by the gate |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for d in fed["devices"]:
+        written = sum(e["cells_written"] > 0 for e in d["fleet_update_per_round"])
+        diff = d["test_accuracy"] - local[d["device"]]
+        lines.append(
+            f"| {d['device']} | {local[d['device']]:.3f} | {d['test_accuracy']:.3f} | {diff:+.3f} | {written} | "
+            f"{d['fleet_updates_declined']} |"
+        )
+    lines += ["", "Each federated low-rank fleet update (mean over the devices that reported both scores):", "",
+              "| broadcast written at the start of round | held-out before | held-out right after | devices worse "
+              "after | written / declined | step Frobenius / max (LSB) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for round_index in range(1, len(fed["rounds"])):
+        pairs, written, declined, sizes = [], 0, 0, []
+        for d in fed["devices"]:
+            before = dict((r, a) for r, a in d["test_accuracy_per_round"]).get(round_index - 1)
+            effect = next((e for e in d["fleet_update_per_round"] if e["round"] == round_index), None)
+            if effect is None or before is None:
+                continue
+            pairs.append((before, effect["test_accuracy_after_update"]))
+            written += effect["cells_written"] > 0
+            if effect.get("step_fro_lsb") is not None:
+                sizes.append((effect["step_fro_lsb"], effect["step_max_lsb"]))
+            gate = effect["gate_current_accuracy"], effect["gate_candidate_accuracy"]
+            declined += gate[0] is not None and gate[1] < gate[0]
+        if pairs:
+            worse = sum(after < before for before, after in pairs)
+            lines.append(
+                f"| {round_index} | {np.mean([b for b, _ in pairs]):.4f} | {np.mean([a for _, a in pairs]):.4f} | "
+                f"{worse} of {len(pairs)} | {written} / {declined} | "
+                + (f"{np.mean([f for f, _ in sizes]):.0f} / {max(m for _, m in sizes):.0f} |" if sizes else "- |")
+            )
+    return lines
 
 
 def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, seconds: float) -> str:
@@ -86,6 +130,7 @@ def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, secon
         lines.append(
             f"| {device} | " + " | ".join(f"{per_device[n].get(device, float('nan')):.3f}" for n in names) + " |"
         )
+    lines += fleet_update_lines(result["strategies"])
     met = {key: "met" if value else "NOT met" for key, value in checks.items() if isinstance(value, bool)}
     lines += [
         "",
@@ -112,6 +157,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--drift-scale", type=float, default=1.0)
+    parser.add_argument("--fleet-lr", type=float, default=FleetConfig.fleet_lr, help="server step size eta")
+    parser.add_argument("--gate-samples", type=int, default=FleetConfig.gate_samples, help="acceptance gate (0: off)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "fleet-bench"))
     parser.add_argument("--seed", type=int, default=0, help="seeds the devices' streams, drift and held-out sets")
     parser.add_argument("--name", default="fleet", help="results file stem: bench/results/NAME.json and NAME.md")
@@ -134,6 +181,8 @@ def main() -> None:
         pretrain_samples=8000,
         pretrain_epochs=2,
         drift_scale=args.drift_scale,
+        fleet_lr=args.fleet_lr,
+        gate_samples=args.gate_samples,
         round_timeout=3600.0,
         seed=args.seed,
     )

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from edgetrain.fleet import Fault, FleetConfig, check_update, mean_delta, merge_lowrank
 
@@ -102,8 +106,10 @@ def tiny_model(tiny_lrt_model_file) -> str:
 
 
 class InProcessGrid:
-    """A stand-in for Flower's Grid: delivers each message to the ClientApp in this process, and an
-    exception as an error reply (what Flower's engines do)."""
+    """A stand-in for Flower's Grid: delivers each message to the ClientApp in this process, an
+    exception as an error reply and no reply from a device that took longer than the timeout (what
+    Flower's engines do). A device's time is its real time plus the seconds it slept on the virtual
+    clock ``sleep`` (patched into the app, so a silent device costs the test nothing)."""
 
     def __init__(self, devices: int) -> None:
         from flwr.app import Context, RecordDict
@@ -112,6 +118,10 @@ class InProcessGrid:
             100 + k: Context(1, 100 + k, node_config={"partition-id": k}, state=RecordDict(), run_config={})
             for k in range(devices)
         }
+        self.slept = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += seconds
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -124,23 +134,39 @@ class InProcessGrid:
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
+            start, slept = time.perf_counter(), self.slept
             try:
-                replies.append(client_app(message, self.contexts[node]))
+                reply = client_app(message, self.contexts[node])
             except Exception as err:  # noqa: BLE001 - the engines turn any ClientApp exception into an error reply
-                replies.append(Message(Error(code=0, reason=str(err)), reply_to=message))
+                reply = Message(Error(code=0, reason=str(err)), reply_to=message)
+            if timeout is None or time.perf_counter() - start + self.slept - slept <= timeout:
+                replies.append(reply)
         return replies
 
 
-def test_a_rejected_update_and_a_dropped_device_do_not_stop_the_round(
-    tmp_path, tiny_model, one_thread, monkeypatch
-) -> None:
+@pytest.fixture
+def in_process_serve(monkeypatch):
+    """``serve`` of the ServerApp as an engine would run it, with devices on an :class:`InProcessGrid`
+    of N devices: ``in_process_serve(N, config, out)``."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from edgetrain.fleet.app import serve
+    from edgetrain.fleet import app
 
     for key in ("_run_id", "_node_id", "_task_id"):  # what an engine sets in the ServerApp's process
         monkeypatch.setattr(TaskIdentity, key, 1)
 
+    def run(devices: int, config: FleetConfig, out):
+        grid = InProcessGrid(devices)
+        clock = SimpleNamespace(sleep=grid.sleep, monotonic=time.monotonic, perf_counter=time.perf_counter)
+        monkeypatch.setattr(app, "time", clock)
+        return app.serve(grid, config, out)
+
+    return run
+
+
+def test_a_rejected_update_and_a_dropped_device_do_not_stop_the_round(
+    tmp_path, tiny_model, one_thread, in_process_serve
+) -> None:
     config = FleetConfig(
         devices=3,
         rounds=2,
@@ -149,8 +175,9 @@ def test_a_rejected_update_and_a_dropped_device_do_not_stop_the_round(
         model=tiny_model,
         test_samples=20,
         faults=(Fault("corrupt", 1, 0), Fault("dropout", 2, 1)),
+        gate_samples=0,
     )
-    result = serve(InProcessGrid(3), config, tmp_path)
+    result = in_process_serve(3, config, tmp_path)
     assert json.loads((tmp_path / "fleet.json").read_text()) == json.loads(json.dumps(result))
     shapes = {"conv1": (4, 9), "conv2": (4, 36), "conv3": (4, 36), "conv4": (4, 36), "fc1": (16, 64), "fc2": (10, 16)}
     factor_bytes = sum(
@@ -185,6 +212,113 @@ def test_a_rejected_update_and_a_dropped_device_do_not_stop_the_round(
     lowrank = result["strategies"]["federated-lowrank"]
     assert 0 < lowrank["max_writes"] <= 2
     assert all(d["total_writes"] == d["fleet_update_writes"] for d in lowrank["devices"])
+
+
+def test_a_silent_device_is_listed_and_the_round_goes_on(tmp_path, tiny_model, one_thread, in_process_serve) -> None:
+    config = FleetConfig(
+        devices=3,
+        rounds=2,
+        samples_per_round=8,
+        strategies=("federated-lowrank",),
+        model=tiny_model,
+        test_samples=20,
+        round_timeout=60.0,
+        faults=(Fault("silent", 1, 1),),
+        gate_samples=8,
+    )
+    figures = in_process_serve(3, config, tmp_path)["strategies"]["federated-lowrank"]
+    first, second, final = figures["rounds"]
+    assert first["accepted"] == 3 and not first["silent"]
+    # round 1: device 1 slept past the 60 s timeout (on the virtual clock); the server named it and
+    # merged the other two
+    assert second["silent"] == [{"device": 1, "node": 101}]
+    assert second["accepted"] == 2 and not second["dropped"] and not second["rejected"]
+    assert second["uplink_bytes"] == 2 * first["uplink_bytes"] // 3
+    # the final round: every device (the silent one too) got the broadcast and reported
+    assert final["downlink_bytes"] == first["uplink_bytes"] and not final["silent"]  # 3 x one payload
+    devices = {d["device"]: d for d in figures["devices"]}
+    assert set(devices) == {0, 1, 2}
+    for index, device in devices.items():  # the gate judged the broadcasts; what it declined wrote nothing
+        effects = device["fleet_update_per_round"]
+        assert [e["round"] for e in effects] == ([2] if index == 1 else [1, 2])  # device 1's reply 1 was lost
+        for effect in effects:
+            declined = effect["gate_candidate_accuracy"] < effect["gate_current_accuracy"]
+            assert (effect["cells_written"] == 0) if declined else (effect["cells_written"] >= 0)
+        assert device["fleet_updates_declined"] == sum(
+            e["gate_candidate_accuracy"] < e["gate_current_accuracy"] for e in effects
+        )
+
+
+def fleet_device(model: str, **options):
+    from edgetrain.fleet.device import FleetDevice
+
+    config = FleetConfig(devices=2, rounds=2, samples_per_round=8, model=model, test_samples=20, **options)
+    return FleetDevice(config, 0, "federated-lowrank")
+
+
+def broadcast_of(device, scale: float) -> dict[str, np.ndarray]:
+    from edgetrain.fleet.merge import encode_factors
+
+    rng = np.random.default_rng(3)
+    update = {}
+    for layer in device.trainer.net.weight_layers:
+        n, m = layer.shape2d
+        update.update(
+            encode_factors(layer.name, (scale * rng.standard_normal((n, 4)), rng.standard_normal((m, 4))), 32)
+        )
+    return update
+
+
+def test_the_fleet_step_is_eta_lr_sqrt_r_times_the_merged_product(tiny_model, one_thread) -> None:
+    from edgetrain.fleet.merge import decode_factors
+
+    device = fleet_device(tiny_model, fleet_lr=0.5, lr=0.01, gate_samples=0)
+    update = broadcast_of(device, 1.0)
+    before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
+    written = device.apply(update)
+    changed = 0
+    for layer in device.trainer.net.weight_layers:
+        array = device.trainer.arrays[layer.name]
+        left, right = decode_factors(layer.name, update)
+        step = np.rint(0.5 * 0.01 * math.sqrt(8) * (left @ right.T) / layer.formats.weight.lsb)
+        expected = np.clip(before[layer.name] - step, array.fmt.qmin, array.fmt.qmax)
+        np.testing.assert_array_equal(array.codes, expected)
+        np.testing.assert_array_equal(layer.codes(), expected)  # the network computes with what was written
+        changed += int(np.count_nonzero(expected != before[layer.name]))
+    assert written == changed > 0 and device.fleet_writes == written
+    with pytest.raises(ValueError, match="fleet_lr must be > 0"):
+        FleetConfig(fleet_lr=0.0)
+
+
+def test_the_gate_scores_the_broadcast_on_the_next_samples_and_declines_a_worse_one(
+    tiny_model, one_thread, monkeypatch
+) -> None:
+    import copy
+
+    from edgetrain.fleet.device import FleetDevice, prediction_accuracy
+
+    device = fleet_device(tiny_model, gate_samples=8)
+    device.learn(8)
+    update = broadcast_of(device, 50.0)
+    steps = device.fleet_steps(update)
+    images, labels = device.stream.batch(8, 16)  # the next 8 samples of the stream
+    shadow = copy.deepcopy(device.trainer.net)
+    for layer in shadow.weight_layers:
+        array = device.trainer.arrays[layer.name]
+        layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
+    want = (prediction_accuracy(device.trainer.net, images, labels), prediction_accuracy(shadow, images, labels))
+    before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
+    weights = [layer.weight.clone() for layer in device.trainer.net.weight_layers]
+    assert device.shadow_accuracy(steps) == want
+    for layer, weight in zip(device.trainer.net.weight_layers, weights, strict=True):
+        assert torch.equal(layer.weight, weight)  # the candidate was only tried, in RAM
+    # the decision: declined when the candidate predicts fewer samples right (nothing written), kept on a tie
+    monkeypatch.setattr(FleetDevice, "shadow_accuracy", lambda self, steps: (0.75, 0.625))
+    assert device.apply(update) == 0 and device.declined == 1 and device.metrics()["fleet_updates_declined"] == 1
+    assert all(np.array_equal(device.trainer.arrays[name].codes, codes) for name, codes in before.items())
+    assert device.metrics()["aux_memory_bits"] > fleet_device(tiny_model, gate_samples=0).metrics()["aux_memory_bits"]
+    monkeypatch.setattr(FleetDevice, "shadow_accuracy", lambda self, steps: (0.75, 0.75))
+    assert device.apply(update) > 0 and device.declined == 1
 
 
 def test_report_writes_plots_and_markdown(tmp_path) -> None:

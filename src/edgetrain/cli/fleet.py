@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgetrain.cli import CLIError, positive_float, positive_int
+from edgetrain.cli import CLIError, non_negative_int, positive_float, positive_int
 
 FLAG_FIELDS = (  # flags whose dest is the FleetConfig field of the same name
     "devices",
@@ -25,6 +25,8 @@ FLAG_FIELDS = (  # flags whose dest is the FleetConfig field of the same name
     "drift",
     "split",
     "round_timeout",
+    "fleet_lr",
+    "gate_samples",
 )
 
 
@@ -49,6 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="device model: a .safetensors model file or an exported program folder")
     p.add_argument("--test-samples", type=positive_int, help="held-out samples per device")
     p.add_argument("--round-timeout", type=positive_float, help="seconds the server waits for a round's replies")
+    p.add_argument(
+        "--fleet-lr", type=positive_float, help="server step size eta of the federated low-rank broadcast (0.25)"
+    )
+    p.add_argument(
+        "--gate-samples",
+        type=non_negative_int,
+        help="a device writes a broadcast only if it predicts its next N samples at least as well (32; 0: off)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="run folder: fleet.json, report, device states")
     p.set_defaults(handler=run_fleet_command)

@@ -91,9 +91,11 @@ def train(msg: Message, context: Context) -> Message:
     state = Path(str(order["state_dir"])) / f"device-{index}.safetensors"
     device = _device(config, strategy, index, state)
     faults = set() if final else config.faults_of(index, round_index)
-    update_writes = device.apply(from_record(msg.content.array_records["update"]))
+    update = from_record(msg.content.array_records["update"])
+    update_writes = device.apply(update)
     if update_writes:
         device.save(state)  # the update event is in non-volatile memory: it survives a dropout
+    after_update = device.trainer.test_accuracy() if update and not final else float("nan")
     if "dropout" in faults:
         device.learn(config.samples_per_round // 2)
         del _DEVICES[(str(state), index)]  # power lost: only the saved (non-volatile) state survives
@@ -108,7 +110,12 @@ def train(msg: Message, context: Context) -> Message:
     if "corrupt" in faults:
         payload = {key: np.full(value.shape, np.nan, dtype=np.float32) for key, value in payload.items()}
     device.save(state)
-    metrics = {**device.metrics(), "update_writes": update_writes, "round": round_index}
+    metrics = {
+        **device.metrics(),
+        "update_writes": update_writes,
+        "test_accuracy_after_update": device.test_history[-1] if final and update else after_update,
+        "round": round_index,
+    }
     content = RecordDict({"payload": to_record(payload), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
@@ -148,6 +155,27 @@ def merge(
         else:
             out[f"{name}.delta"] = mean_delta([u[f"{name}.delta"] for u in updates]).astype(np.float32)
     return out
+
+
+def update_record(round_index: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the broadcast of the start of ``round_index`` did on a device: held-out accuracy right
+    after it, the acceptance gate's two accuracies (None: gate off or no broadcast), the size of its
+    weight-code step (Frobenius norm over all layers and largest entry, in LSBs), the cells it
+    wrote. Removes those per-round keys from ``metrics`` (NaN there means "none")."""
+
+    def number(key: str) -> float | None:
+        value = float(metrics.pop(key))
+        return None if np.isnan(value) else value
+
+    return {
+        "round": round_index,
+        "test_accuracy_after_update": number("test_accuracy_after_update"),
+        "gate_current_accuracy": number("gate_current_accuracy"),
+        "gate_candidate_accuracy": number("gate_candidate_accuracy"),
+        "step_fro_lsb": number("update_step_fro_lsb"),  # of the broadcast as offered, all layers
+        "step_max_lsb": number("update_step_max_lsb"),
+        "cells_written": int(metrics["update_writes"]),
+    }
 
 
 def short_reason(reason: str | None) -> str:
@@ -211,10 +239,14 @@ def run_strategy(grid: Grid, nodes: list[int], config: FleetConfig, strategy: st
             metrics = dict(reply.content.metric_records["metrics"])
             index = int(metrics["device"])
             node_device[node] = index
-            devices.setdefault(index, {"device": index, "test_accuracy_per_round": [], "online_accuracy_per_round": []})
+            per_round = ("test_accuracy_per_round", "online_accuracy_per_round", "fleet_update_per_round")
+            devices.setdefault(index, {"device": index, **{key: [] for key in per_round}})
+            update_effect = update_record(round_index, metrics)  # takes its keys out of metrics
             devices[index].update(metrics)
             devices[index]["test_accuracy_per_round"].append((round_index, metrics["test_accuracy"]))
             devices[index]["online_accuracy_per_round"].append((round_index, metrics["online_accuracy"]))
+            if round_index > 0 and strategy != "local":
+                devices[index]["fleet_update_per_round"].append(update_effect)
             record = reply.content.array_records["payload"]
             uplink += record_bytes(record)
             if final:

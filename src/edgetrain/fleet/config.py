@@ -50,6 +50,11 @@ class FleetConfig:
     ``angle + k * angle_step`` degrees (``angle = 0``: not rotated); every device's NVM also drifts
     (``drift``: "digital", "analog" or "none", the paper's schedule with ``p0``/``sigma0`` scaled by
     ``drift_scale``) with its own realisation.
+
+    Fleet step: the federated low-rank broadcast is written with the server step size ``fleet_lr``
+    (eta); with ``gate_samples`` = N > 0 every device writes a broadcast (any strategy) only if the
+    weights it would give predict the device's next N stream samples at least as well as its current
+    weights (:meth:`edgetrain.fleet.device.FleetDevice.apply`).
     """
 
     devices: int = 3
@@ -72,6 +77,10 @@ class FleetConfig:
     factor_bits: int = 16  # factors on the link: 16 (float16 + one float32 scale per matrix) or 32 (float32)
     lr: float = 0.01
     max_norm: bool = True
+    fleet_lr: float = 0.25  # eta: the federated low-rank broadcast is written as round(eta lr sqrt(R) L R^T / lsb)
+    gate_samples: int = (
+        32  # a device writes a broadcast only if it predicts its next N samples at least as well (0: off)
+    )
     batch_fc: int = 100
     batch_conv: int = 10
     sgd_lr: float = 0.01
@@ -88,6 +97,10 @@ class FleetConfig:
         unknown = sorted(set(self.strategies) - set(STRATEGIES))
         if unknown or not self.strategies:
             raise ValueError(f"unknown fleet strategies {unknown}; choose from: {', '.join(STRATEGIES)}")
+        if not self.fleet_lr > 0:
+            raise ValueError(f"fleet_lr must be > 0, got {self.fleet_lr}")
+        if int(self.gate_samples) < 0:
+            raise ValueError(f"gate_samples must be >= 0 (0 turns the gate off), got {self.gate_samples}")
         if self.factor_bits not in (16, 32):
             raise ValueError(f"factor_bits must be 16 or 32, got {self.factor_bits}")
         if self.split not in SPLITS:

@@ -6,11 +6,20 @@ stream with its own drift realisation (seed ``seed * 1000 + k``). Per strategy:
 - ``local``: LowRank (LRT v1 section 4) alone, writing every B samples; nothing is sent.
 - ``federated-lowrank``: LowRank accumulates the whole round (no local weight write); at the end of
   the round the device sends its accumulator's factors (L, R) per layer and resets it; the server's
-  merged factors come back as one NVM update event dW_q = round(lr sqrt(R) L R^T / lsb),
-  W <- clip(W - dW_q) (the LowRank write with mult = R samples).
+  merged factors come back as one NVM update event dW_q = round(eta lr sqrt(R) L R^T / lsb),
+  W <- clip(W - dW_q): the LowRank write with mult = R samples, scaled by the server step size
+  eta = ``fleet_lr``.
 - ``fedavg`` / ``fedavg-sgd``: LowRank / per-sample SGD writing locally; the device sends the weight
   delta D it wrote during the round (int16 codes) and applies the fleet mean M as one update event
   W <- clip(W - D + round(M)).
+
+Acceptance gate (``gate_samples`` = N > 0, every strategy with a broadcast): before writing a
+broadcast, the device predicts its next N stream samples with its current weights and with the
+weights the broadcast would give (computed in RAM, nothing written); it writes the broadcast only if
+the candidate gets at least as many of them right, else it keeps its weights (the update is
+declined; no cell is written). A device can do this because its stream is labelled (it learns from
+those labels); it keeps the broadcast as received during the N samples. In the simulation both
+predictions are made when the broadcast arrives, with the biases as they stand then.
 
 Biases and batch-norm parameters (16-bit, high-endurance memory) keep adapting on each device in
 every strategy. The device's state (NVM, rule, RNGs, fleet bookkeeping) is saved after each
@@ -88,7 +97,7 @@ class DeviceStream:
         self.scenario: Scenario = make_scenario(
             "new-user",
             dataset=config.dataset,
-            samples=config.rounds * config.samples_per_round,
+            samples=config.rounds * config.samples_per_round + config.gate_samples,  # + the last gate's window
             seed=config.seed * 1000 + index,
             **options,
         )
@@ -149,6 +158,16 @@ def load_device_net(source: str | Path) -> torch.nn.Module:
     return load_model(path)[0]
 
 
+@torch.no_grad()
+def prediction_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``net`` on a batch, batch-norm statistics frozen (eval mode, restored after)."""
+    net.eval()
+    try:
+        return float((net(images).argmax(1) == labels).float().mean())
+    finally:
+        net.train()
+
+
 def pending_factors(state: Any, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """A LowRank layer's pending gradient sum as rank-r factors (L, R), and the layer's sum reset:
     the accumulator's factors, or the top-r SVD of a grouped conv's dense sum (zero-padded to r)."""
@@ -183,6 +202,10 @@ class FleetDevice:
         self.sent: dict[str, np.ndarray] = {}  # FedAvg: the delta of the last report
         self.rounds_done = 0
         self.fleet_writes = 0  # cells written by fleet update events
+        self.declined = 0  # broadcasts the acceptance gate declined
+        self.gate: tuple[float, float] | None = None  # the last gate's (current, candidate) accuracies
+        self.gate_bits = 0  # the broadcast kept during the gate's window (bits)
+        self.step_size = (float("nan"), float("nan"))  # the last broadcast's step: (Frobenius, max) in LSBs
         self.test_history: list[float] = []
         self._track()
 
@@ -207,19 +230,55 @@ class FleetDevice:
         return {layer.name: tuple(layer.shape2d) for layer in self.trainer.net.weight_layers}
 
     # -- a round -----------------------------------------------------------------------------------
-    def apply(self, update: dict[str, np.ndarray]) -> int:
-        """Apply the fleet's broadcast as one NVM update event per layer; returns the cells written."""
-        if not update:
-            return 0
-        written = 0
-        lr_eff = self.config.lr * math.sqrt(self.config.samples_per_round)
+    def fleet_steps(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The broadcast as a weight-code step per layer (module docstring): federated low-rank
+        dW_q = round(eta lr sqrt(R) L R^T / lsb); FedAvg D - round(M) (W - D + round(M) = W - step)."""
+        steps = {}
+        lr_eff = self.config.fleet_lr * self.config.lr * math.sqrt(self.config.samples_per_round)
         for layer in self.trainer.net.weight_layers:
             if self.strategy == "federated-lowrank":
                 left, right = decode_factors(layer.name, update)
                 step = np.rint(lr_eff * (left @ right.T) / layer.formats.weight.lsb).astype(np.int64)
-            else:  # W - D + round(M) = W - (D - round(M))
+            else:
                 step = self.sent.get(layer.name, 0) - np.rint(update[f"{layer.name}.delta"]).astype(np.int64)
-            written += self._update(layer, step)
+            steps[layer.name] = step
+        return steps
+
+    def shadow_accuracy(self, steps: dict[str, np.ndarray]) -> tuple[float, float]:
+        """Accuracy on the next ``gate_samples`` stream samples of the current weights and of the
+        candidate W' = clip(W - step) (loaded into the network only, restored after; no NVM write)."""
+        net, start = self.trainer.net, self.trainer.step_count
+        images, labels = self.stream.batch(start, start + self.config.gate_samples)
+        current = prediction_accuracy(net, images, labels)
+        for layer in net.weight_layers:
+            array = self.trainer.arrays[layer.name]
+            layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
+        try:
+            candidate = prediction_accuracy(net, images, labels)
+        finally:
+            for layer in net.weight_layers:
+                layer.set_codes(self.trainer.arrays[layer.name].codes)
+        return current, candidate
+
+    def apply(self, update: dict[str, np.ndarray]) -> int:
+        """Write the fleet's broadcast as one NVM update event per layer, unless the acceptance gate
+        declines it (module docstring); returns the cells written."""
+        self.gate, self.step_size = None, (float("nan"), float("nan"))
+        if not update:
+            return 0
+        steps = self.fleet_steps(update)
+        self.step_size = (
+            math.sqrt(sum(float(np.square(step, dtype=np.float64).sum()) for step in steps.values())),
+            float(max(np.abs(step).max() for step in steps.values())),
+        )
+        if self.config.gate_samples:
+            self.gate = self.shadow_accuracy(steps)
+            self.gate_bits = max(self.gate_bits, 8 * sum(int(value.nbytes) for value in update.values()))
+            if self.gate[1] < self.gate[0]:
+                self.declined += 1
+                self.sent = {}  # a FedAvg device keeps its own delta D, already written
+                return 0
+        written = sum(self._update(layer, steps[layer.name]) for layer in self.trainer.net.weight_layers)
         if self.strategy in TRACKED:
             for array in self.trainer.arrays.values():
                 array.written[...] = 0  # the fleet update is not this device's own change
@@ -253,7 +312,7 @@ class FleetDevice:
     def metrics(self) -> dict[str, float]:
         """The device's figures so far (JSON numbers)."""
         final = self.trainer.metrics()
-        aux = sum(final["aux_memory_bits"].values())
+        aux = sum(final["aux_memory_bits"].values()) + self.gate_bits
         if self.strategy in TRACKED:
             aux += sum(16 * array.num_cells for array in self.trainer.arrays.values())  # the int16 delta
         return {
@@ -264,6 +323,11 @@ class FleetDevice:
             "max_writes": int(final["max_writes"]),
             "total_writes": int(final["total_writes"]),
             "fleet_update_writes": int(self.fleet_writes),
+            "fleet_updates_declined": int(self.declined),
+            "gate_current_accuracy": float("nan") if self.gate is None else float(self.gate[0]),
+            "gate_candidate_accuracy": float("nan") if self.gate is None else float(self.gate[1]),
+            "update_step_fro_lsb": self.step_size[0],
+            "update_step_max_lsb": self.step_size[1],
             "aux_memory_bits": int(aux),
         }
 
@@ -275,6 +339,8 @@ class FleetDevice:
             "written": {n: a.written.copy() for n, a in self.trainer.arrays.items() if isinstance(a, TrackedNVMArray)},
             "rounds_done": self.rounds_done,
             "fleet_writes": self.fleet_writes,
+            "declined": self.declined,
+            "gate_bits": self.gate_bits,
             "test_history": list(self.test_history),
         }
         save_state({"trainer": self.trainer.state_dict(), "fleet": fleet}, path)
@@ -290,4 +356,6 @@ class FleetDevice:
             self.trainer.arrays[name].written = np.asarray(written, dtype=np.int64).copy()
         self.rounds_done = int(fleet["rounds_done"])
         self.fleet_writes = int(fleet["fleet_writes"])
+        self.declined = int(fleet.get("declined", 0))
+        self.gate_bits = int(fleet.get("gate_bits", 0))
         self.test_history = [float(x) for x in fleet.get("test_history") or []]
