@@ -55,3 +55,14 @@ def test_the_layer_that_hurts_recovers_the_most(tmp_path: Path) -> None:
     assert best.layer == "3" and best.recovered_pt > 0
     assert analysis.float_accuracy == 1.0 and analysis.quantized_accuracy < 1.0
     assert png.exists() and png.stat().st_size > 0 and "layer kept in float" in table
+
+
+def test_the_table_names_the_calibration_in_use() -> None:
+    net, data = _net_and_data(top=1.0)
+    qmodel = quantize(net, data.images[:1], data.images, QuantConfig(), mode="static")
+    stats = {q.name: q for q in analyze(qmodel, data.images).quantizers}
+    assert stats["input_quant.out_q"].calibration.startswith("auto:")
+    qmodel.net.input_quant.out_q.set_log2_t(0.0)  # by hand: no method to name
+    analysis = analyze(qmodel, data.images)
+    row = next(line for line in analysis.table().splitlines() if line.startswith("input_quant.out_q"))
+    assert "calibrated" in analysis.table().splitlines()[0] and " - " in row and "auto:" not in row

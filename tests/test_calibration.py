@@ -141,3 +141,35 @@ def test_auto_ties_go_to_the_first_candidate() -> None:
     assert choice.errors["max"] == choice.errors["kl_j"] and choice.method == "max"
     with pytest.raises(ValueError, match="subset"):
         choose_threshold(x, candidates=("auto",))
+
+
+def test_auto_is_the_one_default_of_the_api_the_config_and_the_cli() -> None:
+    from edgetrain.cli import build_parser
+    from edgetrain.graph import QuantConfig
+    from edgetrain.pipeline.config import QuantizeSection
+
+    cli = build_parser().parse_args(["quantize", "--float", "f.pt", "--out", "q"])
+    assert QuantConfig().activation_calibration == QuantizeSection().calibration == cli.calibration == "auto"
+
+
+def test_calibration_names_auto_s_pick_per_quantizer() -> None:
+    """Each activation quantizer records ``auto:<winner>``, the winner's threshold is the one in use, and
+    the quantizer table shows it; weights name their own method; a threshold set by hand names none."""
+    from torch import nn
+
+    from edgetrain.graph import QuantConfig, quantize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    images = torch.rand(64, 1, 6, 6) * 2
+    qmodel = quantize(net, images[:1], images, QuantConfig(), mode="static")
+    rows = {info.name: info for info in qmodel.quantizers()}
+    assert rows["input_quant.out_q"].calibration == "auto:" + choose_threshold(images, 8, True).method
+    assert math.isclose(rows["input_quant.out_q"].log2_t, choose_threshold(images, 8, True).log2_t, rel_tol=1e-6)
+    picks = {info.calibration for info in rows.values() if info.role in ("activation", "accumulator", "bias")}
+    assert picks and all(p.split(":")[0] == "auto" and p.split(":")[1] in CANDIDATE_METHODS for p in picks)
+    assert {info.calibration for info in rows.values() if info.role == "weight"} == {"max"}
+    table = qmodel.quantizer_table()
+    assert "calibration" in table.splitlines()[0] and rows["input_quant.out_q"].calibration in table
+    qmodel.net.input_quant.out_q.set_log2_t(0.0)
+    assert qmodel.net.input_quant.out_q.calibration is None

@@ -10,6 +10,8 @@ For a fake-quantized model (:class:`~edgetrain.graph.QuantizedModel`) and calibr
     network and the same tensor with every quantizer off (the float network after the graph rewrite,
     BN folded): the error accumulated up to here;
   - ``clipped``: the fraction of inputs with round(x / s) outside [n, p];
+  - ``calibrated``: the method that set the threshold in use (``auto:<winner>`` when ``auto`` chose it;
+    ``-`` when it was set by hand);
   - ``best``: the candidate threshold ``auto`` calibration picks on that input
     (:func:`~edgetrain.tqt.choose_threshold`: least squared error among kl_j, max, 3sd, percentile,
     mse) and its exponent, beside the exponent in use;
@@ -57,6 +59,7 @@ class QuantizerStats:
     sqnr_db: float
     cumulative_sqnr_db: float
     clipped: float
+    calibration: str | None
     best_method: str
     best_exponent: int
 
@@ -81,13 +84,14 @@ class Analysis:
         """Both tables as fixed-width text, worst SQNR first and largest recovery first."""
         header = (
             f"{'quantizer':<36} {'role':<11} {'format':<6} {'exp':>4} {'SQNR dB':>8} {'cumul dB':>8} "
-            f"{'clipped':>8}  best (exp)"
+            f"{'clipped':>8}  {'calibrated':<16} best (exp)"
         )
         lines = [header, "-" * len(header)]
         for q in sorted(self.quantizers, key=lambda q: q.sqnr_db):
             lines.append(
                 f"{q.name:<36} {q.role:<11} {q.format:<6} {q.exponent:>4} {q.sqnr_db:>8.1f} "
-                f"{q.cumulative_sqnr_db:>8.1f} {q.clipped:>8.2%}  {q.best_method} ({q.best_exponent})"
+                f"{q.cumulative_sqnr_db:>8.1f} {q.clipped:>8.2%}  {q.calibration or '-':<16} "
+                f"{q.best_method} ({q.best_exponent})"
             )
         if self.layers:
             lines += [
@@ -232,6 +236,7 @@ def quantizer_stats(qmodel: QuantizedModel, images: torch.Tensor, batch_size: in
                 sqnr_db=sqnr_db(acc.signal, acc.error),
                 cumulative_sqnr_db=sqnr_db(acc.cumulative_signal, acc.cumulative_error),
                 clipped=acc.clipped / acc.count,
+                calibration=q.calibration,
                 best_method=choice.method,
                 best_exponent=q.format.exponent(choice.log2_t),
             )

@@ -13,7 +13,8 @@ paper, section 3 and appendix A):
 3. share thresholds (accumulator + bias; add and concat inputs; LeakyReLU's two max inputs) by making
    the quantizers of a group hold one ``log2_t`` Parameter object, so they stay shared in training;
 4. calibrate each group in topological order with the upstream quantizers on (static: weights ``max``;
-   retrain: weights ``3sd``; everything else ``kl_j``).
+   retrain: weights ``3sd``; everything else ``auto``: per quantizer the least-error threshold among
+   kl_j, max, 3sd, percentile and mse, the winner recorded in the quantizer table).
 
 A batch norm that does not follow a conv/linear (``lrt-cnn`` puts it after ReLU after max-pool) becomes
 a per-channel scale layer (a 1x1 depthwise conv with weight gamma/sigma, bias beta - mu gamma/sigma);
@@ -63,7 +64,7 @@ from edgetrain.graph.ops import (
     single_user,
     trace,
 )
-from edgetrain.tqt import CALIBRATION_METHODS, TQTQuantizer, calibrate
+from edgetrain.tqt import CALIBRATION_METHODS, TQTQuantizer, calibrate, choose_threshold
 
 MODES = ("static", "retrain")
 SUPPORTED_OPS = (
@@ -105,7 +106,8 @@ class QuantConfig:
     accum_bits: int16 accumulator, bias, LeakyReLU product. relu_bits: unsigned output after ReLU/ReLU6.
     avgpool_reciprocal_bits: the unsigned 1/(kh kw) weight of an avg-pool.
     weight_calibration: ``None`` picks ``max`` (static) or ``3sd`` (retrain).
-    activation_calibration: every other quantizer (``kl_j``; int16 ones fall back to ``max``).
+    activation_calibration: every other quantizer (``auto``: the least quantization error among the
+        candidate methods, per quantizer; ``kl_j`` falls back to ``max`` on int16 ones).
     rounding: every quantizer except the avg-pool output (floor).
     allow_float: leave unsupported ops in float instead of raising (a rescale quantizer follows them).
     calibration_batch_size: images per forward pass while calibrating.
@@ -118,7 +120,7 @@ class QuantConfig:
     first_last_weight_bits: int = 8
     avgpool_reciprocal_bits: int = 8
     weight_calibration: str | None = None
-    activation_calibration: str = "kl_j"
+    activation_calibration: str = "auto"
     rounding: Rounding = Rounding.HALF_EVEN
     allow_float: bool = False
     calibration_batch_size: int = 256
@@ -163,6 +165,7 @@ class QuantizerInfo:
     threshold: float
     group: str | None  # the first member's name, for quantizers sharing one threshold
     frozen: bool
+    calibration: str | None = None  # the method that set the initial threshold; "auto:<winner>" for auto
 
 
 class QuantizedModel(nn.Module):
@@ -203,18 +206,23 @@ class QuantizedModel(nn.Module):
                 threshold=q.threshold,
                 group=members[id(q.log2_t)][0] if len(members[id(q.log2_t)]) > 1 else None,
                 frozen=q.frozen,
+                calibration=q.calibration,
             )
             for name, role, q in rows
         ]
 
     def quantizer_table(self) -> str:
         """The quantizers as a fixed-width text table."""
-        header = f"{'quantizer':<40} {'role':<12} {'format':<7} {'log2_t':>8} {'exp':>4} {'round':<9} group"
+        header = (
+            f"{'quantizer':<40} {'role':<12} {'format':<7} {'log2_t':>8} {'exp':>4} {'round':<9} "
+            f"{'calibration':<16} group"
+        )
         lines = [header, "-" * len(header)]
         for q in self.quantizers():
             fmt = f"{'int' if q.signed else 'uint'}{q.bits}"
             lines.append(
-                f"{q.name:<40} {q.role:<12} {fmt:<7} {q.log2_t:>8.3f} {q.exponent:>4} {q.rounding:<9} {q.group or ''}"
+                f"{q.name:<40} {q.role:<12} {fmt:<7} {q.log2_t:>8.3f} {q.exponent:>4} {q.rounding:<9} "
+                f"{q.calibration or '':<16} {q.group or ''}"
             )
         return "\n".join(lines)
 
@@ -937,7 +945,8 @@ def calibrate_model(qmodel: QuantizedModel, calib_data: Any) -> QuantizedModel:
 
     Weights: ``config.weight_method(mode)``; avg-pool reciprocal and LeakyReLU alpha: ``max`` (exact
     constants); everything else ``config.activation_calibration``. Members of a group calibrate on
-    their joint data; a group is placed after its last member in execution order.
+    their joint data; a group is placed after its last member in execution order. Each quantizer's
+    ``calibration`` names the method used (``auto:<winner>`` for ``auto``).
     """
     config = qmodel.config
     batches = _batches(calib_data, config.calibration_batch_size)
@@ -977,9 +986,16 @@ def calibrate_model(qmodel: QuantizedModel, calib_data: Any) -> QuantizedModel:
         leader = group[0][1]
         if not samples:
             raise ValueError("a quantizer saw no data during calibration: is it reachable from the input?")
-        leader.set_log2_t(calibrate(torch.cat(samples), method, leader.bits, leader.signed, rounding=leader.rounding))
+        data = torch.cat(samples)
+        if method == "auto":
+            choice = choose_threshold(data, leader.bits, leader.signed, rounding=leader.rounding)
+            log2_t, used = choice.log2_t, f"auto:{choice.method}"
+        else:
+            log2_t, used = calibrate(data, method, leader.bits, leader.signed, rounding=leader.rounding), method
+        leader.set_log2_t(log2_t)
         for _, q in group:
             q.enabled = True
+            q.calibration = used
     set_bit_exact(qmodel, True)
     qmodel.train(was_training)
     return qmodel

@@ -119,7 +119,30 @@ def calibrate_kl_j(x: np.ndarray, fmt: FixedPointFormat) -> float:
     return _log2(best_i * (edges[1] - edges[0]))
 
 
-def calibrate_mse(x: np.ndarray, fmt: FixedPointFormat, rounding: Rounding | str = Rounding.HALF_EVEN) -> float:
+class GridErrors:
+    """mean (q(x) - x)^2 of one sample on the grid s = 2^k, computed once per exponent k (``auto`` scores
+    several candidates that often share a grid; ``mse`` searches the grids)."""
+
+    def __init__(self, values: torch.Tensor, fmt: FixedPointFormat, rounding: Rounding | str) -> None:
+        self.values, self.fmt, self.rounding = values, fmt, Rounding.parse(rounding)
+        self.by_exponent: dict[int, float] = {}
+
+    def __call__(self, exponent: int) -> float:
+        if exponent not in self.by_exponent:
+            scale = math.ldexp(1.0, exponent)
+            scaled = self.values / scale  # one temporary; every later pass is in place
+            codes = scaled.round_() if self.rounding is Rounding.HALF_EVEN else round_tensor(scaled, self.rounding)
+            error = codes.clamp_(self.fmt.qmin, self.fmt.qmax).mul_(scale).sub_(self.values)
+            self.by_exponent[exponent] = float(torch.mean(error.square_()))
+        return self.by_exponent[exponent]
+
+
+def calibrate_mse(
+    x: np.ndarray,
+    fmt: FixedPointFormat,
+    rounding: Rounding | str = Rounding.HALF_EVEN,
+    errors: GridErrors | None = None,
+) -> float:
     """The integer log2 t (power-of-2 threshold) minimising mean (q(x) - x)^2.
 
     Candidates: ceil(log2 max|x|) and the 8 powers of two below it (more clipping, finer steps).
@@ -127,25 +150,17 @@ def calibrate_mse(x: np.ndarray, fmt: FixedPointFormat, rounding: Rounding | str
     top = float(np.max(np.abs(x)))
     if top == 0.0:
         return ZERO_TENSOR_LOG2_T
-    values = torch.from_numpy(x)
-    best_k, best_err = None, math.inf
+    errors = errors or GridErrors(torch.from_numpy(x), fmt, rounding)
     ceiling = math.ceil(math.log2(top))
-    for k in range(ceiling, ceiling - 9, -1):
-        scale = math.ldexp(1.0, k - fmt.mantissa_bits)
-        q = round_tensor(values / scale, rounding).clamp_(fmt.qmin, fmt.qmax) * scale
-        err = float(torch.mean((q - values) ** 2))
-        if err < best_err:
-            best_k, best_err = k, err
-    return float(best_k)
+    candidates = range(ceiling, ceiling - 9, -1)
+    return float(min(candidates, key=lambda k: (errors(k - fmt.mantissa_bits), -k)))  # ties: the larger t
 
 
 def quantization_error(
     x: torch.Tensor, log2_t: float, fmt: FixedPointFormat, rounding: Rounding | str = Rounding.HALF_EVEN
 ) -> float:
     """mean (q(x) - x)^2 on the grid s = 2^(ceil(log2_t) - m) of ``fmt`` (the quantizer's forward)."""
-    scale = math.ldexp(1.0, fmt.exponent(log2_t))
-    q = round_tensor(x / scale, Rounding.parse(rounding)).clamp_(fmt.qmin, fmt.qmax) * scale
-    return float(torch.mean((q - x) ** 2))
+    return GridErrors(x, fmt, rounding)(fmt.exponent(log2_t))
 
 
 def sqnr_db(signal_power: float, error: float) -> float:
@@ -181,22 +196,27 @@ def choose_threshold(
         raise ValueError(f"candidates must be a non-empty subset of {CANDIDATE_METHODS}, got unknown {unknown}")
     fmt = FixedPointFormat(bits, signed)
     data = _as_array(x)
-    values = torch.from_numpy(data)
-    thresholds = {m: _calibrate(data, m, fmt, percentile, rounding) for m in candidates}
-    errors = {m: quantization_error(values, t, fmt, rounding) for m, t in thresholds.items()}
+    grid_errors = GridErrors(torch.from_numpy(data), fmt, rounding)
+    thresholds = {m: _calibrate(data, m, fmt, percentile, rounding, grid_errors) for m in candidates}
+    errors = {m: grid_errors(fmt.exponent(t)) for m, t in thresholds.items()}
     best = min(candidates, key=lambda m: (errors[m], candidates.index(m)))
     return ThresholdChoice(thresholds[best], best, sqnr_db(float(np.mean(data * data)), errors[best]), errors)
 
 
 def _calibrate(
-    data: np.ndarray, method: str, fmt: FixedPointFormat, percentile: float, rounding: Rounding | str
+    data: np.ndarray,
+    method: str,
+    fmt: FixedPointFormat,
+    percentile: float,
+    rounding: Rounding | str,
+    grid_errors: GridErrors | None = None,
 ) -> float:
     methods: dict[str, Callable[[], float]] = {
         "max": lambda: calibrate_max(data),
         "3sd": lambda: calibrate_3sd(data),
         "kl_j": lambda: calibrate_kl_j(data, fmt),
         "percentile": lambda: calibrate_percentile(data, percentile),
-        "mse": lambda: calibrate_mse(data, fmt, rounding),
+        "mse": lambda: calibrate_mse(data, fmt, rounding, grid_errors),
         "auto": lambda: choose_threshold(data, fmt.bits, fmt.signed, percentile=percentile, rounding=rounding).log2_t,
     }
     if method not in methods:

@@ -153,7 +153,8 @@ class TQTQuantizer(nn.Module):
 
     ``freeze()`` stops the threshold from training (its gradient is not computed; use it for
     calibrated-and-fixed thresholds or incremental freezing); ``enabled = False`` passes values
-    through unchanged (used while calibrating downstream quantizers in topological order).
+    through unchanged (used while calibrating downstream quantizers in topological order);
+    ``calibration`` names the method that set the threshold (informational, not in the state dict).
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class TQTQuantizer(nn.Module):
         self.rounding = Rounding.parse(rounding)
         self.log2_t = nn.Parameter(torch.tensor(float(log2_t)))
         self.enabled = True
+        self.calibration: str | None = None
 
     @property
     def bits(self) -> int:
@@ -191,11 +193,12 @@ class TQTQuantizer(nn.Module):
         return self
 
     def set_log2_t(self, value: float) -> None:
-        """Overwrite the threshold (e.g. from calibration)."""
+        """Overwrite the threshold (e.g. from calibration); ``calibration`` is cleared (the caller names it)."""
         if not math.isfinite(value):
             raise ValueError(f"log2_t must be finite, got {value}")
         with torch.no_grad():
             self.log2_t.fill_(float(value))
+        self.calibration = None
 
     @property
     def exponent(self) -> int:
