@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetrain.adapt.qnet import PAPER_GRAD, GradQuantMixin, Grid, LayerFormats
+from edgetrain.adapt.qnet import PAPER_GRAD, GradQuantMixin, Grid, LayerFormats, nonzero_im2col
 from edgetrain.export.program import IntegerProgram
 from edgetrain.fixedpoint import RELU6_CEILING, FixedPointFormat, Rounding, round_tensor
 
@@ -97,29 +97,67 @@ class Requantizer:
         return Grid(self.fmt.bits, self.fmt.signed, self.exponent + self.fmt.mantissa_bits)
 
 
-class _ExactProduct(torch.autograd.Function):
-    """``sum w x`` of a weight layer: exact in float64 forward (the program's integer sums); the
-    input gradient in float32 (gradients are quantized to 8 bits anyway: exactness buys nothing
-    there, and float32 kernels are ~3x faster at batch 1)."""
+FLOAT32_EXACT_BOUND = 2**24  # every integer of magnitude <= 2^24 is a float32
+
+
+def input_code_bounds(program: IntegerProgram) -> dict[str, tuple[int, int]]:
+    """(largest |code|, exponent) of every tensor of the program: the output quantizer's range for ops
+    that requantize, the inputs' for ops that pass codes through (maxpool, reshape, pad, concat...)."""
+    bounds: dict[str, tuple[int, int]] = {}
+    for op in program.ops:
+        qname = op.get("out_q", op.get("quantizer"))
+        if qname is not None:
+            spec = program.quantizers[qname]
+            fmt = FixedPointFormat(int(spec["bits"]), bool(spec["signed"]))
+            bounds[op["output"]] = (max(-fmt.qmin, fmt.qmax), int(spec["exponent"]))
+        else:
+            sources = [bounds[name] for name in (op["inputs"] if "inputs" in op else [op["input"]])]
+            bounds[op["output"]] = (max(b for b, _ in sources), min(k for _, k in sources))
+    return bounds
+
+
+class _LayerStep(torch.autograd.Function):
+    """One weight layer ``q_out(act(q_acc(W x) + b))`` as a single autograd node with its backward
+    written out (LRT v1 App. C), instead of one node per quantizer:
+
+    g_y = m_out g (m_out: the output code did not clip, and y > 0 after a ReLU), quantized onto the
+    gradient grid before the activation; dL/db = sum of g_y over pixels; dL/dz = m_acc g_y (m_acc: the
+    accumulator did not clip), recorded as ``dz = wmult dL/dz`` for the update rules; dL/dx = W^T dL/dz
+    (float32 kernels: the gradient is quantized to 8 bits right after, at the layer input).
+    """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, layer: DeviceLayer) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, bias: torch.Tensor, layer: DeviceLayer
+    ) -> torch.Tensor:
+        out, masks = layer.compute(x, bias, keep_masks=True)
         ctx.layer, ctx.shape = layer, x.shape
-        return layer.product(x, layer.weight)
+        ctx.save_for_backward(*masks)
+        return out
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         layer: DeviceLayer = ctx.layer
-        weight = layer.weight32()
+        out_mask, acc_mask = ctx.saved_tensors
+        g = grad * out_mask
+        if layer.out_q.relu:
+            g = layer.quantize_grad(g)
+        grad_bias = g.sum([d for d in range(g.dim()) if d != 1]) if ctx.needs_input_grad[1] else None
+        g.mul_(acc_mask)
+        if layer.record:
+            layer.cache_dz = g * layer.wmult
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, grad_bias, None
+        if not g.any():  # all-zero (common after 8-bit gradient quantization): W^T 0 = 0, skip the kernel
+            return g.new_zeros(ctx.shape), grad_bias, None
+        weight = layer.weight32()
         if layer.is_conv:
             dx = torch.nn.grad.conv2d_input(
-                ctx.shape, weight, grad.float(), layer.stride, layer.padding, layer.dilation, layer.groups
+                ctx.shape, weight, g.float(), layer.stride, layer.padding, layer.dilation, layer.groups
             )
         else:
-            dx = grad.float() @ weight
-        return dx.double(), None
+            dx = g.float() @ weight
+        return layer.quantize_grad(dx.double()), grad_bias, None
 
 
 def _values(codes: np.ndarray, exponent: int) -> torch.Tensor:
@@ -179,9 +217,15 @@ class DeviceLayer(GradQuantMixin):
 
     ``weight`` holds the real weight values ``code * 2^k_w`` (float64, shaped like torch's weight);
     the matrix view is ``n_out x n_in`` with ``n_in = c_in/groups * kh * kw`` in ``unfold`` order.
+
+    The multiply-accumulate ``W x`` runs in float32 whenever that is exact: every partial sum of an
+    output is an integer multiple of 2^(k_w + k_x) no larger than ``max_o sum_j |w_oj| * max|x|``
+    (in those units), so when that bound is <= 2^24 float32 holds every partial sum exactly, in any
+    summation order. The bound is recomputed whenever the codes change; above it the product runs in
+    float64 (exact to 2^53, as the integer executor).
     """
 
-    def __init__(self, op: dict[str, Any], program: IntegerProgram, grad: Grid) -> None:
+    def __init__(self, op: dict[str, Any], program: IntegerProgram, grad: Grid, input_bound: tuple[int, int]) -> None:
         super().__init__()
         self.op = op
         self.name = str(op["weight"]).removesuffix(".weight")
@@ -202,6 +246,8 @@ class DeviceLayer(GradQuantMixin):
             grad=grad,
             wmult_log2=self.k_w + weight_fmt.mantissa_bits,
         )
+        self.input_code_max, input_exponent = input_bound
+        self.float32_units = self.k_w + input_exponent >= -100  # 2^(k_w + k_x) far above float32 underflow
         codes = program.tensors[op["weight"]]
         self.weight_shape = tuple(codes.shape)
         self.register_buffer("weight", _values(codes, self.k_w))
@@ -213,8 +259,9 @@ class DeviceLayer(GradQuantMixin):
             self.groups = 1
         self.record = False
         self._weight32: torch.Tensor | None = None
+        self._exact32: bool | None = None
         self.cache_input: torch.Tensor | None = None
-        self.cache_z: torch.Tensor | None = None
+        self.cache_dz: torch.Tensor | None = None
         self.out_pixels = 1
 
     @property
@@ -232,26 +279,63 @@ class DeviceLayer(GradQuantMixin):
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
         return F.linear(x, weight)
 
+    @property
+    def exact32(self) -> bool:
+        """Whether the float32 product is exact for the current codes (class docstring)."""
+        if self._exact32 is None:
+            row_sums = self.weight.abs().reshape(self.weight_shape[0], -1).sum(1)
+            bound = float(row_sums.max()) * math.ldexp(1.0, -self.k_w) * self.input_code_max
+            self._exact32 = self.float32_units and bound <= FLOAT32_EXACT_BOUND
+        return self._exact32
+
+    def exact_product(self, x: torch.Tensor) -> torch.Tensor:
+        """sum w x exactly (float64 values), through float32 kernels when :attr:`exact32`."""
+        if self.exact32:
+            with torch.backends.nnpack.flags(enabled=False):  # no Winograd / FFT: direct sums only
+                return self.product(x.float(), self.weight32()).double()
+        return self.product(x, self.weight)
+
+    def compute(
+        self, x: torch.Tensor, bias: torch.Tensor, keep_masks: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(q_out(act(q_acc(W x) + b)), masks): the masks (output did not clip and, after a ReLU, y > 0;
+        accumulator did not clip) only with ``keep_masks``."""
+        z = self.exact_product(x)
+        acc, out = self.acc_q, self.out_q
+        codes = round_tensor(z.div_(acc.step), acc.rounding)
+        acc_mask = (codes >= acc.lo) & (codes <= acc.hi) if keep_masks else None
+        y = codes.clamp_(acc.lo, acc.hi).mul_(acc.step).add_(bias.detach().view(1, -1, *([1] * (z.dim() - 2))))
+        codes = round_tensor(y / out.step, out.rounding)
+        out_mask = None
+        if keep_masks:
+            out_mask = (codes >= out.lo) & (codes <= out.hi)
+            if out.relu:
+                out_mask &= y > 0
+        return codes.clamp_(out.lo, out.hi).mul_(out.step), (out_mask, acc_mask) if keep_masks else ()
+
+    def quantize_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient on the 8-bit gradient grid in online mode (LRT v1 App. C); as is offline."""
+        if not self.quantize_grads:
+            return grad
+        grid = self.formats.grad
+        return torch.round(grad / grid.lsb).clamp_(grid.fmt.qmin, grid.fmt.qmax).mul_(grid.lsb)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.gq(x, self.formats.grad)
-        z = _ExactProduct.apply(x, self)
-        if self.is_conv:
-            self.out_pixels = int(z.shape[-2] * z.shape[-1])
+        self.cache_dz = None
         if self.record:
-            if z.requires_grad:
-                z.retain_grad()
-            else:
-                z.requires_grad_(True)
-            self.cache_input, self.cache_z = x.detach(), z
-        y = self.acc_q(z) + self.bias.view(1, -1, *([1] * (z.dim() - 2)))
-        if self.out_q.relu:
-            y = self.gq(y, self.formats.grad)
-        return self.out_q(y)
+            self.cache_input = x.detach()
+        if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):
+            out = _LayerStep.apply(x, self.bias, self)
+        else:
+            out = self.compute(x, self.bias)[0]
+        if self.is_conv:
+            self.out_pixels = int(out.shape[-2] * out.shape[-1])
+        return out
 
     def _recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache_input is None or self.cache_z is None or self.cache_z.grad is None:
+        if self.cache_input is None or self.cache_dz is None:
             raise RuntimeError(f"layer {self.name}: no forward/backward pass has been recorded")
-        return self.cache_input, self.cache_z.grad * self.wmult
+        return self.cache_input, self.cache_dz
 
     def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The last sample's im2col terms (LRT App. B): ``a`` (pixels x n_in), ``dz`` (pixels x n_out)."""
@@ -265,6 +349,18 @@ class DeviceLayer(GradQuantMixin):
         a = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         return a[0].T, dz[0].flatten(1).T
 
+    def nonzero_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of :meth:`columns` whose ``dz`` is non-zero, in float32 (exact: 8-bit codes times
+        powers of 2), patches taken only at those pixels: the terms that add to a Kronecker sum."""
+        x, dz = self._recorded()
+        if self.groups != 1:
+            raise ValueError(
+                f"layer {self.name}: a grouped conv has no single im2col Kronecker term; use weight_grad()"
+            )
+        if not self.is_conv:
+            return nonzero_im2col(x, dz, (1, 1), (1, 1), (0, 0), (1, 1), is_conv=False)
+        return nonzero_im2col(x, dz, self.kernel_size, self.stride, self.padding, self.dilation, is_conv=True)
+
     def weight_grad(self) -> torch.Tensor:
         """dL/dW in stored units (n_out x n_in): the sum over pixels of dz a^T, any groups."""
         x, dz = self._recorded()
@@ -276,13 +372,15 @@ class DeviceLayer(GradQuantMixin):
         return grad.reshape(self.shape2d)
 
     def set_codes(self, codes: np.ndarray) -> None:
-        """Load stored codes (n_out x n_in) into the weight values."""
+        """Load stored codes (n_out x n_in) into the weight values (exact: codes times 2^k_w)."""
+        values = torch.from_numpy(np.array(codes, dtype=np.float64).reshape(self.weight_shape))
         with torch.no_grad():
-            self.weight.copy_(_values(np.asarray(codes).reshape(self.weight_shape), self.k_w))
+            self.weight.copy_(values.mul_(math.ldexp(1.0, self.k_w)))
         self._weight32 = None
+        self._exact32 = None
 
     def weight32(self) -> torch.Tensor:
-        """The weights in float32, for the backward pass (cached until the codes change)."""
+        """The weights in float32 (exact: 8-bit codes times 2^k_w), cached until the codes change."""
         if self._weight32 is None or self._weight32.shape != self.weight.shape:
             self._weight32 = self.weight.float()
         return self._weight32
@@ -407,9 +505,10 @@ class DeviceNet(nn.Module):
         self.program = program
         self.input_shape = list(program.input_shape)
         self.stages = nn.ModuleDict()
+        bounds = input_code_bounds(program)
         for op in program.ops:
             if op["op"] in WEIGHT_OPS:
-                self.stages[op["output"]] = DeviceLayer(op, program, grad)
+                self.stages[op["output"]] = DeviceLayer(op, program, grad, bounds[op["input"]])
             elif op["op"] == "scale":
                 self.stages[op["output"]] = DeviceBatchNorm(op, program, grad, streaming_bn, bn_batch)
         self.requantizers: dict[str, Requantizer] = {}

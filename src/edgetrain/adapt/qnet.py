@@ -229,6 +229,15 @@ class QWeight(GradQuantMixin):
         a = F.unfold(self.cache_input, self.kernel_size, padding=self.padding, stride=self.stride)
         return a[0].T, grad[0].flatten(1).T
 
+    def nonzero_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of :meth:`columns` whose ``dz`` is non-zero, float32, cut only at those pixels."""
+        if self.cache_input is None or self.cache_z is None or self.cache_z.grad is None:
+            raise RuntimeError(f"layer {self.name}: no forward/backward pass has been recorded")
+        dz = self.cache_z.grad * self.wmult
+        pair = (self.stride, self.stride), (self.padding, self.padding)
+        kernel = self.kernel_size if self.is_conv else (1, 1)
+        return nonzero_im2col(self.cache_input, dz, kernel, *pair, (1, 1), self.is_conv)
+
     def weight_grad(self) -> torch.Tensor:
         """Sum over pixels of dz a^T (n_out x n_in) from the recorded pass."""
         a, dz = self.columns()
@@ -244,6 +253,35 @@ class QWeight(GradQuantMixin):
     def codes(self) -> np.ndarray:
         """Current stored codes as an (n_out x n_in) int64 matrix."""
         return self.formats.weight.codes(self.weight.detach().reshape(self.shape2d).numpy())
+
+
+def nonzero_im2col(
+    x: torch.Tensor,
+    dz: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    is_conv: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, dz) float32 rows of the im2col terms (LRT App. B) of one sample whose ``dz`` is non-zero.
+
+    ``x`` is the layer input (1 x C x H x W, or 1 x n_in for a linear layer), ``dz`` its output
+    gradient (1 x n_out x Ho x Wo, or 1 x n_out). The patches are cut only at the kept pixels (same
+    column order as ``F.unfold``: channel, then kernel row, then kernel column), so a sample whose
+    gradient is mostly zero costs little.
+    """
+    if not is_conv:
+        keep = (dz != 0).any(1).nonzero()[:, 0]
+        return x.flatten(1)[keep].float(), dz[keep].float()
+    dz_rows = dz[0].flatten(1).T
+    keep = (dz_rows != 0).any(1).nonzero()[:, 0]
+    if dilation != (1, 1):
+        return F.unfold(x, kernel, dilation, padding, stride)[0].T[keep].float(), dz_rows[keep].float()
+    padded = F.pad(x[0], (padding[1], padding[1], padding[0], padding[0]))
+    windows = padded.unfold(1, kernel[0], stride[0]).unfold(2, kernel[1], stride[1])  # C x Ho x Wo x kh x kw
+    a = windows[:, keep // windows.shape[2], keep % windows.shape[2]]  # C x kept x kh x kw
+    return a.transpose(0, 1).reshape(len(keep), a.shape[0] * a.shape[2] * a.shape[3]).float(), dz_rows[keep].float()
 
 
 class ActQuant(GradQuantMixin):
