@@ -458,10 +458,9 @@ class LowRank(UpdateRule):
         for layer in self.net.weight_layers:
             state = self.layers[layer.name]
             if state.acc is not None:
-                a, dz = layer.columns()
-                keep = (dz != 0).any(1).nonzero()[:, 0]  # zero terms add nothing (the kappa gate drops them)
-                if len(keep):
-                    state.acc.add(dz[keep].numpy(), a[keep].numpy())
+                a, dz = layer.nonzero_columns()  # zero terms add nothing (the kappa gate drops them)
+                if len(dz):
+                    state.acc.add(dz.numpy(), a.numpy())
             else:
                 state.dense += layer.weight_grad().double().numpy()
             if (step + 1) % state.batch == 0:
