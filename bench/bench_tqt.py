@@ -4,8 +4,12 @@ best checkpoint, and the time of one QAT step against one float step (medians, s
 
     .venv/bin/python bench/bench_tqt.py            # full training split (55k), ~1 h on 2 busy cores
     .venv/bin/python bench/bench_tqt.py --quick    # 8k training images, a few minutes
+    .venv/bin/python bench/bench_tqt.py --low-bit mobilenetv2-tiny --recipes zoo mse-4ep
 
-Writes bench/results/tqt.json and bench/results/tqt.md (then run bench/render.py).
+Writes bench/results/tqt.json and bench/results/tqt.md (then run bench/render.py). ``--low-bit NET``
+instead retrains a zoo net with INT4 weights (first/last layer INT8, TQT section 5) under the named
+recipes (LOW_BIT_RECIPES) from the zoo benchmark's FP32 start (with ``--finetuned-baseline``, beside the
+FP32 net fine-tuned for the longest recipe's schedule) and writes bench/results/tqt_int4_<net>.json / .md.
 """
 
 from __future__ import annotations
@@ -28,6 +32,15 @@ from edgetrain.tqt import RetrainConfig, retrain
 from edgetrain.training import evaluate, load_checkpoint, train_float
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# INT4-weight recipes (all: 8-bit first/last layer weights, 8-bit activations, batch 128, weight lr 1e-4):
+# name -> (weight threshold calibration, retraining epochs, threshold lr). "zoo" is bench_zoo.py's.
+LOW_BIT_RECIPES: dict[str, tuple[str | None, int, float]] = {
+    "zoo": (None, 2, 1e-2),
+    "mse-2ep": ("mse", 2, 1e-2),
+    "4ep": (None, 4, 1e-2),
+    "mse-4ep": ("mse", 4, 1e-2),
+    "mse-4ep-th3e-2": ("mse", 4, 3e-2),
+}
 
 
 def step_time(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, repeats: int) -> list[float]:
@@ -45,6 +58,76 @@ def step_time(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, repe
     return times[2:]  # drop warm-up
 
 
+def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool, stem: str) -> None:
+    """INT4-weight retraining of a zoo net under several recipes, bench_zoo.py's FP32 start (seed 0,
+    2 float epochs, batch 128, 512 calibration images); gaps against FP32 (and FP32 fine-tuned)."""
+    torch.manual_seed(0)
+    train, val, test = (load_dataset("fashion-mnist", split) for split in ("train", "val", "test"))
+    model = create_model(net)
+    cached = cache / f"{net}_float_2ep.pt"
+    if cached.exists():
+        model.load_state_dict(load_checkpoint(cached))
+    else:
+        train_float(model, train, val, epochs=2, lr=1e-3, batch_size=128, seed=0, progress=False)
+        torch.save(model.state_dict(), cached)
+    rows: dict[str, dict] = {"FP32": {"accuracy": evaluate(model, test)}}
+    if finetuned_baseline:
+        longest = max(LOW_BIT_RECIPES[name][1] for name in recipes)
+        finetuned = copy.deepcopy(model)
+        retrain(finetuned, train, val, RetrainConfig(epochs=longest, batch_size=128, weight_lr=1e-4), progress=False)
+        rows[f"FP32 fine-tuned ({longest} ep)"] = {"accuracy": evaluate(finetuned, test)}
+    print(rows, flush=True)
+    calib = train.images[:512]
+    for name in recipes:
+        weight_calibration, epochs, threshold_lr = LOW_BIT_RECIPES[name]
+        qconfig = QuantConfig(weight_bits=4, weight_calibration=weight_calibration)
+        qmodel = quantize(model, calib[:1], calib, qconfig, mode="retrain")
+        recipe = RetrainConfig(epochs=epochs, batch_size=128, weight_lr=1e-4, threshold_lr=threshold_lr)
+        result = retrain(qmodel, train, val, recipe, progress=False)
+        rows[f"INT4 {name}"] = {
+            "accuracy": evaluate(qmodel, test),
+            "weight_calibration": qconfig.weight_method("retrain"),
+            "epochs": epochs,
+            "threshold_lr": threshold_lr,
+            "seconds": round(result.seconds, 1),
+        }
+        print(name, rows[f"INT4 {name}"], flush=True)
+    fp32 = rows["FP32"]["accuracy"]
+    payload = {
+        "recorded_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": net,
+        "dataset": "fashion-mnist",
+        "rows": rows,
+        "gaps_vs_fp32_pt": {k: round(100 * (r["accuracy"] - fp32), 2) for k, r in rows.items()},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    lines = [
+        f"## INT4-weight TQT retraining of {net} (Fashion-MNIST)",
+        "",
+        "| configuration | weight threshold init | epochs | threshold lr | test top-1 | vs FP32 (pt) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, row in rows.items():
+        cells = [row.get("weight_calibration", ""), row.get("epochs", ""), row.get("threshold_lr", "")]
+        lines.append(
+            f"| {key} | {' | '.join(str(c) for c in cells)} | {100 * row['accuracy']:.2f} | "
+            f"{payload['gaps_vs_fp32_pt'][key]:+.2f} |"
+        )
+    lines += [
+        "",
+        f"Command: `.venv/bin/python bench/bench_tqt.py --low-bit {net} --recipes {' '.join(recipes)}"
+        f"{' --finetuned-baseline' if finetuned_baseline else ''} --name {stem}`. "
+        "Same FP32 start as bench_zoo.py (2 float epochs, seed 0); INT4 weights except the first and last "
+        "layer (INT8), INT8 activations, per-tensor power-of-2 thresholds (TQT section 5), batch 128, weight "
+        "lr 1e-4. A fine-tuned FP32 row (--finetuned-baseline) gets the longest recipe's extra epochs, so a "
+        "gain from the extra training shows there too. Target: INT4 within 1 pt of FP32.",
+        "",
+    ]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8k training images, 1 float epoch")
@@ -53,7 +136,18 @@ def main() -> None:
     parser.add_argument("--weight-lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_tqt"))
+    parser.add_argument("--low-bit", metavar="NET", help="INT4 recipes on this zoo net instead (see the docstring)")
+    parser.add_argument("--recipes", nargs="+", choices=list(LOW_BIT_RECIPES), default=["zoo", "mse-4ep"])
+    parser.add_argument("--finetuned-baseline", action="store_true", help="also fine-tune FP32 (--low-bit)")
+    parser.add_argument("--name", help="result stem for --low-bit (default tqt_int4_<net>)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if args.low_bit:
+        stem = args.name or f"tqt_int4_{args.low_bit}"
+        low_bit(args.low_bit, args.recipes, args.cache, args.finetuned_baseline, stem)
+        return
     torch.manual_seed(0)
     train = load_dataset("fashion-mnist", "train")
     val = load_dataset("fashion-mnist", "val")
