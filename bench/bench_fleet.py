@@ -60,36 +60,37 @@ def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
     local = {d["device"]: d["test_accuracy"] for d in strategies["local"]["devices"]}
     fed = strategies["federated-lowrank"]
     lines = ["", "Federated low-rank against local, per device (held-out accuracy at the end):", "",
-             "| device | local | federated-lowrank | fed - local | broadcasts written | declined by the gate |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| device | local | federated-lowrank | fed - local | gate: fleet / own / keep |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for d in fed["devices"]:
-        written = sum(e["cells_written"] > 0 for e in d["fleet_update_per_round"])
+        choices = [e["gate_choice"] for e in d["fleet_update_per_round"]]
+        counts = " / ".join(str(choices.count(c)) for c in ("fleet", "own", "keep")) if any(choices) else "off"
         diff = d["test_accuracy"] - local[d["device"]]
         lines.append(
-            f"| {d['device']} | {local[d['device']]:.3f} | {d['test_accuracy']:.3f} | {diff:+.3f} | {written} | "
-            f"{d['fleet_updates_declined']} |"
+            f"| {d['device']} | {local[d['device']]:.3f} | {d['test_accuracy']:.3f} | {diff:+.3f} | {counts} |"
         )
     lines += ["", "Each federated low-rank fleet update (mean over the devices that reported both scores):", "",
-              "| broadcast written at the start of round | held-out before | held-out right after | devices worse "
-              "after | written / declined | step Frobenius / max (LSB) |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| fleet update at the start of round | held-out before | held-out right after | devices worse "
+              "after | gate: fleet / own / keep | broadcast step Frobenius / max (LSB) |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for round_index in range(1, len(fed["rounds"])):
-        pairs, written, declined, sizes = [], 0, 0, []
+        pairs, choices, sizes = [], [], []
         for d in fed["devices"]:
             before = dict((r, a) for r, a in d["test_accuracy_per_round"]).get(round_index - 1)
             effect = next((e for e in d["fleet_update_per_round"] if e["round"] == round_index), None)
             if effect is None or before is None:
                 continue
             pairs.append((before, effect["test_accuracy_after_update"]))
-            written += effect["cells_written"] > 0
+            choices.append(effect["gate_choice"])
             if effect.get("step_fro_lsb") is not None:
                 sizes.append((effect["step_fro_lsb"], effect["step_max_lsb"]))
-            gate = effect["gate_current_accuracy"], effect["gate_candidate_accuracy"]
-            declined += gate[0] is not None and gate[1] < gate[0]
         if pairs:
             worse = sum(after < before for before, after in pairs)
             lines.append(
                 f"| {round_index} | {np.mean([b for b, _ in pairs]):.4f} | {np.mean([a for _, a in pairs]):.4f} | "
-                f"{worse} of {len(pairs)} | {written} / {declined} | "
+                f"{worse} of {len(pairs)} | "
+                + (" / ".join(str(choices.count(c)) for c in ("fleet", "own", "keep")) if any(choices) else "off")
+                + " | "
                 + (f"{np.mean([f for f, _ in sizes]):.0f} / {max(m for _, m in sizes):.0f} |" if sizes else "- |")
             )
     return lines

@@ -226,6 +226,8 @@ def test_a_silent_device_is_listed_and_the_round_goes_on(tmp_path, tiny_model, o
         faults=(Fault("silent", 1, 1),),
         gate_samples=8,
     )
+    from edgetrain.fleet.device import gate_choice
+
     figures = in_process_serve(3, config, tmp_path)["strategies"]["federated-lowrank"]
     first, second, final = figures["rounds"]
     assert first["accepted"] == 3 and not first["silent"]
@@ -242,11 +244,13 @@ def test_a_silent_device_is_listed_and_the_round_goes_on(tmp_path, tiny_model, o
         effects = device["fleet_update_per_round"]
         assert [e["round"] for e in effects] == ([2] if index == 1 else [1, 2])  # device 1's reply 1 was lost
         for effect in effects:
-            declined = effect["gate_candidate_accuracy"] < effect["gate_current_accuracy"]
-            assert (effect["cells_written"] == 0) if declined else (effect["cells_written"] >= 0)
-        assert device["fleet_updates_declined"] == sum(
-            e["gate_candidate_accuracy"] < e["gate_current_accuracy"] for e in effects
-        )
+            scores = {
+                k: effect[f"gate_{k}_accuracy"] for k in ("fleet", "own") if effect[f"gate_{k}_accuracy"] is not None
+            }
+            assert "fleet" in scores and effect["gate_choice"] == gate_choice(effect["gate_current_accuracy"], scores)
+            assert effect["cells_written"] == 0 or effect["gate_choice"] != "keep"
+        assert device["fleet_updates_declined"] == sum(e["gate_choice"] == "keep" for e in effects)
+    assert devices[0]["fleet_update_per_round"][0]["gate_own_accuracy"] is not None  # it held its own update
 
 
 def fleet_device(model: str, **options):
@@ -290,7 +294,17 @@ def test_the_fleet_step_is_eta_lr_sqrt_r_times_the_merged_product(tiny_model, on
         FleetConfig(fleet_lr=0.0)
 
 
-def test_the_gate_scores_the_broadcast_on_the_next_samples_and_declines_a_worse_one(
+def test_the_gate_choice() -> None:
+    from edgetrain.fleet.device import gate_choice
+
+    assert gate_choice(0.5, {"fleet": 0.5, "own": 0.5}) == "fleet"  # ties: the broadcast first
+    assert gate_choice(0.5, {"fleet": 0.5, "own": 0.75}) == "own"
+    assert gate_choice(0.5, {"fleet": 0.25, "own": 0.5}) == "own"  # own ties with the current weights
+    assert gate_choice(0.5, {"fleet": 0.25, "own": 0.375}) == "keep"
+    assert gate_choice(0.5, {"fleet": 0.625}) == "fleet" and gate_choice(0.5, {"fleet": 0.25}) == "keep"
+
+
+def test_the_gate_scores_candidates_on_the_next_samples_and_writes_its_choice(
     tiny_model, one_thread, monkeypatch
 ) -> None:
     import copy
@@ -299,26 +313,41 @@ def test_the_gate_scores_the_broadcast_on_the_next_samples_and_declines_a_worse_
 
     device = fleet_device(tiny_model, gate_samples=8)
     device.learn(8)
+    device.report()  # the device keeps its own factors for the gate
+    assert set(device.own) == {layer.name for layer in device.trainer.net.weight_layers}
     update = broadcast_of(device, 50.0)
-    steps = device.fleet_steps(update)
+    candidates = {"fleet": device.fleet_steps(update), "own": device.own_steps()}
     images, labels = device.stream.batch(8, 16)  # the next 8 samples of the stream
-    shadow = copy.deepcopy(device.trainer.net)
-    for layer in shadow.weight_layers:
-        array = device.trainer.arrays[layer.name]
-        layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
-    want = (prediction_accuracy(device.trainer.net, images, labels), prediction_accuracy(shadow, images, labels))
-    before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
+    want = {}
+    for name, steps in candidates.items():
+        shadow = copy.deepcopy(device.trainer.net)
+        for layer in shadow.weight_layers:
+            array = device.trainer.arrays[layer.name]
+            layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
+        want[name] = prediction_accuracy(shadow, images, labels)
     weights = [layer.weight.clone() for layer in device.trainer.net.weight_layers]
-    assert device.shadow_accuracy(steps) == want
+    assert device.shadow_accuracy(candidates) == (prediction_accuracy(device.trainer.net, images, labels), want)
     for layer, weight in zip(device.trainer.net.weight_layers, weights, strict=True):
-        assert torch.equal(layer.weight, weight)  # the candidate was only tried, in RAM
-    # the decision: declined when the candidate predicts fewer samples right (nothing written), kept on a tie
-    monkeypatch.setattr(FleetDevice, "shadow_accuracy", lambda self, steps: (0.75, 0.625))
+        assert torch.equal(layer.weight, weight)  # the candidates were only tried, in RAM
+    # the choice is written: nothing for "keep", the own update for "own" (one update event either way)
+    before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
+    monkeypatch.setattr(FleetDevice, "shadow_accuracy", lambda self, c: (0.75, {"fleet": 0.5, "own": 0.625}))
     assert device.apply(update) == 0 and device.declined == 1 and device.metrics()["fleet_updates_declined"] == 1
     assert all(np.array_equal(device.trainer.arrays[name].codes, codes) for name, codes in before.items())
     assert device.metrics()["aux_memory_bits"] > fleet_device(tiny_model, gate_samples=0).metrics()["aux_memory_bits"]
-    monkeypatch.setattr(FleetDevice, "shadow_accuracy", lambda self, steps: (0.75, 0.75))
-    assert device.apply(update) > 0 and device.declined == 1
+    device.learn(8)
+    device.report()
+    norms = copy.deepcopy(device.own_norms)  # stateful max-norms: apply() must start from the same state
+    own = device.own_steps()
+    device.own_norms = norms
+    monkeypatch.setattr(FleetDevice, "shadow_accuracy", lambda self, c: (0.5, {"fleet": 0.25, "own": 0.5}))
+    before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
+    written = device.apply(update)
+    assert device.own_writes == 1 and device.fleet_writes == 0 and written > 0
+    for layer in device.trainer.net.weight_layers:
+        array = device.trainer.arrays[layer.name]
+        want_codes = np.clip(before[layer.name] - own[layer.name], array.fmt.qmin, array.fmt.qmax)
+        np.testing.assert_array_equal(array.codes, want_codes)
 
 
 def test_report_writes_plots_and_markdown(tmp_path) -> None:

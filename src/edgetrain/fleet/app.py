@@ -34,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from edgetrain.atomic import write_json_atomic
 from edgetrain.fleet.config import FleetConfig
-from edgetrain.fleet.device import FleetDevice, load_device_net
+from edgetrain.fleet.device import GATE_CHOICES, FleetDevice, load_device_net
 from edgetrain.fleet.merge import (
     FactorNorms,
     check_update,
@@ -69,7 +69,7 @@ def record_bytes(record: ArrayRecord) -> int:
 
 def _device(config: FleetConfig, strategy: str, index: int, state: Path) -> FleetDevice:
     """This process's device ``index``: cached, else rebuilt from its saved state (a rejoin), else new."""
-    key = (str(state), index)
+    key = (str(state.parent), index)
     if key not in _DEVICES:
         for other in [k for k in _DEVICES if k[0] != key[0]]:  # another strategy's fleet: saved, drop it
             del _DEVICES[other]
@@ -98,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     after_update = device.trainer.test_accuracy() if update and not final else float("nan")
     if "dropout" in faults:
         device.learn(config.samples_per_round // 2)
-        del _DEVICES[(str(state), index)]  # power lost: only the saved (non-volatile) state survives
+        del _DEVICES[(str(state.parent), index)]  # power lost: only the saved (non-volatile) state survives
         raise RuntimeError(f"device {index} dropped out half-way through round {round_index} (injected fault)")
     if "silent" in faults:
         time.sleep(config.round_timeout + 1.0)
@@ -159,7 +159,8 @@ def merge(
 
 def update_record(round_index: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """What the broadcast of the start of ``round_index`` did on a device: held-out accuracy right
-    after it, the acceptance gate's two accuracies (None: gate off or no broadcast), the size of its
+    after it, the acceptance gate's accuracies on its window (the current weights, the broadcast, the
+    device's own update) and its choice (None: gate off or no broadcast), the size of its
     weight-code step (Frobenius norm over all layers and largest entry, in LSBs), the cells it
     wrote. Removes those per-round keys from ``metrics`` (NaN there means "none")."""
 
@@ -167,11 +168,14 @@ def update_record(round_index: int, metrics: dict[str, Any]) -> dict[str, Any]:
         value = float(metrics.pop(key))
         return None if np.isnan(value) else value
 
+    choice = int(metrics.pop("gate_choice"))
     return {
         "round": round_index,
         "test_accuracy_after_update": number("test_accuracy_after_update"),
         "gate_current_accuracy": number("gate_current_accuracy"),
-        "gate_candidate_accuracy": number("gate_candidate_accuracy"),
+        "gate_fleet_accuracy": number("gate_fleet_accuracy"),
+        "gate_own_accuracy": number("gate_own_accuracy"),
+        "gate_choice": None if choice < 0 else GATE_CHOICES[choice],
         "step_fro_lsb": number("update_step_fro_lsb"),  # of the broadcast as offered, all layers
         "step_max_lsb": number("update_step_max_lsb"),
         "cells_written": int(metrics["update_writes"]),

@@ -15,11 +15,14 @@ stream with its own drift realisation (seed ``seed * 1000 + k``). Per strategy:
 
 Acceptance gate (``gate_samples`` = N > 0, every strategy with a broadcast): before writing a
 broadcast, the device predicts its next N stream samples with its current weights and with the
-weights the broadcast would give (computed in RAM, nothing written); it writes the broadcast only if
-the candidate gets at least as many of them right, else it keeps its weights (the update is
-declined; no cell is written). A device can do this because its stream is labelled (it learns from
-those labels); it keeps the broadcast as received during the N samples. In the simulation both
-predictions are made when the broadcast arrives, with the biases as they stand then.
+weights each candidate update would give (computed in RAM, nothing written). The candidates are the
+broadcast and, for federated low-rank, the device's own update: the factors it reported, kept in
+RAM until the broadcast arrives and max-normed like the server's merge, written with the same step
+(what the device would write alone, once per round). The device writes the candidate that gets the
+most of the N samples right (ties: the broadcast first) if it does at least as well as the current
+weights, else it writes nothing (the broadcast is declined). A device can do this because its stream
+is labelled (it learns from those labels). In the simulation all predictions are made when the
+broadcast arrives, with the biases and batch-norm statistics as they stand then (eval mode).
 
 Biases and batch-norm parameters (16-bit, high-endurance memory) keep adapting on each device in
 every strategy. The device's state (NVM, rule, RNGs, fleet bookkeeping) is saved after each
@@ -43,7 +46,7 @@ from edgetrain.adapt.scenarios import Scenario, make_scenario
 from edgetrain.data import load_dataset
 from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform
 from edgetrain.fleet.config import FleetConfig
-from edgetrain.fleet.merge import decode_factors, encode_factors
+from edgetrain.fleet.merge import FactorNorms, decode_factors, encode_factors
 from edgetrain.nvm import DriftSpec, NVMArray
 
 NEVER = 2**62  # a LowRank batch that never ends: the fleet decides when the weights are written
@@ -158,6 +161,18 @@ def load_device_net(source: str | Path) -> torch.nn.Module:
     return load_model(path)[0]
 
 
+GATE_CHOICES = ("keep", "fleet", "own")
+
+
+def gate_choice(current: float, scores: dict[str, float]) -> str:
+    """The acceptance gate's decision: the candidate ("fleet", then "own") with the highest accuracy
+    on the window if it is at least the current weights' (ties go to the fleet), else "keep"."""
+    best = max(scores.values())
+    if best < current:
+        return "keep"
+    return next(name for name in ("fleet", "own") if scores.get(name) == best)
+
+
 @torch.no_grad()
 def prediction_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of ``net`` on a batch, batch-norm statistics frozen (eval mode, restored after)."""
@@ -202,8 +217,11 @@ class FleetDevice:
         self.sent: dict[str, np.ndarray] = {}  # FedAvg: the delta of the last report
         self.rounds_done = 0
         self.fleet_writes = 0  # cells written by fleet update events
-        self.declined = 0  # broadcasts the acceptance gate declined
-        self.gate: tuple[float, float] | None = None  # the last gate's (current, candidate) accuracies
+        self.declined = 0  # broadcasts the acceptance gate declined without writing anything
+        self.own_writes = 0  # update events where the gate wrote the device's own update instead
+        self.own: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the factors of the last report (RAM)
+        self.own_norms = FactorNorms()
+        self.gate: dict[str, Any] | None = None  # the last gate's accuracies and choice
         self.gate_bits = 0  # the broadcast kept during the gate's window (bits)
         self.step_size = (float("nan"), float("nan"))  # the last broadcast's step: (Frobenius, max) in LSBs
         self.test_history: list[float] = []
@@ -244,25 +262,38 @@ class FleetDevice:
             steps[layer.name] = step
         return steps
 
-    def shadow_accuracy(self, steps: dict[str, np.ndarray]) -> tuple[float, float]:
-        """Accuracy on the next ``gate_samples`` stream samples of the current weights and of the
+    def own_steps(self) -> dict[str, np.ndarray] | None:
+        """The device's own update of the round it reported (federated low-rank, gate on): its sent
+        factors max-normed like the server's merge, as a step of :meth:`fleet_steps`; None if it
+        holds none (gate off, another strategy, or lost with RAM in a dropout)."""
+        if not self.own:
+            return None
+        update: dict[str, np.ndarray] = {}
+        for name, factors in self.own.items():
+            update.update(encode_factors(name, self.own_norms(name, factors) if self.config.max_norm else factors, 32))
+        return self.fleet_steps(update)
+
+    def shadow_accuracy(self, candidates: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict[str, float]]:
+        """Accuracy on the next ``gate_samples`` stream samples of the current weights and of each
         candidate W' = clip(W - step) (loaded into the network only, restored after; no NVM write)."""
         net, start = self.trainer.net, self.trainer.step_count
         images, labels = self.stream.batch(start, start + self.config.gate_samples)
-        current = prediction_accuracy(net, images, labels)
-        for layer in net.weight_layers:
-            array = self.trainer.arrays[layer.name]
-            layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
+        current, scores = prediction_accuracy(net, images, labels), {}
         try:
-            candidate = prediction_accuracy(net, images, labels)
+            for name, steps in candidates.items():
+                for layer in net.weight_layers:
+                    array = self.trainer.arrays[layer.name]
+                    layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
+                scores[name] = prediction_accuracy(net, images, labels)
         finally:
             for layer in net.weight_layers:
                 layer.set_codes(self.trainer.arrays[layer.name].codes)
-        return current, candidate
+        return current, scores
 
     def apply(self, update: dict[str, np.ndarray]) -> int:
-        """Write the fleet's broadcast as one NVM update event per layer, unless the acceptance gate
-        declines it (module docstring); returns the cells written."""
+        """Write the fleet's broadcast as one NVM update event per layer or, with the acceptance gate,
+        the best of the broadcast, the device's own update and no write (module docstring); returns
+        the cells written."""
         self.gate, self.step_size = None, (float("nan"), float("nan"))
         if not update:
             return 0
@@ -272,12 +303,24 @@ class FleetDevice:
             float(max(np.abs(step).max() for step in steps.values())),
         )
         if self.config.gate_samples:
-            self.gate = self.shadow_accuracy(steps)
-            self.gate_bits = max(self.gate_bits, 8 * sum(int(value.nbytes) for value in update.values()))
-            if self.gate[1] < self.gate[0]:
-                self.declined += 1
+            candidates = {"fleet": steps}
+            own = self.own_steps()
+            if own is not None:
+                candidates["own"] = own
+            current, scores = self.shadow_accuracy(candidates)
+            choice = gate_choice(current, scores)
+            self.gate = {"current": current, **scores, "choice": choice}
+            kept = 8 * sum(int(value.nbytes) for value in update.values())
+            kept += sum(16 * (left.size + right.size) for left, right in self.own.values())
+            self.gate_bits = max(self.gate_bits, kept)
+            self.own = {}
+            if choice != "fleet":
                 self.sent = {}  # a FedAvg device keeps its own delta D, already written
-                return 0
+                if choice == "keep":
+                    self.declined += 1
+                    return 0
+                self.own_writes += 1
+                return sum(self._update(layer, own[layer.name]) for layer in self.trainer.net.weight_layers)
         written = sum(self._update(layer, steps[layer.name]) for layer in self.trainer.net.weight_layers)
         if self.strategy in TRACKED:
             for array in self.trainer.arrays.values():
@@ -300,7 +343,10 @@ class FleetDevice:
         payload: dict[str, np.ndarray] = {}
         if self.strategy == "federated-lowrank":
             for name, state in self.trainer.rule.layers.items():
-                payload.update(encode_factors(name, pending_factors(state, self.config.rank), self.config.factor_bits))
+                factors = pending_factors(state, self.config.rank)
+                payload.update(encode_factors(name, factors, self.config.factor_bits))
+                if self.config.gate_samples:
+                    self.own[name] = factors  # kept in RAM until the broadcast arrives (the gate's fallback)
         elif self.strategy in TRACKED:
             for name, array in self.trainer.arrays.items():
                 payload[f"{name}.delta"] = array.written.astype(np.int16)
@@ -324,8 +370,12 @@ class FleetDevice:
             "total_writes": int(final["total_writes"]),
             "fleet_update_writes": int(self.fleet_writes),
             "fleet_updates_declined": int(self.declined),
-            "gate_current_accuracy": float("nan") if self.gate is None else float(self.gate[0]),
-            "gate_candidate_accuracy": float("nan") if self.gate is None else float(self.gate[1]),
+            "fleet_updates_own": int(self.own_writes),
+            **{
+                f"gate_{key}_accuracy": float("nan") if self.gate is None else float(self.gate.get(key, "nan"))
+                for key in ("current", "fleet", "own")
+            },
+            "gate_choice": -1 if self.gate is None else GATE_CHOICES.index(self.gate["choice"]),
             "update_step_fro_lsb": self.step_size[0],
             "update_step_max_lsb": self.step_size[1],
             "aux_memory_bits": int(aux),
@@ -340,6 +390,7 @@ class FleetDevice:
             "rounds_done": self.rounds_done,
             "fleet_writes": self.fleet_writes,
             "declined": self.declined,
+            "own_writes": self.own_writes,
             "gate_bits": self.gate_bits,
             "test_history": list(self.test_history),
         }
@@ -357,5 +408,6 @@ class FleetDevice:
         self.rounds_done = int(fleet["rounds_done"])
         self.fleet_writes = int(fleet["fleet_writes"])
         self.declined = int(fleet.get("declined", 0))
+        self.own_writes = int(fleet.get("own_writes", 0))
         self.gate_bits = int(fleet.get("gate_bits", 0))
         self.test_history = [float(x) for x in fleet.get("test_history") or []]
