@@ -268,15 +268,15 @@ def nonzero_im2col(
 
     ``x`` is the layer input (1 x C x H x W, or 1 x n_in for a linear layer), ``dz`` its output
     gradient (1 x n_out x Ho x Wo, or 1 x n_out). The patches are cut only at the kept pixels (same
-    column order as ``F.unfold``: channel, then kernel row, then kernel column), so a sample whose
-    gradient is mostly zero costs little.
+    column order as ``F.unfold``: channel, then kernel row, then kernel column) when at most a quarter
+    of the pixels are kept, so a sample whose gradient is mostly zero costs little.
     """
     if not is_conv:
         keep = (dz != 0).any(1).nonzero()[:, 0]
         return x.flatten(1)[keep].float(), dz[keep].float()
     dz_rows = dz[0].flatten(1).T
     keep = (dz_rows != 0).any(1).nonzero()[:, 0]
-    if dilation != (1, 1):
+    if dilation != (1, 1) or 4 * len(keep) > len(dz_rows):  # mostly kept: one unfold is cheaper
         return F.unfold(x, kernel, dilation, padding, stride)[0].T[keep].float(), dz_rows[keep].float()
     padded = F.pad(x[0], (padding[1], padding[1], padding[0], padding[0]))
     windows = padded.unfold(1, kernel[0], stride[0]).unfold(2, kernel[1], stride[1])  # C x Ho x Wo x kh x kw

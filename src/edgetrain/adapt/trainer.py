@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from edgetrain.adapt.checkpoint import CheckpointError, load_state, save_state
 from edgetrain.adapt.qnet import QNet
@@ -273,8 +274,9 @@ class OnlineTrainer:
                     stop = min(stop, (start // every + 1) * every)
             images, labels = self.stream.batch(start, stop)
             t0, c0 = time.perf_counter(), time.process_time()
-            for image, label in zip(images, labels.tolist(), strict=True):
-                self.learn_sample(image, label)
+            with threadpool_limits(1, user_api="blas"):  # batch-1 NumPy products are too small to share
+                for image, label in zip(images, labels.tolist(), strict=True):
+                    self.learn_sample(image, label)
             self.seconds += time.perf_counter() - t0
             self.cpu_seconds += time.process_time() - c0
             if test_every and self.step_count % test_every == 0 and self.step_count < samples:
