@@ -313,13 +313,6 @@ class DeviceLayer(GradQuantMixin):
                 out_mask &= y > 0
         return codes.clamp_(out.lo, out.hi).mul_(out.step), (out_mask, acc_mask) if keep_masks else ()
 
-    def quantize_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient on the 8-bit gradient grid in online mode (LRT v1 App. C); as is offline."""
-        if not self.quantize_grads:
-            return grad
-        grid = self.formats.grad
-        return torch.round(grad / grid.lsb).clamp_(grid.fmt.qmin, grid.fmt.qmax).mul_(grid.lsb)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.cache_dz = None
         if self.record:

@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,6 +141,13 @@ class GradQuantMixin(nn.Module):
     def gq(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         return _GradQuantize.apply(x, grid) if self.quantize_grads and x.requires_grad else x
 
+    def quantize_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """A gradient on the layer's gradient grid in online mode (LRT v1 App. C); as is offline."""
+        if not self.quantize_grads:
+            return grad
+        grid: Grid = self.formats.grad  # type: ignore[attr-defined]
+        return torch.round(grad / grid.lsb).clamp_(grid.fmt.qmin, grid.fmt.qmax).mul_(grid.lsb)
+
 
 class QWeight(GradQuantMixin):
     """A conv or linear layer with NVM-stored weights ``W`` (stored units, [-1, 1)) and a ReLU option.
@@ -172,9 +180,9 @@ class QWeight(GradQuantMixin):
         self.is_conv = weight.ndim == 4
         self.weight = nn.Parameter(weight.detach().clone().float())
         self.bias = nn.Parameter(bias.detach().clone().float())
-        self.record = False  # keep the input and dL/dz of each pass (online learning)
+        self.record = False  # keep the input and dz of each online pass (the update rules read them)
         self.cache_input: torch.Tensor | None = None
-        self.cache_z: torch.Tensor | None = None
+        self.cache_dz: torch.Tensor | None = None
         self.out_pixels = 1  # output pixels of the last pass (im2col rows; 1 for linear)
         self._frozen_wq: torch.Tensor | None = None  # wmult * q_w(W) while W is not trained by autograd
 
@@ -188,24 +196,25 @@ class QWeight(GradQuantMixin):
         return int(self.weight.shape[2]), int(self.weight.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not self.weight.requires_grad:  # online: stored weights, one node
+            self.cache_dz = None
+            if self.record:
+                self.cache_input = x.detach()
+            return _QWeightStep.apply(x, self.bias, self)
         f = self.formats
-        x = self.gq(x, f.grad)
-        wq = self.effective_weight()
-        if self.is_conv:
-            z = F.conv2d(x, wq, stride=self.stride, padding=self.padding)
-            self.out_pixels = int(z.shape[-2] * z.shape[-1])
-        else:
-            z = F.linear(x.flatten(1), wq)
-        if self.record:
-            if z.requires_grad:
-                z.retain_grad()
-            else:
-                z.requires_grad_(True)  # a leaf: its gradient is kept
-            self.cache_input, self.cache_z = x.detach(), z
+        z = self.product(self.gq(x, f.grad), self.effective_weight())
         z = f.acc.quantize(f.acc.quantize(z) + self._bias_view(f.bias.quantize(self.bias)))
         if not self.relu:
             return z
         return f.act.quantize(torch.relu(self.gq(z, f.grad)))
+
+    def product(self, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        """wq (*) x: the convolution or the matrix product of the flattened input (no bias)."""
+        if self.is_conv:
+            z = F.conv2d(x, wq, stride=self.stride, padding=self.padding)
+            self.out_pixels = int(z.shape[-2] * z.shape[-1])
+            return z
+        return F.linear(x.flatten(1), wq)
 
     def effective_weight(self) -> torch.Tensor:
         """wmult * q_w(W); cached while W needs no gradient (online it changes only via set_codes)."""
@@ -218,25 +227,26 @@ class QWeight(GradQuantMixin):
     def _bias_view(self, b: torch.Tensor) -> torch.Tensor:
         return b.view(1, -1, 1, 1) if self.is_conv else b
 
+    def _recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache_input is None or self.cache_dz is None:
+            raise RuntimeError(f"layer {self.name}: no online forward/backward pass has been recorded")
+        return self.cache_input, self.cache_dz
+
     def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The last sample's im2col terms (LRT App. B): ``a`` (pixels x n_in) and ``dz`` (pixels x n_out)
         with dz = wmult * dL/dz, the gradient with respect to the stored weight's product."""
-        if self.cache_input is None or self.cache_z is None or self.cache_z.grad is None:
-            raise RuntimeError(f"layer {self.name}: no forward/backward pass has been recorded")
-        grad = self.cache_z.grad * self.wmult
+        x, grad = self._recorded()
         if not self.is_conv:
-            return self.cache_input.flatten(1), grad
-        a = F.unfold(self.cache_input, self.kernel_size, padding=self.padding, stride=self.stride)
+            return x.flatten(1), grad
+        a = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
         return a[0].T, grad[0].flatten(1).T
 
     def nonzero_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of :meth:`columns` whose ``dz`` is non-zero, float32, cut only at those pixels."""
-        if self.cache_input is None or self.cache_z is None or self.cache_z.grad is None:
-            raise RuntimeError(f"layer {self.name}: no forward/backward pass has been recorded")
-        dz = self.cache_z.grad * self.wmult
+        x, dz = self._recorded()
         pair = (self.stride, self.stride), (self.padding, self.padding)
         kernel = self.kernel_size if self.is_conv else (1, 1)
-        return nonzero_im2col(self.cache_input, dz, kernel, *pair, (1, 1), self.is_conv)
+        return nonzero_im2col(x, dz, kernel, *pair, (1, 1), self.is_conv)
 
     def weight_grad(self) -> torch.Tensor:
         """Sum over pixels of dz a^T (n_out x n_in) from the recorded pass."""
@@ -282,6 +292,63 @@ def nonzero_im2col(
     windows = padded.unfold(1, kernel[0], stride[0]).unfold(2, kernel[1], stride[1])  # C x Ho x Wo x kh x kw
     a = windows[:, keep // windows.shape[2], keep % windows.shape[2]]  # C x kept x kh x kw
     return a.transpose(0, 1).reshape(len(keep), a.shape[0] * a.shape[2] * a.shape[3]).float(), dz_rows[keep].float()
+
+
+def _ste(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q(x), mask): the fixed-grid quantizer and its straight-through mask (inside [n, p])."""
+    codes = torch.round(x / grid.lsb)
+    return codes.clamp(grid.fmt.qmin, grid.fmt.qmax).mul_(grid.lsb), (codes >= grid.fmt.qmin) & (codes <= grid.fmt.qmax)
+
+
+class _QWeightStep(torch.autograd.Function):
+    """An online :class:`QWeight` (stored weights, no weight gradient) as one autograd node with its
+    backward written out; the same arithmetic as the module's quantizer chain:
+
+    forward ``out = q_act(ReLU(q_acc(q_acc(wq x) + q_b(b))))``; backward: g m_act (ReLU > 0), onto the
+    gradient grid, m_acc2 -> dL/db (m_b, summed over pixels) and m_acc1 -> dL/dz (recorded as
+    ``dz = wmult dL/dz``), dL/dx = wq^T dL/dz onto the gradient grid (online mode).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, bias: torch.Tensor, layer: QWeight
+    ) -> torch.Tensor:
+        f = layer.formats
+        z1, acc1 = _ste(layer.product(x, layer.effective_weight()), f.acc)
+        bq, bias_mask = _ste(bias.detach(), f.bias)
+        z2, acc2 = _ste(z1.add_(layer._bias_view(bq)), f.acc)
+        masks = [acc1, acc2, bias_mask]
+        if layer.relu:
+            out, act = _ste(torch.relu(z2), f.act)
+            masks.append(act & (z2 > 0))
+            z2 = out
+        ctx.layer, ctx.shape = layer, x.shape
+        ctx.save_for_backward(*masks)
+        return z2
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        layer: QWeight = ctx.layer
+        acc1, acc2, bias_mask, *act = ctx.saved_tensors
+        if act:
+            grad = layer.quantize_grad(grad * act[0])
+        grad = grad * acc2
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = (grad.sum((0, 2, 3)) if layer.is_conv else grad.sum(0)) * bias_mask
+        grad.mul_(acc1)
+        if layer.record:
+            layer.cache_dz = grad * layer.wmult
+        if not ctx.needs_input_grad[0]:
+            return None, grad_bias, None
+        if not grad.any():  # all-zero after gradient quantization: wq^T 0 = 0, skip the kernel
+            return grad.new_zeros(ctx.shape), grad_bias, None
+        wq = layer.effective_weight()
+        if layer.is_conv:
+            dx = torch.nn.grad.conv2d_input(ctx.shape, wq, grad, layer.stride, layer.padding)
+        else:
+            dx = (grad @ wq).view(ctx.shape)
+        return layer.quantize_grad(dx), grad_bias, None
 
 
 class ActQuant(GradQuantMixin):
