@@ -127,3 +127,27 @@ def test_device_rejects_wrong_shape_and_nan(stream):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         device(bad)
+
+
+def test_float32_products_are_exact_within_their_bound_and_fall_back_above_it(stream, one_thread):
+    """The conv/linear product runs in float32 only when max_o sum_j |w_oj| * max|x| <= 2^24 (every
+    partial sum exact); with worst-case codes inside the bound, and with the float64 fallback, the
+    device still equals the integer program bit for bit."""
+    images, _ = stream.batch(0, 64)
+    device = DeviceNet.from_program(_program("lrt-cnn", images, 8))
+    rng = np.random.default_rng(0)
+    for layer in device.weight_layers:  # the largest codes, random signs: the largest row sums there are
+        n_out, n_in = layer.shape2d
+        layer.set_codes(np.where(rng.random((n_out, n_in)) < 0.5, -128, 127))
+        bound = 128 * n_in * layer.input_code_max
+        assert layer.exact32 == (bound <= 2**24)
+    assert all(layer.exact32 for layer in device.weight_layers)  # the narrow net fits float32 everywhere
+    probe = torch.cat([images[:8], torch.ones(1, *images.shape[1:])])
+    program = device.to_program()
+    with torch.no_grad():
+        assert _mismatches(device.eval()(probe).numpy(), program.run(probe)) == 0
+        for layer in device.weight_layers:
+            layer.input_code_max = 2**24  # forces the float64 product
+            layer.set_codes(layer.codes())
+            assert not layer.exact32
+        assert _mismatches(device(probe).numpy(), program.run(probe)) == 0
