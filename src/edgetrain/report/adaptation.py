@@ -107,8 +107,9 @@ def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_frontier(panels: dict[str, list[dict[str, Any]]], path: str | Path, title: str) -> Path:
     """Online accuracy vs writes (code changes, log x axis), one panel per axis name in ``panels``
-    ("max_writes", "total_writes"); each point a dict with label, accuracy, optional accuracy_err,
-    writes. Pareto points are filled and joined, the others hollow."""
+    ("max_writes", "total_writes"); each point a dict with label, accuracy, writes and optional error
+    bars accuracy_err, writes_err (one std over seeds). Pareto points are filled and joined, the others
+    hollow."""
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (axis, points) in zip(axes[0], panels.items(), strict=True):
         front = pareto_front(points)
@@ -119,6 +120,7 @@ def plot_frontier(panels: dict[str, list[dict[str, Any]]], path: str | Path, tit
                 x,
                 p["accuracy"],
                 yerr=p.get("accuracy_err") or None,
+                xerr=p.get("writes_err") or None,
                 fmt="o",
                 mfc=None if on_front else "none",
                 color="C3" if on_front else "C0",
