@@ -104,7 +104,9 @@ def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, secon
         f"{config['devices']} devices x {config['rounds']} rounds x {config['samples_per_round']} samples, "
         f"net {config['arch']}, rank {config['rank']}, {config['factor_bits']}-bit factors on the link, "
         f"split {config['split']} ({config['classes_per_device']} classes per device, rotated {config['angle']} deg), "
-        f"{config['drift']} drift x{config['drift_scale']}, {config['test_samples']} held-out samples per device; "
+        f"{config['drift']} drift x{config['drift_scale']}, {config['test_samples']} held-out samples per device, "
+        f"fleet step eta = {config.get('fleet_lr', 1.0)}, acceptance gate on "
+        f"{config.get('gate_samples', 0) or 'no'} samples; "
         f"Flower simulation engine (Ray, one actor); {seconds / 60:.1f} min on the shared 2-core machine.",
         "",
         "Fleet test acc: mean held-out accuracy of the devices at the end (after the last fleet update); "
