@@ -248,6 +248,10 @@ class DeviceLayer(GradQuantMixin):
         )
         self.input_code_max, input_exponent = input_bound
         self.float32_units = self.k_w + input_exponent >= -100  # 2^(k_w + k_x) far above float32 underflow
+        # acc + b in units of the finer exponent: |acc| 2^(k_acc - m) + |b| 2^(k_b - m) <= 2^24 keeps it exact
+        finest = min(self.acc_q.exponent, self.bias_q.exponent)
+        largest = sum(max(-q.fmt.qmin, q.fmt.qmax) * 2 ** (q.exponent - finest) for q in (self.acc_q, self.bias_q))
+        self.bias_sum_fits32 = largest <= FLOAT32_EXACT_BOUND
         codes = program.tensors[op["weight"]]
         self.weight_shape = tuple(codes.shape)
         self.register_buffer("weight", _values(codes, self.k_w))
@@ -289,29 +293,33 @@ class DeviceLayer(GradQuantMixin):
         return self._exact32
 
     def exact_product(self, x: torch.Tensor) -> torch.Tensor:
-        """sum w x exactly (float64 values), through float32 kernels when :attr:`exact32`."""
+        """sum w x exactly: float32 values from float32 kernels when :attr:`exact32`, else float64."""
         if self.exact32:
             with torch.backends.nnpack.flags(enabled=False):  # no Winograd / FFT: direct sums only
-                return self.product(x.float(), self.weight32()).double()
+                return self.product(x.float(), self.weight32())
         return self.product(x, self.weight)
 
     def compute(
         self, x: torch.Tensor, bias: torch.Tensor, keep_masks: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(q_out(act(q_acc(W x) + b)), masks): the masks (output did not clip and, after a ReLU, y > 0;
-        accumulator did not clip) only with ``keep_masks``."""
+        accumulator did not clip) only with ``keep_masks``. The requantization stays in float32 after a
+        float32 product when ``acc + b`` fits 24 bits (:attr:`bias_sum_fits32`), else goes to float64."""
         z = self.exact_product(x)
+        if z.dtype == torch.float32 and not self.bias_sum_fits32:
+            z = z.double()
+        bias = bias.detach().to(z.dtype)
         acc, out = self.acc_q, self.out_q
         codes = round_tensor(z.div_(acc.step), acc.rounding)
         acc_mask = (codes >= acc.lo) & (codes <= acc.hi) if keep_masks else None
-        y = codes.clamp_(acc.lo, acc.hi).mul_(acc.step).add_(bias.detach().view(1, -1, *([1] * (z.dim() - 2))))
+        y = codes.clamp_(acc.lo, acc.hi).mul_(acc.step).add_(bias.view(1, -1, *([1] * (z.dim() - 2))))
         codes = round_tensor(y / out.step, out.rounding)
         out_mask = None
         if keep_masks:
             out_mask = (codes >= out.lo) & (codes <= out.hi)
             if out.relu:
                 out_mask &= y > 0
-        return codes.clamp_(out.lo, out.hi).mul_(out.step), (out_mask, acc_mask) if keep_masks else ()
+        return codes.clamp_(out.lo, out.hi).mul_(out.step).double(), (out_mask, acc_mask) if keep_masks else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.cache_dz = None
