@@ -220,9 +220,9 @@ class FleetDevice:
         self.declined = 0  # broadcasts the acceptance gate declined without writing anything
         self.own_writes = 0  # update events where the gate wrote the device's own update instead
         self.own: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the factors of the last report (RAM)
-        self.own_norms = FactorNorms()
+        self.own_norms = FactorNorms()  # RAM too: a device that rejoins starts them afresh
         self.gate: dict[str, Any] | None = None  # the last gate's accuracies and choice
-        self.gate_bits = 0  # the broadcast kept during the gate's window (bits)
+        self.gate_bits = 0  # the broadcast and own factors kept for the gate's window (bits, the most)
         self.step_size = (float("nan"), float("nan"))  # the last broadcast's step: (Frobenius, max) in LSBs
         self.test_history: list[float] = []
         self._track()
