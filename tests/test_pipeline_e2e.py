@@ -28,7 +28,7 @@ def tiny_config(out: Path) -> PipelineConfig:
     config.data.train_samples, config.data.test_samples = 400, 200
     config.pretrain.epochs = 1
     config.quantize.calibration_samples, config.quantize.retrain_samples = 64, 200
-    config.adapt.samples, config.adapt.shift_block = 40, 20
+    config.adapt.samples, config.adapt.shift_block, config.adapt.test_samples = 40, 20, 100
     config.output.dir = str(out)
     return config
 
@@ -42,7 +42,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineConfig, dict,
 
 def test_integer_program_is_bit_exact_and_onnx_agrees(run) -> None:
     _, summary, _ = run
-    assert summary["export"]["verified_samples"] == 200
+    assert summary["export"]["verified_samples"] == summary["test_images"] == 200
     assert summary["export"]["integer_mismatches"] == 0
     assert summary["export"]["onnx_agreement"] >= 0.999
     export, quantize = summary["export"], summary["quantize"]
@@ -88,6 +88,8 @@ def test_report_artifacts(run) -> None:
         "On-device adaptation",
         "edgetrain run",
         "[adapt]",
+        "Test accuracy on 200 test images (a subset of the test split",
+        "test acc (100 imgs)",
     ):
         assert needle in text, needle
     pngs = sorted(md.parent.glob("figure_*.png"))
@@ -112,6 +114,11 @@ def test_second_run_skips_every_stage_and_a_change_reruns_downstream(run) -> Non
     again = run_pipeline(config, log=logs.append)
     assert sum("up to date, skipped" in line for line in logs) == 4
     assert again["export"] == first["export"]
+    stages = ("pretrain", "quantize", "export", "adapt")
+    assert all(first["stage_cpu_seconds"][name] > 0 and first["stage_seconds"][name] > 0 for name in stages)
+    assert all(again["stage_seconds"][name] == again["stage_cpu_seconds"][name] == 0 for name in stages)  # reused
+    recorded = json.loads((Path(config.output.dir) / "export" / "stage.json").read_text())
+    assert recorded["seconds"] == first["stage_seconds"]["export"] and recorded["cpu_seconds"] > 0
     config.adapt.rules = ["bias-only"]
     logs.clear()
     run_pipeline(config, log=logs.append)

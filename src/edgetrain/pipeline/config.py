@@ -105,6 +105,7 @@ class AdaptSection:
     rank: int = 4
     lr: float = 0.003  # LowRank on a TQT-quantized mnistnet: 0.01 (the LRT paper's, for its net) overshoots
     seed: int = 0
+    test_samples: int = 1000  # test images scored at each test point (4 per stream, and at the end)
 
 
 @dataclass
@@ -222,6 +223,7 @@ def _range_problems(config: PipelineConfig) -> list[str]:
     need("adapt", "shift_block", adapt.shift_block >= 1, ">= 1")
     need("adapt", "rank", adapt.rank >= 1, ">= 1")
     need("adapt", "seed", adapt.seed >= 0, ">= 0")
+    need("adapt", "test_samples", adapt.test_samples >= 1, ">= 1")
     positive_number("adapt", "lr")
     need("output", "dir", bool(config.output.dir.strip()), "a folder path")
     return problems

@@ -103,6 +103,10 @@ def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> 
         "adaptation of the deployed weights in simulated NVM."
     )
     report.heading("Accuracy through the pipeline")
+    images = summary.get("test_images")
+    if images is not None:
+        subset = " (a subset of the test split: [data] test_samples)" if config.data.test_samples else ""
+        report.paragraph(f"Test accuracy on {images} test images{subset}.")
     report.table(["model", "test accuracy", "note"], _accuracy_rows(summary))
 
     quantize = summary["quantize"]
@@ -154,7 +158,7 @@ def write_report(summary: dict[str, Any], config: PipelineConfig, out: Path) -> 
             [
                 "rule",
                 "online acc",
-                "test acc",
+                f"test acc ({config.adapt.test_samples} imgs)",
                 "max writes/cell",
                 "total writes",
                 "write density",

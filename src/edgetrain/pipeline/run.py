@@ -251,7 +251,14 @@ def adapt_stage(
         for rule_name in section.rules:
             rule = make_rule(rule_name, rule_options(config, rule_name))
             device = DeviceNet.from_program(program)
-            trainer = OnlineTrainer(device, rule, scenario, seed=section.seed, log_every=max(section.samples // 200, 1))
+            trainer = OnlineTrainer(
+                device,
+                rule,
+                scenario,
+                seed=section.seed,
+                log_every=max(section.samples // 200, 1),
+                test_samples=section.test_samples,
+            )
             run_dir = directory / rule_name
             resume = (run_dir / CHECKPOINT_NAME).exists()
             log(f"[adapt] {rule_name} on {section.scenario}{' + ' + section.drift + ' drift' if section.drift else ''}")
@@ -281,6 +288,7 @@ def adapt_stage(
                 )
             }
             results[rule_name]["samples_per_second"] = run_log["timing"]["samples_per_second"]
+            results[rule_name]["seconds"] = run_log["timing"]["seconds"]
             log(
                 f"[adapt] {rule_name}: online accuracy {final['online_accuracy']:.3f}, "
                 f"max writes per cell {final['max_writes']} (code changes), total {final['total_writes']}"
@@ -309,7 +317,8 @@ def run_pipeline(
     ``<output.dir>/config.toml``; ``command`` is the command line the report gives to reproduce the run
     (default: ``edgetrain run <output.dir>/config.toml``). If a stage fails or is interrupted, the
     report says what finished and what did not (``<output.dir>/report/``) and the error propagates.
-    Returns a summary dict (``stage_seconds``: wall time of each stage in this run, 0 when reused);
+    Returns a summary dict (``stage_seconds`` / ``stage_cpu_seconds``: wall / CPU time of each stage in
+    this run, 0 when reused);
     the report is at ``summary["report_html"]``.
     """
     start = time.perf_counter()
@@ -333,9 +342,10 @@ def run_pipeline(
         raise
     summary["command"] = command or f"edgetrain run {shlex.quote(str(out / 'config.toml'))}"
     summary["config"] = config.to_dict()
-    report_start = time.perf_counter()
+    report_start, report_cpu = time.perf_counter(), time.process_time()
     markdown, html = write_report(summary, config, out)
     summary["stage_seconds"]["report"] = time.perf_counter() - report_start
+    summary["stage_cpu_seconds"]["report"] = time.process_time() - report_cpu
     summary["seconds"] = time.perf_counter() - start
     summary["report_md"], summary["report_html"] = str(markdown), str(html)
     write_json_atomic(out / "summary.json", summary)
@@ -352,5 +362,7 @@ def _run_stages(config: PipelineConfig, data: PipelineData, out: Path, log: Call
     if config.adapt.rules:
         stages.append(adapt_stage(config, out, exported, log))
     summary: dict[str, Any] = {stage.name: stage.summary for stage in stages}
+    summary["test_images"] = len(data.test)
     summary["stage_seconds"] = {stage.name: stage.seconds for stage in stages}
+    summary["stage_cpu_seconds"] = {stage.name: stage.cpu_seconds for stage in stages}
     return summary

@@ -2,7 +2,7 @@
 is present and valid.
 
 A stage's output folder ``<root>/<name>/`` holds ``stage.json`` = {fingerprint, inputs, summary,
-files, seconds} (``seconds``: the wall time the stage took when it ran). The fingerprint is a hash
+files, seconds, cpu_seconds} (wall and CPU time of the stage's run). The fingerprint is a hash
 of everything that determines the stage's result (its own config section and the fingerprints of the
 stages it reads from), and ``inputs`` lists those values, so a reuse compares them and a rerun says
 in one line what changed. Changing one stage's settings re-runs
@@ -108,6 +108,7 @@ class StageResult:
     directory: Path
     skipped: bool
     seconds: float = 0.0  # wall time of this run of the stage (0 when reused)
+    cpu_seconds: float = 0.0  # CPU time (user + system, all threads) of this run of the stage
 
 
 def _read_meta(directory: Path) -> dict[str, Any] | None:
@@ -187,7 +188,7 @@ def run_stage(
         raise StageError(f"cannot create the output folder {partial}: {err.strerror or err}; choose --out") from err
     log(f"[{name}] running -> {final}")
     record_status(root, name, "running", "")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         summary = body(partial)
     except KeyboardInterrupt:
@@ -196,17 +197,19 @@ def run_stage(
     except Exception as err:
         record_status(root, name, "failed", f"{type(err).__name__}: {err}")
         raise
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file() and p.name != STAGE_FILE)
-    record = {"fingerprint": key, "inputs": inputs, "summary": summary, "files": files, "seconds": seconds}
-    write_json_atomic(partial / STAGE_FILE, record)
+    timing = {"seconds": seconds, "cpu_seconds": cpu_seconds}
+    write_json_atomic(
+        partial / STAGE_FILE, {"fingerprint": key, "inputs": inputs, "summary": summary, "files": files, **timing}
+    )
     try:
         _promote(partial, final)
     except OSError as err:
         raise StageError(f"cannot move the finished {name} results into {final}: {err.strerror or err}") from err
     record_status(root, name, "done", f"{seconds:.0f} s")
-    log(f"[{name}] done in {seconds:.0f} s")
-    return StageResult(name, key, summary, final, skipped=False, seconds=seconds)
+    log(f"[{name}] done in {seconds:.0f} s ({cpu_seconds:.0f} CPU-s)")
+    return StageResult(name, key, summary, final, skipped=False, seconds=seconds, cpu_seconds=cpu_seconds)
 
 
 def _marker(directory: Path) -> str | None:
