@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.data import load_dataset
+from edgetrain.graph.modules import TieSplitMaximum
 from edgetrain.tqt import RetrainConfig, TQTQuantizer, retrain, split_parameters
 from edgetrain.training import Trainer, TrainHook, evaluate, load_checkpoint, staircase, train_float
 
@@ -179,3 +180,19 @@ def test_checkpoint_of_another_run_is_refused(digits, tmp_path: Path) -> None:
     make_trainer(net, train.subset(128), val, ckpt).run()
     with pytest.raises(ValueError, match="belongs to another run"):
         make_trainer(net, train, val, ckpt).run()
+
+
+def test_tie_split_maximum_has_torch_maximums_values_and_gradients() -> None:
+    """QLeakyReLU's max: torch.maximum's values and gradients (ties split in half), on random values
+    with many exact ties."""
+    torch.manual_seed(0)
+    a = torch.randint(-4, 5, (3, 4, 5, 5)).float() / 4
+    b = torch.randint(-4, 5, (3, 4, 5, 5)).float() / 4  # ~1 in 9 elements tie
+    g = torch.randn_like(a)
+    fast = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    ref = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    y_fast, y_ref = TieSplitMaximum.apply(*fast), torch.maximum(*ref)
+    (y_fast * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert bool((a == b).any()) and torch.equal(y_fast, y_ref)
+    assert torch.equal(fast[0].grad, ref[0].grad) and torch.equal(fast[1].grad, ref[1].grad)

@@ -216,6 +216,29 @@ class QAvgPool(QuantModule):
         return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
 
 
+class TieSplitMaximum(torch.autograd.Function):
+    """``torch.maximum(a, b)`` (same shapes) with its gradient, ties split in half, in two passes::
+
+        share = (sign(a - b) + 1) / 2  (1 where a > b, 1/2 on ties, 0 where a < b)
+        dL/da = share g,   dL/db = g - share g
+
+    (torch's own backward builds eight temporaries for the same values.)
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        return torch.maximum(a, b)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        grad_a = torch.sub(a, b).sign_().add_(1.0).mul_(0.5).mul_(grad_out)
+        return grad_a, grad_out - grad_a
+
+
 class QLeakyReLU(QuantModule):
     """``q8( max( q16(x), q16( q16(alpha) q16(x) ) ) )``: the input (already int16) and the product
     share one threshold (docs/quantization.md); valid for 0 <= alpha <= 1."""
@@ -232,7 +255,7 @@ class QLeakyReLU(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xe = self.exact(x)
         product = self.prod_q(xe * self.alpha_q(self.alpha).to(xe.dtype)).to(x.dtype)
-        return self.out_q(torch.maximum(x, product))
+        return self.out_q(TieSplitMaximum.apply(x, product))
 
 
 class QAdd(QuantModule):
