@@ -88,9 +88,17 @@ def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_mo
     token = uuid.uuid4().hex
     monkeypatch.setenv("EDGETRAIN_FLEET_TEST", token)  # inherited by every process the engine starts
     config = FleetConfig(
-        devices=2, rounds=1, samples_per_round=8, strategies=("federated-lowrank",), model=tiny_model,
-        test_samples=20, engine="deployment", round_timeout=240.0, gate_samples=0,
-    )  # fmt: skip
+        devices=2,
+        rounds=1,
+        samples_per_round=8,
+        strategies=("federated-lowrank",),
+        model=tiny_model,
+        test_samples=20,
+        engine="deployment",
+        round_timeout=240.0,
+        fleet_lr=1.0,  # the full step, ungated: the broadcast is written (checked below)
+        gate_samples=0,
+    )
     outcome: dict[str, object] = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_fleet(config, tmp_path / "fleet")))
     runner.start()
