@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.data import load_dataset
-from edgetrain.graph.modules import TieSplitMaximum
+from edgetrain.graph.modules import TieSplitMaximum, quantize_activation
 from edgetrain.tqt import RetrainConfig, TQTQuantizer, retrain, split_parameters
 from edgetrain.training import Trainer, TrainHook, evaluate, load_checkpoint, staircase, train_float
 
@@ -196,3 +196,18 @@ def test_tie_split_maximum_has_torch_maximums_values_and_gradients() -> None:
     (y_ref * g).sum().backward()
     assert bool((a == b).any()) and torch.equal(y_fast, y_ref)
     assert torch.equal(fast[0].grad, ref[0].grad) and torch.equal(fast[1].grad, ref[1].grad)
+
+
+@pytest.mark.parametrize("log2_t", [2.0, 1.0, 3.0])  # thresholds 4, 2: ReLU6 fused; 8: not fused
+def test_fused_relu6_equals_relu6_then_the_quantizer(log2_t: float) -> None:
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(500) * 4, torch.tensor([6.0, 5.9, 255.5 / 64, 4.0, 0.0, -0.0, -1.0])])
+    g = torch.randn_like(x)
+    fused, reference = TQTQuantizer(8, signed=False, log2_t=log2_t), TQTQuantizer(8, signed=False, log2_t=log2_t)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf = quantize_activation(fused.train(), xf, "relu6")
+    yr = reference.train()(F.hardtanh(xr, 0.0, 6.0))
+    (yf * g).sum().backward()
+    (yr * g).sum().backward()
+    assert torch.equal(yf, yr) and torch.equal(xf.grad, xr.grad)
+    torch.testing.assert_close(fused.log2_t.grad, reference.log2_t.grad, rtol=1e-5, atol=1e-5)

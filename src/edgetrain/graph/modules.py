@@ -33,8 +33,13 @@ def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
 
 def quantize_activation(quantizer: TQTQuantizer, x: torch.Tensor, activation: str) -> torch.Tensor:
     """``quantizer(act(x))``; in training a ReLU is fused into the quantizer's single pass (same values and
-    gradients, TQTQuantizer.forward's ``relu``); in eval the quantizer sees ``relu(x)`` (calibration hooks)."""
-    if activation == "relu" and quantizer.training:
+    gradients, TQTQuantizer.forward's ``relu``), and so is a ReLU6 whose ceiling 6 lies where the quantizer
+    clips anyway (6 >= (p + 1/2) s: there q(relu6(x)) = q(relu(x)), values and gradients); in eval the
+    quantizer sees ``act(x)`` (calibration and analysis hooks)."""
+    if quantizer.training and (
+        activation == "relu"
+        or (activation == "relu6" and (quantizer.format.qmax + 0.5) * quantizer.scale <= RELU6_CEILING)
+    ):
         return quantizer(x, relu=True)
     return quantizer(apply_activation(x, activation))
 
