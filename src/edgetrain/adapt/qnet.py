@@ -281,6 +281,9 @@ def nonzero_im2col(
     column order as ``F.unfold``: channel, then kernel row, then kernel column) when at most a quarter
     of the pixels are kept, so a sample whose gradient is mostly zero costs little.
     """
+    if not dz.any():  # the common case after 8-bit gradient quantization: no terms at all
+        n_in = x[0].numel() if not is_conv else x.shape[1] * kernel[0] * kernel[1]
+        return x.new_zeros(0, n_in, dtype=torch.float32), dz.new_zeros(0, dz.shape[1], dtype=torch.float32)
     if not is_conv:
         keep = (dz != 0).any(1).nonzero()[:, 0]
         return x.flatten(1)[keep].float(), dz[keep].float()
