@@ -12,6 +12,12 @@ so. With ``--timeout`` a demo still running after that many seconds is stopped a
 which stages had finished (the demo's ``status.json``) instead of a time. Every demo time the README
 states comes from this file.
 
+On a loaded machine the CPU time is the figure to compare, taken with ``--threads 1``: two torch
+threads spinning against other work inflate it (a first try of the shrunk demo at load 14 had used
+100 CPU-s before its pretraining finished, which takes 18 CPU-s on one thread). The record also
+holds each stage's wall and CPU time (the demo's ``summary.json``) and the demo's own figures, so a
+time is never quoted without what it bought.
+
 Writes ``bench/results/demo.json`` and the fragment ``bench/results/demo.md``.
 """
 
