@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from edgetrain.pipeline.config import ConfigError, PipelineConfig, config_from_dict, load_config
+from edgetrain.cli.pipeline import demo_config, fallback_to_digits
+from edgetrain.pipeline.config import ConfigError, PipelineConfig, config_from_dict, load_config, validate_config
 from edgetrain.pipeline.stages import StageError, fingerprint, run_stage
 
 
@@ -123,3 +124,11 @@ def test_disk_full_during_a_stage_is_a_clear_cli_error(tmp_path: Path, monkeypat
     message = capsys.readouterr().err
     assert "No space left on device" in message and "checkpoint.pt" in message
     assert "Free disk space" in message and "reused" in message and len(message.strip().splitlines()) == 1
+
+
+def test_the_demo_config_is_valid_and_its_digits_fallback_scores_the_whole_test_split() -> None:
+    config = validate_config(demo_config("runs/x"))
+    assert config.data.test_samples == 2000 and config.export.verify_samples == 0  # every figure on 2000 images
+    assert config.adapt.rules == ["lowrank", "sgd", "bias-only", "inference"]  # with the no-adaptation baseline
+    fallback = validate_config(fallback_to_digits(demo_config("runs/x")))
+    assert (fallback.data.dataset, fallback.data.test_samples, fallback.adapt.rules) == ("digits", 0, [])
