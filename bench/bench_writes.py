@@ -264,9 +264,9 @@ def mechanism_markdown(mechanisms: dict[str, Any]) -> list[str]:
         "x = the update in LSBs before rounding (LowRank: lr sqrt(mult) L R^T / lsb, max-normed, so its "
         "peak is pinned near lr sqrt(B) / lsb whatever the gradient's size); dW_q = what is written.",
         "",
-        "| point | samples | layer | events | cells changed per event | |dW_q| = "
+        "| point | samples | layer | events | cells changed per event | share of cells with abs(dW_q) = "
         + " / ".join(STEP_LABELS)
-        + " LSB | |x| median / p90 / p99 / max (LSB) | |x| >= 0.5 |",
+        + " LSB | abs(x) median / p90 / p99 / max (LSB) | abs(x) >= 0.5 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for point, m in mechanisms.items():

@@ -41,6 +41,11 @@ class FakeLayer:
             raise RuntimeError("columns() is only defined for groups == 1")
         return self.a, self.dz
 
+    def nonzero_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, dz = self.columns()
+        keep = (dz != 0).any(1)
+        return a[keep].float(), dz[keep].float()
+
     def weight_grad(self) -> torch.Tensor:
         return self.grad if self.grad is not None else self.dz.T @ self.a
 
