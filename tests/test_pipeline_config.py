@@ -129,6 +129,6 @@ def test_disk_full_during_a_stage_is_a_clear_cli_error(tmp_path: Path, monkeypat
 def test_the_demo_config_is_valid_and_its_digits_fallback_scores_the_whole_test_split() -> None:
     config = validate_config(demo_config("runs/x"))
     assert config.data.test_samples == 2000 and config.export.verify_samples == 0  # every figure on 2000 images
-    assert config.adapt.rules == ["lowrank", "sgd", "bias-only", "inference"]  # with the no-adaptation baseline
+    assert config.adapt.rules == ["lowrank", "sgd-sr", "bias-only", "inference"]  # fair SGD and no-adaptation baselines
     fallback = validate_config(fallback_to_digits(demo_config("runs/x")))
     assert (fallback.data.dataset, fallback.data.test_samples, fallback.adapt.rules) == ("digits", 0, [])
