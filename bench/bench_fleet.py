@@ -99,7 +99,8 @@ def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, seconds: float) -> str:
     config = result["config"]
     lines = [
-        f"## Fleet: federated low-rank adaptation on Flower (seed {config['seed']})",
+        f"## Fleet: federated low-rank adaptation on Flower (seed {config['seed']}, fleet step "
+        f"{config.get('fleet_lr', 1.0)}, gate {config.get('gate_samples', 0) or 'off'})",
         "",
         f"{config['devices']} devices x {config['rounds']} rounds x {config['samples_per_round']} samples, "
         f"net {config['arch']}, rank {config['rank']}, {config['factor_bits']}-bit factors on the link, "

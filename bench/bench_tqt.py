@@ -87,7 +87,7 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     lines = [
-        f"## INT4-weight TQT retraining of {net} (Fashion-MNIST)",
+        f"## INT4-weight TQT retraining of {net} (Fashion-MNIST; recipes {', '.join(recipes)})",
         "",
         "| configuration | weight threshold init | epochs | threshold lr | test top-1 | vs FP32 (pt) |",
         "|---|---|---|---|---|---|",
