@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetrain.adapt.qnet import PAPER_GRAD, GradQuantMixin, Grid, LayerFormats, nonzero_im2col
+from edgetrain.adapt.qnet import PAPER_GRAD, GradQuantMixin, Grid, LayerFormats, input_gradient, nonzero_im2col
 from edgetrain.export.program import IntegerProgram
 from edgetrain.fixedpoint import RELU6_CEILING, FixedPointFormat, Rounding, round_tensor
 
@@ -149,15 +149,9 @@ class _LayerStep(torch.autograd.Function):
             layer.cache_dz = g * layer.wmult
         if not ctx.needs_input_grad[0]:
             return None, grad_bias, None
-        if not g.any():  # all-zero (common after 8-bit gradient quantization): W^T 0 = 0, skip the kernel
+        if not g.any():  # all-zero after gradient quantization: no kernel, nothing to quantize
             return g.new_zeros(ctx.shape), grad_bias, None
-        weight = layer.weight32()
-        if layer.is_conv:
-            dx = torch.nn.grad.conv2d_input(
-                ctx.shape, weight, g.float(), layer.stride, layer.padding, layer.dilation, layer.groups
-            )
-        else:
-            dx = g.float() @ weight
+        dx = input_gradient(ctx.shape, layer.weight32(), g.float(), layer)
         return layer.quantize_grad(dx.double()), grad_bias, None
 
 

@@ -265,6 +265,15 @@ class QWeight(GradQuantMixin):
         return self.formats.weight.codes(self.weight.detach().reshape(self.shape2d).numpy())
 
 
+def input_gradient(shape: torch.Size, weight: torch.Tensor, dz: torch.Tensor, layer: Any) -> torch.Tensor:
+    """dL/dx = W^T dL/dz of a conv (``torch.nn.grad.conv2d_input`` with the layer's stride, padding,
+    dilation, groups) or a linear layer (QNet and DeviceNet layers)."""
+    if not layer.is_conv:
+        return (dz @ weight).view(shape)
+    dilation, groups = getattr(layer, "dilation", 1), getattr(layer, "groups", 1)
+    return torch.nn.grad.conv2d_input(shape, weight, dz, layer.stride, layer.padding, dilation, groups)
+
+
 def nonzero_im2col(
     x: torch.Tensor,
     dz: torch.Tensor,
@@ -344,14 +353,9 @@ class _QWeightStep(torch.autograd.Function):
             layer.cache_dz = grad * layer.wmult
         if not ctx.needs_input_grad[0]:
             return None, grad_bias, None
-        if not grad.any():  # all-zero after gradient quantization: wq^T 0 = 0, skip the kernel
+        if not grad.any():  # all-zero after gradient quantization: no kernel, nothing to quantize
             return grad.new_zeros(ctx.shape), grad_bias, None
-        wq = layer.effective_weight()
-        if layer.is_conv:
-            dx = torch.nn.grad.conv2d_input(ctx.shape, wq, grad, layer.stride, layer.padding)
-        else:
-            dx = (grad @ wq).view(ctx.shape)
-        return layer.quantize_grad(dx), grad_bias, None
+        return layer.quantize_grad(input_gradient(ctx.shape, layer.effective_weight(), grad, layer)), grad_bias, None
 
 
 class ActQuant(GradQuantMixin):
