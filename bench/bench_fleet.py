@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from edgetrain.atomic import atomic_write, write_json_atomic  # noqa: E402
 from edgetrain.fleet import FleetConfig, run_fleet, write_report  # noqa: E402
+from edgetrain.fleet.config import STRATEGIES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -96,18 +97,29 @@ def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
     return lines
 
 
+def gate_name(config: dict[str, Any], long: bool = False) -> str:
+    """The acceptance gate of a run's config: off, causal (the last N samples, a RAM buffer) with or
+    without the batch-norm refresh."""
+    samples = config.get("gate_samples", 0)
+    if not samples:
+        return "no acceptance gate" if long else "gate off"
+    refresh = ", BN refresh" if config.get("bn_refresh") else ""
+    if long:
+        return f"causal acceptance gate on the last {samples} samples (RAM buffer){refresh}"
+    return f"causal gate {samples}{refresh}"
+
+
 def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, seconds: float) -> str:
     config = result["config"]
     lines = [
         f"## Fleet: federated low-rank adaptation on Flower (seed {config['seed']}, fleet step "
-        f"{config.get('fleet_lr', 1.0)}, gate {config.get('gate_samples', 0) or 'off'})",
+        f"{config.get('fleet_lr', 1.0)}, {gate_name(config)})",
         "",
         f"{config['devices']} devices x {config['rounds']} rounds x {config['samples_per_round']} samples, "
         f"net {config['arch']}, rank {config['rank']}, {config['factor_bits']}-bit factors on the link, "
         f"split {config['split']} ({config['classes_per_device']} classes per device, rotated {config['angle']} deg), "
         f"{config['drift']} drift x{config['drift_scale']}, {config['test_samples']} held-out samples per device, "
-        f"fleet step eta = {config.get('fleet_lr', 1.0)}, acceptance gate on "
-        f"{config.get('gate_samples', 0) or 'no'} samples; "
+        f"fleet step eta = {config.get('fleet_lr', 1.0)}, {gate_name(config, long=True)}; "
         f"Flower simulation engine (Ray, one actor); {seconds / 60:.1f} min on the shared 2-core machine.",
         "",
         "Fleet test acc: mean held-out accuracy of the devices at the end (after the last fleet update); "
@@ -163,6 +175,12 @@ def main() -> None:
     parser.add_argument("--drift-scale", type=float, default=1.0)
     parser.add_argument("--fleet-lr", type=float, default=FleetConfig.fleet_lr, help="server step size eta")
     parser.add_argument("--gate-samples", type=int, default=FleetConfig.gate_samples, help="acceptance gate (0: off)")
+    parser.add_argument(
+        "--bn-refresh", action="store_true", help="replay the gate's buffer for the batch-norm statistics"
+    )
+    parser.add_argument(
+        "--strategy", action="append", choices=STRATEGIES, help="strategies to run (repeatable; default: all)"
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "fleet-bench"))
     parser.add_argument("--seed", type=int, default=0, help="seeds the devices' streams, drift and held-out sets")
     parser.add_argument("--name", default="fleet", help="results file stem: bench/results/NAME.json and NAME.md")
@@ -187,6 +205,8 @@ def main() -> None:
         drift_scale=args.drift_scale,
         fleet_lr=args.fleet_lr,
         gate_samples=args.gate_samples,
+        bn_refresh=args.bn_refresh,
+        strategies=tuple(args.strategy) if args.strategy else STRATEGIES,
         round_timeout=3600.0,
         seed=args.seed,
     )

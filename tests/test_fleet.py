@@ -304,7 +304,7 @@ def test_the_gate_choice() -> None:
     assert gate_choice(0.5, {"fleet": 0.625}) == "fleet" and gate_choice(0.5, {"fleet": 0.25}) == "keep"
 
 
-def test_the_gate_scores_candidates_on_the_next_samples_and_writes_its_choice(
+def test_the_gate_scores_candidates_on_the_last_samples_and_writes_its_choice(
     tiny_model, one_thread, monkeypatch
 ) -> None:
     import copy
@@ -312,12 +312,12 @@ def test_the_gate_scores_candidates_on_the_next_samples_and_writes_its_choice(
     from edgetrain.fleet.device import FleetDevice, prediction_accuracy
 
     device = fleet_device(tiny_model, gate_samples=8)
-    device.learn(8)
+    device.learn(12)
     device.report()  # the device keeps its own factors for the gate
     assert set(device.own) == {layer.name for layer in device.trainer.net.weight_layers}
     update = broadcast_of(device, 50.0)
     candidates = {"fleet": device.fleet_steps(update), "own": device.own_steps()}
-    images, labels = device.stream.batch(8, 16)  # the next 8 samples of the stream
+    images, labels = device.stream.batch(4, 12)  # the ring buffer: the last 8 samples it learnt from
     want = {}
     for name, steps in candidates.items():
         shadow = copy.deepcopy(device.trainer.net)
@@ -334,8 +334,10 @@ def test_the_gate_scores_candidates_on_the_next_samples_and_writes_its_choice(
     monkeypatch.setattr(FleetDevice, "shadow_accuracy", lambda self, c: (0.75, {"fleet": 0.5, "own": 0.625}))
     assert device.apply(update) == 0 and device.declined == 1 and device.metrics()["fleet_updates_declined"] == 1
     assert all(np.array_equal(device.trainer.arrays[name].codes, codes) for name, codes in before.items())
-    assert device.metrics()["aux_memory_bits"] > fleet_device(tiny_model, gate_samples=0).metrics()["aux_memory_bits"]
-    device.learn(8)
+    pixels = images[0].numel()  # the buffer (8 samples of 8-bit pixels and an 8-bit label) is aux memory
+    ungated = fleet_device(tiny_model, gate_samples=0).metrics()["aux_memory_bits"]
+    assert device.metrics()["aux_memory_bits"] >= ungated + 8 * (8 * pixels + 8) == ungated + device.buffer_bits
+    device.learn(4)
     device.report()
     norms = copy.deepcopy(device.own_norms)  # stateful max-norms: apply() must start from the same state
     own = device.own_steps()
@@ -348,6 +350,72 @@ def test_the_gate_scores_candidates_on_the_next_samples_and_writes_its_choice(
         array = device.trainer.arrays[layer.name]
         want_codes = np.clip(before[layer.name] - own[layer.name], array.fmt.qmin, array.fmt.qmax)
         np.testing.assert_array_equal(array.codes, want_codes)
+
+
+class FutureTracingStream:
+    """A device's stream that records the samples asked for and, with ``poison``, gives every sample
+    the device has not reached yet a wrong label (a look-ahead would see them)."""
+
+    def __init__(self, device, poison: bool) -> None:
+        self.device, self.stream, self.poison = device, device.stream, poison
+        self.asked: list[tuple[int, int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+    def batch(self, start: int, stop: int):
+        self.asked.append((start, stop))
+        images, labels = self.stream.batch(start, stop)
+        if self.poison:
+            future = torch.arange(start, stop) >= self.device.trainer.step_count
+            labels = torch.where(future, (labels + 1) % 10, labels)
+        return images, labels
+
+
+@pytest.mark.parametrize("bn_refresh", [False, True])
+def test_the_gate_uses_no_future_sample(tiny_model, one_thread, bn_refresh) -> None:
+    """Two identical devices decide on the same broadcast, one of them with every future label
+    poisoned: the same scores, choice and writes, and no sample at or past the device's step asked
+    for. The BN refresh replays only the buffer and keeps the statistics of the written weights only."""
+    runs = []
+    for poison in (False, True):
+        device = fleet_device(tiny_model, gate_samples=8, bn_refresh=bn_refresh)
+        device.learn(12)
+        device.report()
+        device.stream = FutureTracingStream(device, poison)
+        bn_before = [copy_state(bn) for bn in device.trainer.net.bn_layers]
+        written = device.apply(broadcast_of(device, 0.5))
+        assert device.stream.asked and all(stop <= 12 for _, stop in device.stream.asked)
+        refreshed = [
+            not states_equal(copy_state(bn), old)
+            for bn, old in zip(device.trainer.net.bn_layers, bn_before, strict=True)
+        ]
+        runs.append((device.gate, written, {n: a.codes.copy() for n, a in device.trainer.arrays.items()}, refreshed))
+    (gate, written, codes, refreshed), (gate_p, written_p, codes_p, _) = runs
+    assert gate == gate_p and written == written_p
+    assert all(np.array_equal(codes[name], codes_p[name]) for name in codes)
+    assert any(refreshed) == (bn_refresh and written > 0)
+    with pytest.raises(ValueError, match="bn_refresh replays the gate's sample buffer"):
+        FleetConfig(gate_samples=0, bn_refresh=True)
+
+
+def copy_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_rejoined_device_has_an_empty_buffer_and_writes_the_broadcast_ungated(tmp_path, tiny_model, one_thread):
+    device = fleet_device(tiny_model, gate_samples=8)
+    device.learn(12)
+    device.report()
+    device.save(tmp_path / "device.safetensors")
+    rejoined = fleet_device(tiny_model, gate_samples=8)
+    rejoined.restore(tmp_path / "device.safetensors")  # power lost: RAM (buffer, own factors) is gone
+    assert rejoined.recent_samples()[1].numel() == 0 and not rejoined.own
+    assert rejoined.apply(broadcast_of(rejoined, 50.0)) == rejoined.fleet_writes > 0 and rejoined.gate is None
 
 
 def test_report_writes_plots_and_markdown(tmp_path) -> None:

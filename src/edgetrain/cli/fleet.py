@@ -27,6 +27,7 @@ FLAG_FIELDS = (  # flags whose dest is the FleetConfig field of the same name
     "round_timeout",
     "fleet_lr",
     "gate_samples",
+    "bn_refresh",
 )
 
 
@@ -57,7 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--gate-samples",
         type=non_negative_int,
-        help="a device writes a broadcast only if it predicts its next N samples at least as well (32; 0: off)",
+        help="a device writes a broadcast only if it predicts its last N samples at least as well (32; 0: off)",
+    )
+    p.add_argument(
+        "--bn-refresh",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay the gate's buffer for the batch-norm statistics of each option and of the written weights",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="run folder: fleet.json, report, device states")

@@ -53,8 +53,10 @@ class FleetConfig:
 
     Fleet step: the federated low-rank broadcast is written with the server step size ``fleet_lr``
     (eta); with ``gate_samples`` = N > 0 every device writes a broadcast (any strategy) only if the
-    weights it would give predict the device's next N stream samples at least as well as its current
-    weights (:meth:`edgetrain.fleet.device.FleetDevice.apply`).
+    weights it would give predict the device's last N stream samples (a RAM ring buffer: samples it
+    has already learnt from, never later ones) at least as well as its current weights
+    (:meth:`edgetrain.fleet.device.FleetDevice.apply`); ``bn_refresh`` replays that buffer for the
+    batch-norm statistics of each option before scoring it and of the written weights after a write.
     """
 
     devices: int = 3
@@ -78,9 +80,8 @@ class FleetConfig:
     lr: float = 0.01
     max_norm: bool = True
     fleet_lr: float = 0.25  # eta: the federated low-rank broadcast is written as round(eta lr sqrt(R) L R^T / lsb)
-    gate_samples: int = (
-        32  # a device writes a broadcast only if it predicts its next N samples at least as well (0: off)
-    )
+    gate_samples: int = 32  # a broadcast is written only if it predicts the last N samples at least as well (0: off)
+    bn_refresh: bool = False  # replay the gate's buffer for the batch-norm statistics of each option / written weights
     batch_fc: int = 100
     batch_conv: int = 10
     sgd_lr: float = 0.01
@@ -101,6 +102,8 @@ class FleetConfig:
             raise ValueError(f"fleet_lr must be > 0, got {self.fleet_lr}")
         if int(self.gate_samples) < 0:
             raise ValueError(f"gate_samples must be >= 0 (0 turns the gate off), got {self.gate_samples}")
+        if self.bn_refresh and not int(self.gate_samples):
+            raise ValueError("bn_refresh replays the gate's sample buffer: set gate_samples > 0 or bn_refresh = false")
         if self.factor_bits not in (16, 32):
             raise ValueError(f"factor_bits must be 16 or 32, got {self.factor_bits}")
         if self.split not in SPLITS:

@@ -13,16 +13,22 @@ stream with its own drift realisation (seed ``seed * 1000 + k``). Per strategy:
   delta D it wrote during the round (int16 codes) and applies the fleet mean M as one update event
   W <- clip(W - D + round(M)).
 
-Acceptance gate (``gate_samples`` = N > 0, every strategy with a broadcast): before writing a
-broadcast, the device predicts its next N stream samples with its current weights and with the
-weights each candidate update would give (computed in RAM, nothing written). The candidates are the
-broadcast and, for federated low-rank, the device's own update: the factors it reported, kept in
-RAM until the broadcast arrives and max-normed like the server's merge, written with the same step
-(what the device would write alone, once per round). The device writes the candidate that gets the
-most of the N samples right (ties: the broadcast first) if it does at least as well as the current
-weights, else it writes nothing (the broadcast is declined). A device can do this because its stream
-is labelled (it learns from those labels). In the simulation all predictions are made when the
-broadcast arrives, with the biases and batch-norm statistics as they stand then (eval mode).
+Acceptance gate (``gate_samples`` = N > 0, every strategy with a broadcast), causal: the device
+keeps its last N labelled stream samples in a RAM ring buffer (counted in its auxiliary memory).
+When a broadcast arrives, it predicts those N samples (already seen and learnt from; nothing later)
+with its current weights and with the weights each candidate update would give (computed in RAM,
+nothing written). The candidates are the broadcast and, for federated low-rank, the device's own
+update: the factors it reported, kept in RAM until the broadcast arrives and max-normed like the
+server's merge, written with the same step (what the device would write alone, once per round). The
+device writes the candidate that gets the most of the N samples right (ties: the broadcast first) if
+it does at least as well as the current weights, else it writes nothing (the broadcast is declined).
+A device can do this because its stream is labelled (it learns from those labels). A device that
+has just rejoined after losing power has an empty buffer and writes the broadcast ungated.
+
+BN refresh (``bn_refresh``, with the gate): the streaming batch-norm statistics describe the
+activations of the weights they were gathered under, so before scoring each option (the current
+weights too) the device replays the buffer through it once, statistics only (train mode, no
+learning, labels unused), and after writing a candidate it replays the buffer for the written weights.
 
 Biases and batch-norm parameters (16-bit, high-endurance memory) keep adapting on each device in
 every strategy. The device's state (NVM, rule, RNGs, fleet bookkeeping) is saved after each
@@ -31,6 +37,7 @@ completed round, so a device that drops out rejoins from its non-volatile state.
 
 from __future__ import annotations
 
+import copy
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -100,7 +107,7 @@ class DeviceStream:
         self.scenario: Scenario = make_scenario(
             "new-user",
             dataset=config.dataset,
-            samples=config.rounds * config.samples_per_round + config.gate_samples,  # + the last gate's window
+            samples=config.rounds * config.samples_per_round,
             seed=config.seed * 1000 + index,
             **options,
         )
@@ -183,6 +190,16 @@ def prediction_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torc
         net.train()
 
 
+@torch.no_grad()
+def refresh_statistics(net: torch.nn.Module, images: torch.Tensor) -> None:
+    """Replay ``images`` through ``net`` one at a time in training mode without learning: each
+    streaming batch-norm takes one EMA step per image (LRT v1 App. E), m <- eta m + (1 - eta) mean(x),
+    and nothing else changes (no gradient, no rule update, labels unused)."""
+    net.train()
+    for image in images:
+        net(image.unsqueeze(0))
+
+
 def pending_factors(state: Any, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """A LowRank layer's pending gradient sum as rank-r factors (L, R), and the layer's sum reset:
     the accumulator's factors, or the top-r SVD of a grouped conv's dense sum (zero-padded to r)."""
@@ -224,6 +241,7 @@ class FleetDevice:
         self.gate: dict[str, Any] | None = None  # the last gate's accuracies and choice
         self.gate_bits = 0  # the broadcast and own factors kept for the gate's window (bits, the most)
         self.step_size = (float("nan"), float("nan"))  # the last broadcast's step: (Frobenius, max) in LSBs
+        self.powered_at = 0  # the step the device last powered up at: its RAM (the gate's buffer) starts there
         self.test_history: list[float] = []
         self._track()
 
@@ -273,22 +291,54 @@ class FleetDevice:
             update.update(encode_factors(name, self.own_norms(name, factors) if self.config.max_norm else factors, 32))
         return self.fleet_steps(update)
 
+    def recent_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's ring buffer: the last ``gate_samples`` stream samples the device has already
+        predicted and learnt from since it last powered up (RAM), never a sample it has not seen."""
+        stop = self.trainer.step_count
+        start = max(self.powered_at, stop - self.config.gate_samples)
+        if start >= stop:
+            return torch.empty(0), torch.empty(0, dtype=torch.int64)
+        return self.stream.batch(start, stop)
+
+    @property
+    def buffer_bits(self) -> int:
+        """RAM of the gate's ring buffer: N samples of 8-bit pixels (the network's input grid) and an
+        8-bit label each."""
+        if not self.config.gate_samples:
+            return 0
+        pixels = int(self.stream.test_set[0][0].numel())
+        return self.config.gate_samples * (8 * pixels + 8)
+
+    def option_accuracy(self, steps: dict[str, np.ndarray] | None, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Accuracy on the buffer of the current weights (``steps`` None) or of W' = clip(W - step), in
+        a copy of the network (no NVM write); with ``bn_refresh`` after replaying the buffer through
+        that copy for its batch-norm statistics."""
+        net = self.trainer.net
+        if steps is None and not self.config.bn_refresh:
+            return prediction_accuracy(net, images, labels)
+        shadow = copy.deepcopy(net)
+        if steps is not None:
+            for layer in shadow.weight_layers:
+                array = self.trainer.arrays[layer.name]
+                layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
+        if self.config.bn_refresh:
+            refresh_statistics(shadow, images)
+        return prediction_accuracy(shadow, images, labels)
+
     def shadow_accuracy(self, candidates: dict[str, dict[str, np.ndarray]]) -> tuple[float, dict[str, float]]:
-        """Accuracy on the next ``gate_samples`` stream samples of the current weights and of each
-        candidate W' = clip(W - step) (loaded into the network only, restored after; no NVM write)."""
-        net, start = self.trainer.net, self.trainer.step_count
-        images, labels = self.stream.batch(start, start + self.config.gate_samples)
-        current, scores = prediction_accuracy(net, images, labels), {}
-        try:
-            for name, steps in candidates.items():
-                for layer in net.weight_layers:
-                    array = self.trainer.arrays[layer.name]
-                    layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
-                scores[name] = prediction_accuracy(net, images, labels)
-        finally:
-            for layer in net.weight_layers:
-                layer.set_codes(self.trainer.arrays[layer.name].codes)
-        return current, scores
+        """Accuracy on the ring buffer (:meth:`recent_samples`) of the current weights and of each
+        candidate (:meth:`option_accuracy`)."""
+        images, labels = self.recent_samples()
+        current = self.option_accuracy(None, images, labels)
+        return current, {name: self.option_accuracy(steps, images, labels) for name, steps in candidates.items()}
+
+    def write_steps(self, steps: dict[str, np.ndarray]) -> int:
+        """One NVM update event per layer W <- clip(W - step), then (``bn_refresh``) the buffer replayed
+        for the written weights' batch-norm statistics; returns the cells written."""
+        written = sum(self._update(layer, steps[layer.name]) for layer in self.trainer.net.weight_layers)
+        if self.config.bn_refresh and written:
+            refresh_statistics(self.trainer.net, self.recent_samples()[0])
+        return written
 
     def apply(self, update: dict[str, np.ndarray]) -> int:
         """Write the fleet's broadcast as one NVM update event per layer or, with the acceptance gate,
@@ -302,7 +352,7 @@ class FleetDevice:
             math.sqrt(sum(float(np.square(step, dtype=np.float64).sum()) for step in steps.values())),
             float(max(np.abs(step).max() for step in steps.values())),
         )
-        if self.config.gate_samples:
+        if self.config.gate_samples and self.trainer.step_count > self.powered_at:
             candidates = {"fleet": steps}
             own = self.own_steps()
             if own is not None:
@@ -320,8 +370,9 @@ class FleetDevice:
                     self.declined += 1
                     return 0
                 self.own_writes += 1
-                return sum(self._update(layer, own[layer.name]) for layer in self.trainer.net.weight_layers)
-        written = sum(self._update(layer, steps[layer.name]) for layer in self.trainer.net.weight_layers)
+                return self.write_steps(own)
+        self.own = {}
+        written = self.write_steps(steps)
         if self.strategy in TRACKED:
             for array in self.trainer.arrays.values():
                 array.written[...] = 0  # the fleet update is not this device's own change
@@ -358,7 +409,7 @@ class FleetDevice:
     def metrics(self) -> dict[str, float]:
         """The device's figures so far (JSON numbers)."""
         final = self.trainer.metrics()
-        aux = sum(final["aux_memory_bits"].values()) + self.gate_bits
+        aux = sum(final["aux_memory_bits"].values()) + self.gate_bits + self.buffer_bits
         if self.strategy in TRACKED:
             aux += sum(16 * array.num_cells for array in self.trainer.arrays.values())  # the int16 delta
         return {
@@ -411,3 +462,4 @@ class FleetDevice:
         self.own_writes = int(fleet.get("own_writes", 0))
         self.gate_bits = int(fleet.get("gate_bits", 0))
         self.test_history = [float(x) for x in fleet.get("test_history") or []]
+        self.powered_at = self.trainer.step_count  # RAM is lost: the gate's buffer starts empty
