@@ -164,6 +164,23 @@ def test_endurance_governor_never_exceeds_the_budget() -> None:
     assert aux == free.aux_memory_bits()["fc"] + 16 * math.ceil(math.log2(endurance + 1))  # per-cell counters
 
 
+def test_sparse_events_write_the_largest_cells_inside_the_budget() -> None:
+    layer = FakeLayer("fc", 2, 5)
+    x = np.array([[0.4, 0.6, -2.6, 2.5, -0.9], [1.2, -3.0, 0.7, 0.2, 0.0]])  # 6 cells round to non-zero
+    rule, arrays = lowrank(layer, write_fraction=0.3)  # ceil(0.3 * 10) = 3 cells: |x| = 3.0, 2.6, 2.5
+    np.testing.assert_array_equal(rule.step_codes(layer, x, samples=1), [[0, 0, -3, 2, 0], [0, -3, 0, 0, 0]])
+    rule, arrays = lowrank(layer, write_fraction=0.3, endurance=1.0, lifetime_samples=1.0)
+    used = np.zeros((2, 5), dtype=np.int64)
+    used[1, 1] = 1
+    assert arrays["fc"].apply_update(used) == 1
+    # the largest cell used its budget of 1 write: the next largest takes its place
+    np.testing.assert_array_equal(rule.step_codes(layer, x, samples=1), [[0, 0, -3, 2, 0], [1, 0, 0, 0, 0]])
+    rule, _ = lowrank(layer, write_fraction=0.9)  # 9 slots, 6 candidates: nothing is dropped, zeros stay zero
+    np.testing.assert_array_equal(rule.step_codes(layer, x, samples=1), np.rint(x))
+    with pytest.raises(ValueError, match="write_fraction=0.01 must exceed rho_min=0.01"):
+        LowRankOptions(write_fraction=0.01)
+
+
 def test_grouped_layers_use_a_dense_accumulator_and_weight_grad() -> None:
     layer = FakeLayer("dw", 3, 9, is_conv=True, groups=3)
     grad = torch.tensor(np.random.default_rng(1).normal(size=(3, 9)), dtype=torch.float32)

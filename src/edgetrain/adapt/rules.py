@@ -143,6 +143,9 @@ class LowRankOptions(RuleOptions):
     rounding: str = option("nearest", "rounding of the rank-r update onto the LSB grid", choices=ROUNDINGS)
     write_threshold: float = option(0.0, "write only cells whose update is >= this many LSBs (0: off)", low=0.0)
     error_feedback: bool = option(False, "feed the unwritten remainder back into the accumulator (rank r)")
+    write_fraction: float = option(
+        1.0, "sparse events: write at most ceil(f n m) cells per event, largest |x| first (1: off)", above=0.0, high=1.0
+    )
     endurance: float | None = option(None, "governor: cell endurance in writes (with lifetime_samples)", above=0.0)
     lifetime_samples: float | None = option(None, "governor: target lifetime in samples (with endurance)", above=0.0)
 
@@ -150,6 +153,11 @@ class LowRankOptions(RuleOptions):
         super().__post_init__()
         if (self.endurance is None) != (self.lifetime_samples is None):
             raise ValueError("lowrank options endurance and lifetime_samples go together: set both or neither")
+        if self.write_fraction < 1.0 and self.write_fraction <= self.rho_min:
+            raise ValueError(
+                f"lowrank option write_fraction={self.write_fraction} must exceed rho_min={self.rho_min} "
+                "(else no event ever writes): raise write_fraction or lower rho_min"
+            )
 
 
 # -- shared arithmetic ------------------------------------------------------------------------------
@@ -193,6 +201,16 @@ def normed(norm: MaxNorm | None, x: np.ndarray) -> tuple[np.ndarray, float]:
     y = norm(x)
     peak = float(np.abs(y).max()) if y.size else 0.0
     return y, (float(np.abs(x).max()) / peak if peak > 0 else 1.0)
+
+
+def keep_largest(step_codes: np.ndarray, x: np.ndarray, keep: int) -> None:
+    """Sparse event, in place: of the cells with step_codes != 0, keep the ``keep`` with the largest
+    |x| (ties broken by position) and zero the rest."""
+    candidates = np.flatnonzero(step_codes)
+    if candidates.size <= keep:
+        return
+    magnitude = np.abs(x.reshape(-1)[candidates])
+    step_codes.flat[candidates[np.argsort(-magnitude, kind="stable")[keep:]]] = 0
 
 
 # -- rules ------------------------------------------------------------------------------------------
@@ -415,9 +433,11 @@ class LowRank(UpdateRule):
     rms(x) = ||x||_F / sqrt(n m) (from the factors) is below it, nothing happens and the accumulator
     keeps accumulating (mult grows); else dW_q = round(x) (``rounding="stochastic"``:
     floor(x) + Bernoulli(frac x)); cells with |x| < ``write_threshold`` and cells that used up their
-    endurance budget get dW_q = 0; if the fraction of non-zero dW_q exceeds ``rho_min`` the weights
-    are written (W <- clip(W - dW_q)) and mult resets, and the accumulator restarts empty or, with
-    ``error_feedback``, from the unwritten remainder (:meth:`feedback`); else it keeps accumulating.
+    endurance budget get dW_q = 0; sparse events (``write_fraction`` f < 1): of the remaining non-zero
+    cells only the ceil(f n m) with the largest |x| keep their dW_q; if the fraction of non-zero dW_q
+    exceeds ``rho_min`` the weights are written (W <- clip(W - dW_q)) and mult resets, and the
+    accumulator restarts empty or, with ``error_feedback``, from the unwritten remainder
+    (:meth:`feedback`); else it keeps accumulating.
 
     Endurance governor (``endurance`` E, ``lifetime_samples`` T): after t samples a cell may hold at
     most floor(E t / T) code-change writes, so no cell reaches E before T samples.
@@ -504,6 +524,8 @@ class LowRank(UpdateRule):
         budget = self.allowed_writes(samples)
         if budget is not None:
             step_codes[self.arrays[layer.name].write_counts >= budget] = 0
+        if o.write_fraction < 1.0:
+            keep_largest(step_codes, x, math.ceil(o.write_fraction * x.size))
         return step_codes
 
     def _apply(self, layer: Any, state: _LowRankLayer, step: int) -> None:
