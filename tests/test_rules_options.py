@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_writes import LSB, FakeLayer, bind
 
+from edgetrain.adapt.qnet import PAPER_FORMATS
 from edgetrain.adapt.rules import (
     SGD,
     LowRank,
@@ -179,6 +180,23 @@ def test_sparse_events_write_the_largest_cells_inside_the_budget() -> None:
     np.testing.assert_array_equal(rule.step_codes(layer, x, samples=1), np.rint(x))
     with pytest.raises(ValueError, match="write_fraction=0.01 must exceed rho_min=0.01"):
         LowRankOptions(write_fraction=0.01)
+
+
+def test_bias_lr_sets_the_bias_step_and_leaves_the_weight_step() -> None:
+    steps = {}
+    for bias_lr in (None, 0.2):
+        layer = FakeLayer("fc", 2, 3)
+        rule, arrays = lowrank(layer, rank=1, unbiased=False, kappa_th=1e8, lr=0.05, bias_lr=bias_lr)
+        layer.dz, layer.a = torch.tensor([[0.5, -0.25]]), torch.tensor([[0.4, 0.2, -0.4]])
+        layer.bias.grad = torch.tensor([0.5, -0.25])
+        rule.update(0)
+        steps[bias_lr] = (layer.bias.detach().clone(), arrays["fc"].codes.copy())
+    grid = PAPER_FORMATS.bias
+    for bias_lr, lr_p in ((None, 0.05), (0.2, 0.2)):  # p <- q(p - q(lr_p g)), p = 0
+        expected = grid.quantize(-grid.quantize(lr_p * torch.tensor([0.5, -0.25])))
+        torch.testing.assert_close(steps[bias_lr][0], expected)
+    np.testing.assert_array_equal(steps[None][1], steps[0.2][1])  # the weight step uses lr alone
+    assert steps[None][1].any()
 
 
 def test_grouped_layers_use_a_dense_accumulator_and_weight_grad() -> None:

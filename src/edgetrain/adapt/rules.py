@@ -138,6 +138,7 @@ class LowRankOptions(RuleOptions):
         0.0, "adaptive period: write only when the update's RMS reaches this many LSBs (0: off)", low=0.0
     )
     lr: float = option(0.01, "learning rate", above=0.0)
+    bias_lr: float | None = option(None, "learning rate of the bias and BN steps (default: lr)", above=0.0)
     train_biases: bool = option(True, "per-sample SGD on biases and BN gamma/beta too")
     chunk: int = option(1, "accumulator terms folded per step", low=1)
     rounding: str = option("nearest", "rounding of the rank-r update onto the LSB grid", choices=ROUNDINGS)
@@ -243,6 +244,12 @@ class UpdateRule:
         return float(getattr(self.options, "lr", 0.0))
 
     @property
+    def param_lr(self) -> float:
+        """Learning rate of the bias and BN steps: ``bias_lr`` where a rule has it and it is set, else lr."""
+        bias_lr = getattr(self.options, "bias_lr", None)
+        return self.lr if bias_lr is None else float(bias_lr)
+
+    @property
     def trains_params(self) -> bool:
         return bool(getattr(self.options, "train_biases", True))
 
@@ -272,14 +279,15 @@ class UpdateRule:
 
     @torch.no_grad()
     def update_params(self) -> None:
-        """p <- q(p - q(lr * g)), g max-normed when ``max_norm`` (LRT v1 section 4.5, App. D)."""
+        """p <- q(p - q(lr_p * g)), lr_p = :attr:`param_lr`, g max-normed when ``max_norm`` (LRT v1
+        section 4.5, App. D)."""
         for key, param, grid in self._params():
             if param.grad is None:
                 continue
             grad = param.grad
             if self.max_norm:
                 grad = torch.as_tensor(self.param_norms[key](grad.numpy()), dtype=grad.dtype)
-            param.copy_(grid.quantize(param - grid.quantize(self.lr * grad)))
+            param.copy_(grid.quantize(param - grid.quantize(self.param_lr * grad)))
 
     def update(self, step: int) -> None:
         """Apply the rule after the backward pass of sample ``step`` (0-based)."""
