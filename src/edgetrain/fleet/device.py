@@ -303,8 +303,8 @@ class FleetDevice:
     @property
     def buffer_bits(self) -> int:
         """RAM of the gate's ring buffer: N samples of 8-bit pixels (the network's input grid) and an
-        8-bit label each."""
-        if not self.config.gate_samples:
+        8-bit label each (none on a local device: it gets no broadcast to judge)."""
+        if not self.config.gate_samples or self.strategy == "local":
             return 0
         pixels = int(self.stream.test_set[0][0].numel())
         return self.config.gate_samples * (8 * pixels + 8)
