@@ -178,8 +178,15 @@ def test_sparse_events_write_the_largest_cells_inside_the_budget() -> None:
     np.testing.assert_array_equal(rule.step_codes(layer, x, samples=1), [[0, 0, -3, 2, 0], [1, 0, 0, 0, 0]])
     rule, _ = lowrank(layer, write_fraction=0.9)  # 9 slots, 6 candidates: nothing is dropped, zeros stay zero
     np.testing.assert_array_equal(rule.step_codes(layer, x, samples=1), np.rint(x))
+    conv = FakeLayer("conv", 2, 5, is_conv=True)
+    rule, _ = lowrank(conv, write_fraction=0.3, write_fraction_fc=0.1)  # a conv layer keeps write_fraction
+    np.testing.assert_array_equal(rule.step_codes(conv, x, samples=1), [[0, 0, -3, 2, 0], [0, -3, 0, 0, 0]])
+    rule, _ = lowrank(layer, write_fraction=0.3, write_fraction_fc=0.1)  # an FC layer: ceil(0.1 * 10) = 1 cell
+    np.testing.assert_array_equal(rule.step_codes(layer, x, samples=1), [[0, 0, 0, 0, 0], [0, -3, 0, 0, 0]])
     with pytest.raises(ValueError, match="write_fraction=0.01 must exceed rho_min=0.01"):
         LowRankOptions(write_fraction=0.01)
+    with pytest.raises(ValueError, match="write_fraction_fc=0.005 must exceed rho_min=0.01"):
+        LowRankOptions(write_fraction_fc=0.005)
 
 
 def test_bias_lr_sets_the_bias_step_and_leaves_the_weight_step() -> None:

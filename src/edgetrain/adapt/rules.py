@@ -147,6 +147,9 @@ class LowRankOptions(RuleOptions):
     write_fraction: float = option(
         1.0, "sparse events: write at most ceil(f n m) cells per event, largest |x| first (1: off)", above=0.0, high=1.0
     )
+    write_fraction_fc: float | None = option(
+        None, "write_fraction of the FC layers (default: as write_fraction)", above=0.0, high=1.0
+    )
     endurance: float | None = option(None, "governor: cell endurance in writes (with lifetime_samples)", above=0.0)
     lifetime_samples: float | None = option(None, "governor: target lifetime in samples (with endurance)", above=0.0)
 
@@ -154,11 +157,13 @@ class LowRankOptions(RuleOptions):
         super().__post_init__()
         if (self.endurance is None) != (self.lifetime_samples is None):
             raise ValueError("lowrank options endurance and lifetime_samples go together: set both or neither")
-        if self.write_fraction < 1.0 and self.write_fraction <= self.rho_min:
-            raise ValueError(
-                f"lowrank option write_fraction={self.write_fraction} must exceed rho_min={self.rho_min} "
-                "(else no event ever writes): raise write_fraction or lower rho_min"
-            )
+        for name in ("write_fraction", "write_fraction_fc"):
+            fraction = getattr(self, name)
+            if fraction is not None and fraction < 1.0 and fraction <= self.rho_min:
+                raise ValueError(
+                    f"lowrank option {name}={fraction} must exceed rho_min={self.rho_min} "
+                    f"(else no event ever writes): raise {name} or lower rho_min"
+                )
 
 
 # -- shared arithmetic ------------------------------------------------------------------------------
@@ -442,10 +447,10 @@ class LowRank(UpdateRule):
     keeps accumulating (mult grows); else dW_q = round(x) (``rounding="stochastic"``:
     floor(x) + Bernoulli(frac x)); cells with |x| < ``write_threshold`` and cells that used up their
     endurance budget get dW_q = 0; sparse events (``write_fraction`` f < 1): of the remaining non-zero
-    cells only the ceil(f n m) with the largest |x| keep their dW_q; if the fraction of non-zero dW_q
-    exceeds ``rho_min`` the weights are written (W <- clip(W - dW_q)) and mult resets, and the
-    accumulator restarts empty or, with ``error_feedback``, from the unwritten remainder
-    (:meth:`feedback`); else it keeps accumulating.
+    cells only the ceil(f n m) with the largest |x| keep their dW_q (FC layers: ``write_fraction_fc``
+    if set); if the fraction of non-zero dW_q exceeds ``rho_min`` the weights are written
+    (W <- clip(W - dW_q)) and mult resets, and the accumulator restarts empty or, with
+    ``error_feedback``, from the unwritten remainder (:meth:`feedback`); else it keeps accumulating.
 
     Endurance governor (``endurance`` E, ``lifetime_samples`` T): after t samples a cell may hold at
     most floor(E t / T) code-change writes, so no cell reaches E before T samples.
@@ -532,8 +537,9 @@ class LowRank(UpdateRule):
         budget = self.allowed_writes(samples)
         if budget is not None:
             step_codes[self.arrays[layer.name].write_counts >= budget] = 0
-        if o.write_fraction < 1.0:
-            keep_largest(step_codes, x, math.ceil(o.write_fraction * x.size))
+        fraction = o.write_fraction if layer.is_conv or o.write_fraction_fc is None else o.write_fraction_fc
+        if fraction < 1.0:
+            keep_largest(step_codes, x, math.ceil(fraction * x.size))
         return step_codes
 
     def _apply(self, layer: Any, state: _LowRankLayer, step: int) -> None:
