@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from edgetrain.atomic import atomic_write, write_json_atomic  # noqa: E402
 from edgetrain.fleet import FleetConfig, run_fleet, write_report  # noqa: E402
-from edgetrain.fleet.config import STRATEGIES  # noqa: E402
+from edgetrain.fleet.config import ABLATIONS, STRATEGIES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -50,9 +50,10 @@ def uplink_to_reach(figures: dict[str, Any], accuracy: float) -> float:
 
 
 def verdicts(strategies: dict[str, Any]) -> dict[str, Any]:
-    """The three targets, measured. Uplink at equal accuracy: the bytes FedAvg sent until its fleet
-    held-out accuracy first reached federated low-rank's final one, over federated low-rank's total
-    (inf: FedAvg never reached it)."""
+    """The three targets, measured. The uplink target as the issue states it: >= 20x fewer bytes per
+    round and federated low-rank's final fleet accuracy >= FedAvg's (the same rounds). An extra
+    figure, not the target: the bytes FedAvg sent until its fleet held-out accuracy first reached
+    federated low-rank's final one, over federated low-rank's total (inf: it never did)."""
     local, fed, fedavg = strategies["local"], strategies["federated-lowrank"], strategies.get("fedavg")
     local_acc = {d["device"]: d["test_accuracy"] for d in local["devices"]}
     fed_acc = {d["device"]: d["test_accuracy"] for d in fed["devices"]}
@@ -68,7 +69,9 @@ def verdicts(strategies: dict[str, Any]) -> dict[str, Any]:
         # equal accuracy: FedAvg's uplink until it first matched federated low-rank's final fleet accuracy
         "fedavg_uplink_to_reach_federated_accuracy": None if fedavg is None else bytes_to_match,
         "uplink_ratio_at_equal_accuracy": None if fedavg is None else bytes_to_match / fed_bytes,
-        "uplink_20x_at_equal_or_better_accuracy": None if fedavg is None else bytes_to_match / fed_bytes >= 20,
+        "uplink_20x_at_equal_or_better_accuracy": (
+            None if fedavg is None else ratio >= 20 and fed["test_accuracy"] >= fedavg["test_accuracy"]
+        ),
         "writes_no_more_than_local": fed["max_writes"] <= local["max_writes"],
         "total_writes_ratio_federated_over_local": fed["total_writes"] / max(local["total_writes"], 1),
     }
@@ -186,6 +189,8 @@ def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, secon
         )
     lines += fleet_update_lines(result["strategies"])
     met = {key: "met" if value else "NOT met" for key, value in checks.items() if isinstance(value, bool)}
+    fed_acc = result["strategies"]["federated-lowrank"]["test_accuracy"]
+    fedavg_acc = result["strategies"].get("fedavg", {}).get("test_accuracy", math.nan)
     lines += [
         "",
         "Targets: "
@@ -194,10 +199,12 @@ def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, secon
         + (
             "FedAvg not run; "
             if checks["uplink_ratio_fedavg_over_federated"] is None
-            else f"FedAvg sends {checks['uplink_ratio_fedavg_over_federated']:.1f}x the uplink bytes per round; "
-            f"until its fleet accuracy first matched federated low-rank's final one it sent "
-            f"{checks['uplink_ratio_at_equal_accuracy']:.1f}x federated low-rank's total uplink "
-            f"(>= 20x at equal accuracy: {met['uplink_20x_at_equal_or_better_accuracy']}); "
+            else "uplink >= 20x fewer per round at equal or better final fleet accuracy: "
+            f"{met['uplink_20x_at_equal_or_better_accuracy']} (FedAvg sends "
+            f"{checks['uplink_ratio_fedavg_over_federated']:.1f}x the bytes per round; fleet accuracy "
+            f"{fed_acc:.4f} federated low-rank vs {fedavg_acc:.4f} FedAvg; extra figure, bytes to accuracy: FedAvg "
+            f"sent {checks['uplink_ratio_at_equal_accuracy']:.1f}x federated low-rank's total uplink until its "
+            "fleet accuracy first matched federated low-rank's final one); "
         )
         + f"max writes per cell no more than local LowRank's: {met['writes_no_more_than_local']} "
         f"(total writes {checks['total_writes_ratio_federated_over_local']:.2f}x local's).",
@@ -223,7 +230,10 @@ def main() -> None:
         "--bn-refresh", action="store_true", help="replay the gate's buffer for the batch-norm statistics"
     )
     parser.add_argument(
-        "--strategy", action="append", choices=STRATEGIES, help="strategies to run (repeatable; default: all)"
+        "--strategy",
+        action="append",
+        choices=STRATEGIES + ABLATIONS,
+        help="strategies to run (repeatable; default: the four)",
     )
     parser.add_argument("--local-from", help="take local's figures from bench/results/NAME.json (same fleet)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "fleet-bench"))

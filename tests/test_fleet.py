@@ -448,3 +448,30 @@ def test_cli_rejects_a_bad_config_in_one_line(tmp_path, capsys) -> None:
     assert main(["fleet", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "unknown fleet config key(s) ['bogus']" in capsys.readouterr().err
     assert main(["fleet", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "run")]) == 2
+
+
+def test_a_local_round_device_sends_nothing_and_writes_its_own_update(tiny_model, one_thread) -> None:
+    """The ablation "local-round": federated low-rank's device without the fleet: nothing on the link,
+    its own round update as the only candidate (ungated here: written as is)."""
+    import copy
+
+    from edgetrain.fleet.device import FleetDevice
+
+    config = FleetConfig(
+        devices=2, rounds=2, samples_per_round=8, model=tiny_model, test_samples=20, gate_samples=0,
+        strategies=("local-round",), fleet_lr=4.0,
+    )  # fmt: skip
+    device = FleetDevice(config, 0, "local-round")
+    assert device.apply({}) == 0  # nothing held yet
+    device.learn(8)
+    assert device.report() == {} and set(device.own) == {layer.name for layer in device.trainer.net.weight_layers}
+    before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
+    norms = copy.deepcopy(device.own_norms)
+    own = device.own_steps()
+    device.own_norms = norms
+    written = device.apply({})
+    assert written > 0 and device.own_writes == 1 and device.fleet_writes == 0 and not device.own
+    for layer in device.trainer.net.weight_layers:
+        array = device.trainer.arrays[layer.name]
+        want = np.clip(before[layer.name] - own[layer.name], array.fmt.qmin, array.fmt.qmax)
+        np.testing.assert_array_equal(array.codes, want)

@@ -32,7 +32,7 @@ FLAG_FIELDS = (  # flags whose dest is the FleetConfig field of the same name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from edgetrain.fleet.config import ENGINES, SPLITS, STRATEGIES
+    from edgetrain.fleet.config import ABLATIONS, ENGINES, SPLITS, STRATEGIES
 
     p = subparsers.add_parser("fleet", help="federated low-rank adaptation of a fleet of devices (Flower)")
     p.add_argument("config", nargs="?", default=None, help="TOML fleet config (flags override its fields)")
@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategy",
         action="append",
-        choices=(*STRATEGIES, "all"),
-        help="strategy to run (repeatable; default: all four side by side)",
+        choices=(*STRATEGIES, *ABLATIONS, "all"),
+        help="strategy to run (repeatable; default: all four side by side; local-round: an ablation)",
     )
     p.add_argument("--rank", type=positive_int, help="rank r of the factors")
     p.add_argument("--engine", choices=ENGINES, help="Flower engine (default simulation)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("local", "federated-lowrank", "fedavg", "fedavg-sgd")
+ABLATIONS = ("local-round",)  # federated low-rank's device, gate and refresh without the fleet (not run by default)
 FAULT_KINDS = ("dropout", "corrupt", "silent")
 SPLITS = ("classes", "all")
 ENGINES = ("simulation", "deployment")
@@ -95,9 +96,9 @@ class FleetConfig:
         for name in ("devices", "rounds", "samples_per_round", "rank", "batch_fc", "batch_conv", "test_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"fleet {name} must be >= 1, got {getattr(self, name)}")
-        unknown = sorted(set(self.strategies) - set(STRATEGIES))
+        unknown = sorted(set(self.strategies) - set(STRATEGIES) - set(ABLATIONS))
         if unknown or not self.strategies:
-            raise ValueError(f"unknown fleet strategies {unknown}; choose from: {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown fleet strategies {unknown}; choose from: {', '.join(STRATEGIES + ABLATIONS)}")
         if not self.fleet_lr > 0:
             raise ValueError(f"fleet_lr must be > 0, got {self.fleet_lr}")
         if int(self.gate_samples) < 0:

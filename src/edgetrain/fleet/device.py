@@ -9,6 +9,8 @@ stream with its own drift realisation (seed ``seed * 1000 + k``). Per strategy:
   merged factors come back as one NVM update event dW_q = round(eta lr sqrt(R) L R^T / lsb),
   W <- clip(W - dW_q): the LowRank write with mult = R samples, scaled by the server step size
   eta = ``fleet_lr``.
+- ``local-round`` (an ablation: federated low-rank without the fleet): the same device, gate and
+  refresh, sending nothing; its only candidate is its own update of the round.
 - ``fedavg`` / ``fedavg-sgd``: LowRank / per-sample SGD writing locally; the device sends the weight
   delta D it wrote during the round (int16 codes) and applies the fleet mean M as one update event
   W <- clip(W - D + round(M)).
@@ -58,6 +60,7 @@ from edgetrain.nvm import DriftSpec, NVMArray
 
 NEVER = 2**62  # a LowRank batch that never ends: the fleet decides when the weights are written
 TRACKED = ("fedavg", "fedavg-sgd")
+ROUND_UPDATES = ("federated-lowrank", "local-round")  # LowRank summed over the round, one update event
 
 
 class TrackedNVMArray(NVMArray):
@@ -143,7 +146,7 @@ def device_rule(config: FleetConfig, strategy: str) -> Any:
     """The device's update rule under ``strategy`` (module docstring)."""
     if strategy == "fedavg-sgd":
         return make_rule("sgd", lr=config.sgd_lr)
-    batches = (NEVER, NEVER) if strategy == "federated-lowrank" else (config.batch_fc, config.batch_conv)
+    batches = (NEVER, NEVER) if strategy in ROUND_UPDATES else (config.batch_fc, config.batch_conv)
     return make_rule(
         "lowrank",
         rank=config.rank,
@@ -272,7 +275,7 @@ class FleetDevice:
         steps = {}
         lr_eff = self.config.fleet_lr * self.config.lr * math.sqrt(self.config.samples_per_round)
         for layer in self.trainer.net.weight_layers:
-            if self.strategy == "federated-lowrank":
+            if self.strategy in ROUND_UPDATES:
                 left, right = decode_factors(layer.name, update)
                 step = np.rint(lr_eff * (left @ right.T) / layer.formats.weight.lsb).astype(np.int64)
             else:
@@ -281,9 +284,9 @@ class FleetDevice:
         return steps
 
     def own_steps(self) -> dict[str, np.ndarray] | None:
-        """The device's own update of the round it reported (federated low-rank, gate on): its sent
-        factors max-normed like the server's merge, as a step of :meth:`fleet_steps`; None if it
-        holds none (gate off, another strategy, or lost with RAM in a dropout)."""
+        """The device's own update of the round it reported (federated low-rank with the gate on, or
+        local-round): its factors max-normed like the server's merge, as a step of :meth:`fleet_steps`;
+        None if it holds none (gate off, another strategy, or lost with RAM in a dropout)."""
         if not self.own:
             return None
         update: dict[str, np.ndarray] = {}
@@ -342,37 +345,38 @@ class FleetDevice:
 
     def apply(self, update: dict[str, np.ndarray]) -> int:
         """Write the fleet's broadcast as one NVM update event per layer or, with the acceptance gate,
-        the best of the broadcast, the device's own update and no write (module docstring); returns
-        the cells written."""
+        the best of the broadcast, the device's own update and no write (module docstring); a
+        local-round device judges its own update alone. Returns the cells written."""
         self.gate, self.step_size = None, (float("nan"), float("nan"))
-        if not update:
+        candidates: dict[str, dict[str, np.ndarray]] = {}
+        if update:
+            candidates["fleet"] = steps = self.fleet_steps(update)
+            self.step_size = (
+                math.sqrt(sum(float(np.square(step, dtype=np.float64).sum()) for step in steps.values())),
+                float(max(np.abs(step).max() for step in steps.values())),
+            )
+        own = self.own_steps()
+        if own is not None:
+            candidates["own"] = own
+        kept = 8 * sum(int(value.nbytes) for value in update.values())
+        kept += sum(16 * (left.size + right.size) for left, right in self.own.values())
+        self.own = {}
+        if not candidates:
             return 0
-        steps = self.fleet_steps(update)
-        self.step_size = (
-            math.sqrt(sum(float(np.square(step, dtype=np.float64).sum()) for step in steps.values())),
-            float(max(np.abs(step).max() for step in steps.values())),
-        )
+        choice = next(iter(candidates))  # ungated: the broadcast (a local-round device: its own update)
         if self.config.gate_samples and self.trainer.step_count > self.powered_at:
-            candidates = {"fleet": steps}
-            own = self.own_steps()
-            if own is not None:
-                candidates["own"] = own
             current, scores = self.shadow_accuracy(candidates)
             choice = gate_choice(current, scores)
             self.gate = {"current": current, **scores, "choice": choice}
-            kept = 8 * sum(int(value.nbytes) for value in update.values())
-            kept += sum(16 * (left.size + right.size) for left, right in self.own.values())
             self.gate_bits = max(self.gate_bits, kept)
-            self.own = {}
-            if choice != "fleet":
-                self.sent = {}  # a FedAvg device keeps its own delta D, already written
-                if choice == "keep":
-                    self.declined += 1
-                    return 0
-                self.own_writes += 1
-                return self.write_steps(own)
-        self.own = {}
-        written = self.write_steps(steps)
+        if choice != "fleet":
+            self.sent = {}  # a FedAvg device keeps its own delta D, already written
+            if choice == "keep":
+                self.declined += 1
+                return 0
+            self.own_writes += 1
+            return self.write_steps(candidates["own"])
+        written = self.write_steps(candidates["fleet"])
         if self.strategy in TRACKED:
             for array in self.trainer.arrays.values():
                 array.written[...] = 0  # the fleet update is not this device's own change
@@ -390,13 +394,15 @@ class FleetDevice:
         self.test_history.append(self.trainer.test_accuracy())
 
     def report(self) -> dict[str, np.ndarray]:
-        """What the device sends: factors (federated low-rank), its written delta (FedAvg), nothing (local)."""
+        """What the device sends: factors (federated low-rank), its written delta (FedAvg), nothing
+        (local, local-round: it keeps its factors for its own update event)."""
         payload: dict[str, np.ndarray] = {}
-        if self.strategy == "federated-lowrank":
+        if self.strategy in ROUND_UPDATES:
             for name, state in self.trainer.rule.layers.items():
                 factors = pending_factors(state, self.config.rank)
-                payload.update(encode_factors(name, factors, self.config.factor_bits))
-                if self.config.gate_samples:
+                if self.strategy == "federated-lowrank":
+                    payload.update(encode_factors(name, factors, self.config.factor_bits))
+                if self.config.gate_samples or self.strategy == "local-round":
                     self.own[name] = factors  # kept in RAM until the broadcast arrives (the gate's fallback)
         elif self.strategy in TRACKED:
             for name, array in self.trainer.arrays.items():
