@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.graph import QuantConfig, UnsupportedOpError, build_quantized_model, quantize
-from edgetrain.graph.modules import QCompute
+from edgetrain.graph.modules import BatchMoments, QCompute
 from edgetrain.models import create_model
 
 torch.set_num_threads(1)
@@ -355,3 +355,64 @@ def test_config_validation() -> None:
         QuantConfig(activation_calibration="bogus")
     with pytest.raises(ValueError):
         build_quantized_model(nn.Conv2d(1, 1, 1), calib(1), mode="dynamic")
+
+
+# --- training speed paths: same values and gradients as the plain formulas ----------------------
+
+
+def test_batch_moments_equal_mean_and_biased_variance_with_their_gradients() -> None:
+    for shape in ((5, 3, 4, 4), (7, 4)):
+        y = (
+            torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 5
+        ).requires_grad_()
+        mean, var = BatchMoments.apply(y)
+        dims = [d for d in range(y.dim()) if d != 1]
+        torch.testing.assert_close(mean, y.mean(dims))
+        torch.testing.assert_close(var, y.var(dims, unbiased=False))
+        assert torch.autograd.gradcheck(BatchMoments.apply, (y,))
+        assert torch.autograd.gradcheck(lambda t: BatchMoments.apply(t)[1], (y,))  # an unused output
+
+
+def step_outputs(qmodel: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    qmodel.zero_grad(set_to_none=True)
+    out = qmodel(x)
+    out.square().sum().backward()
+    return out.detach(), [p.grad for p in qmodel.parameters()]
+
+
+def test_training_skips_the_accumulator_quantizer_only_where_it_changes_nothing(monkeypatch) -> None:
+    """BN frozen: skipping q_acc where accumulator_unchanged() proves it the identity gives bit-identical
+    outputs and gradients (thresholds included); a coarser accumulator step or a clipped value is not skipped."""
+    x = calib(16)
+    qmodel = quantize(with_stats(conv_bn_net(), x), x[:1], x, QuantConfig(), mode="retrain").train()
+    for m in qmodel.modules():
+        if hasattr(m, "freeze_bn"):
+            m.freeze_bn()
+    layers = [m for m in qmodel.modules() if isinstance(m, QCompute)]
+    assert all(len(m.input_grid) == 1 for m in layers)
+    decided: list[bool] = []
+    proof = QCompute.accumulator_unchanged
+
+    def recorded(self: QCompute, acc: torch.Tensor, quantized_weight: torch.Tensor) -> bool:
+        decided.append(proof(self, acc, quantized_weight))
+        return decided[-1]
+
+    monkeypatch.setattr(QCompute, "accumulator_unchanged", recorded)
+    skipped = step_outputs(qmodel, x)
+    monkeypatch.setattr(QCompute, "accumulator_unchanged", lambda *_: False)
+    reference = step_outputs(qmodel, x)
+    assert any(decided)
+    assert torch.equal(skipped[0], reference[0])
+    for a, b in zip(skipped[1], reference[1], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    monkeypatch.setattr(QCompute, "accumulator_unchanged", proof)
+    layer, acc_q = layers[0], layers[0].acc_q
+    quantized_weight = layer.weight_q(layer.folded()[0]).detach()
+    product_exponent = layer.weight_q.exponent + layer.input_grid[0].exponent
+    acc = torch.zeros(2, quantized_weight.shape[0], 3, 3)
+    acc_q.set_log2_t(product_exponent + acc_q.format.mantissa_bits)  # step 2^k_acc = the product grid's
+    assert layer.accumulator_unchanged(acc, quantized_weight)
+    acc[0, 0, 0, 0] = (acc_q.format.qmax + 1) * acc_q.scale  # a value q_acc clips
+    assert not layer.accumulator_unchanged(acc, quantized_weight)
+    acc_q.set_log2_t(product_exponent + 1 + acc_q.format.mantissa_bits)  # a coarser step: q_acc rounds
+    assert not layer.accumulator_unchanged(torch.zeros_like(acc), quantized_weight)

@@ -515,6 +515,8 @@ class _Builder:
         module = QCompute(
             kind, weight, bias, copy.deepcopy(bn), activation, quantizers, conv_args, bn_frozen=self.mode == "static"
         )
+        if src in self.grid:
+            module.input_grid = (self.grid[src],)
         new = self.call(self.name_of(node), module, (src,), unsigned=not out_q.signed)
         chain = node
         while True:  # node -> [bn] -> [relu]: every absorbed node maps to the fused layer
