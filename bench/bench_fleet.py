@@ -143,7 +143,7 @@ def gate_name(config: dict[str, Any], long: bool = False) -> str:
     samples = config.get("gate_samples", 0)
     if not samples:
         return "no acceptance gate" if long else "gate off"
-    refresh = ", BN refresh" if config.get("bn_refresh") else ""
+    refresh = ", BN refresh" if config.get("bn_refresh", False) is not False else ""  # None: on with the gate
     if long:
         return f"causal acceptance gate on the last {samples} samples (RAM buffer){refresh}"
     return f"causal gate {samples}{refresh}"
@@ -227,7 +227,10 @@ def main() -> None:
     parser.add_argument("--fleet-lr", type=float, default=FleetConfig.fleet_lr, help="server step size eta")
     parser.add_argument("--gate-samples", type=int, default=FleetConfig.gate_samples, help="acceptance gate (0: off)")
     parser.add_argument(
-        "--bn-refresh", action="store_true", help="replay the gate's buffer for the batch-norm statistics"
+        "--bn-refresh",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay the gate's buffer for the batch-norm statistics (default: on with the gate)",
     )
     parser.add_argument(
         "--strategy",

@@ -311,7 +311,7 @@ def test_the_gate_scores_candidates_on_the_last_samples_and_writes_its_choice(
 
     from edgetrain.fleet.device import FleetDevice, prediction_accuracy
 
-    device = fleet_device(tiny_model, gate_samples=8)
+    device = fleet_device(tiny_model, gate_samples=8, bn_refresh=False)
     device.learn(12)
     device.report()  # the device keeps its own factors for the gate
     assert set(device.own) == {layer.name for layer in device.trainer.net.weight_layers}
@@ -397,6 +397,8 @@ def test_the_gate_uses_no_future_sample(tiny_model, one_thread, bn_refresh) -> N
     assert any(refreshed) == (bn_refresh and written > 0)
     with pytest.raises(ValueError, match="bn_refresh replays the gate's sample buffer"):
         FleetConfig(gate_samples=0, bn_refresh=True)
+    assert FleetConfig().refreshes_statistics and not FleetConfig(gate_samples=0).refreshes_statistics
+    assert not FleetConfig(bn_refresh=False).refreshes_statistics
 
 
 def copy_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-samples", type=positive_int, help="held-out samples per device")
     p.add_argument("--round-timeout", type=positive_float, help="seconds the server waits for a round's replies")
     p.add_argument(
-        "--fleet-lr", type=positive_float, help="server step size eta of the federated low-rank broadcast (0.25)"
+        "--fleet-lr", type=positive_float, help="server step size eta of the federated low-rank broadcast (1.0)"
     )
     p.add_argument(
         "--gate-samples",
@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--bn-refresh",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="replay the gate's buffer for the batch-norm statistics of each option and of the written weights",
+        help="replay the gate's buffer for the batch-norm statistics of each option and of the written weights "
+        "(default: on with the gate)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="run folder: fleet.json, report, device states")

@@ -56,8 +56,9 @@ class FleetConfig:
     (eta); with ``gate_samples`` = N > 0 every device writes a broadcast (any strategy) only if the
     weights it would give predict the device's last N stream samples (a RAM ring buffer: samples it
     has already learnt from, never later ones) at least as well as its current weights
-    (:meth:`edgetrain.fleet.device.FleetDevice.apply`); ``bn_refresh`` replays that buffer for the
-    batch-norm statistics of each option before scoring it and of the written weights after a write.
+    (:meth:`edgetrain.fleet.device.FleetDevice.apply`); ``bn_refresh`` (default: on with the gate)
+    replays that buffer for the batch-norm statistics of each option before scoring it and of the
+    written weights after a write.
     """
 
     devices: int = 3
@@ -80,9 +81,9 @@ class FleetConfig:
     factor_bits: int = 16  # factors on the link: 16 (float16 + one float32 scale per matrix) or 32 (float32)
     lr: float = 0.01
     max_norm: bool = True
-    fleet_lr: float = 0.25  # eta: the federated low-rank broadcast is written as round(eta lr sqrt(R) L R^T / lsb)
+    fleet_lr: float = 1.0  # eta: the federated low-rank broadcast is written as round(eta lr sqrt(R) L R^T / lsb)
     gate_samples: int = 32  # a broadcast is written only if it predicts the last N samples at least as well (0: off)
-    bn_refresh: bool = False  # replay the gate's buffer for the batch-norm statistics of each option / written weights
+    bn_refresh: bool | None = None  # replay the gate's buffer for BN statistics (None: on with the gate)
     batch_fc: int = 100
     batch_conv: int = 10
     sgd_lr: float = 0.01
@@ -103,7 +104,7 @@ class FleetConfig:
             raise ValueError(f"fleet_lr must be > 0, got {self.fleet_lr}")
         if int(self.gate_samples) < 0:
             raise ValueError(f"gate_samples must be >= 0 (0 turns the gate off), got {self.gate_samples}")
-        if self.bn_refresh and not int(self.gate_samples):
+        if self.bn_refresh is True and not int(self.gate_samples):
             raise ValueError("bn_refresh replays the gate's sample buffer: set gate_samples > 0 or bn_refresh = false")
         if self.factor_bits not in (16, 32):
             raise ValueError(f"factor_bits must be 16 or 32, got {self.factor_bits}")
@@ -121,6 +122,12 @@ class FleetConfig:
                     f"fault {fault.kind} names device {fault.device} in round {fault.round}, but the fleet has "
                     f"{self.devices} devices and {self.rounds} rounds"
                 )
+
+    @property
+    def refreshes_statistics(self) -> bool:
+        """Whether devices replay the gate's buffer for batch-norm statistics (``bn_refresh``; None:
+        whenever there is a buffer, i.e. the gate is on)."""
+        return bool(int(self.gate_samples)) if self.bn_refresh is None else self.bn_refresh
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

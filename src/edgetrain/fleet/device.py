@@ -27,7 +27,7 @@ it does at least as well as the current weights, else it writes nothing (the bro
 A device can do this because its stream is labelled (it learns from those labels). A device that
 has just rejoined after losing power has an empty buffer and writes the broadcast ungated.
 
-BN refresh (``bn_refresh``, with the gate): the streaming batch-norm statistics describe the
+BN refresh (``bn_refresh``, on by default with the gate): the streaming batch-norm statistics describe the
 activations of the weights they were gathered under, so before scoring each option (the current
 weights too) the device replays the buffer through it once, statistics only (train mode, no
 learning, labels unused), and after writing a candidate it replays the buffer for the written weights.
@@ -317,14 +317,14 @@ class FleetDevice:
         a copy of the network (no NVM write); with ``bn_refresh`` after replaying the buffer through
         that copy for its batch-norm statistics."""
         net = self.trainer.net
-        if steps is None and not self.config.bn_refresh:
+        if steps is None and not self.config.refreshes_statistics:
             return prediction_accuracy(net, images, labels)
         shadow = copy.deepcopy(net)
         if steps is not None:
             for layer in shadow.weight_layers:
                 array = self.trainer.arrays[layer.name]
                 layer.set_codes(np.clip(array.codes - steps[layer.name], array.fmt.qmin, array.fmt.qmax))
-        if self.config.bn_refresh:
+        if self.config.refreshes_statistics:
             refresh_statistics(shadow, images)
         return prediction_accuracy(shadow, images, labels)
 
@@ -339,7 +339,7 @@ class FleetDevice:
         """One NVM update event per layer W <- clip(W - step), then (``bn_refresh``) the buffer replayed
         for the written weights' batch-norm statistics; returns the cells written."""
         written = sum(self._update(layer, steps[layer.name]) for layer in self.trainer.net.weight_layers)
-        if self.config.bn_refresh and written:
+        if self.config.refreshes_statistics and written:
             refresh_statistics(self.trainer.net, self.recent_samples()[0])
         return written
 
