@@ -135,14 +135,14 @@ def test_sgd_writes_at_most_once_per_sample(base_net):
 def test_lowrank_writes_only_at_update_events_above_rho_min(base_net, monkeypatch):
     events: list[tuple[int, float]] = []
     trainer = OnlineTrainer(copy.deepcopy(base_net), LowRank(batch_conv=10, batch_fc=20), DigitStream(200))
-    original = NVMArray.write
+    original = NVMArray.apply_update
 
-    def spy(self, new_codes, pulses=None):
-        density = float(np.mean(np.asarray(new_codes) != self.codes))
-        events.append((trainer.step_count, density))
-        return original(self, new_codes, pulses)
+    def spy(self, step_codes, pulses=None):
+        new_codes = np.clip(self.codes - step_codes, self.fmt.qmin, self.fmt.qmax)
+        events.append((trainer.step_count, float(np.mean(new_codes != self.codes))))
+        return original(self, step_codes, pulses)
 
-    monkeypatch.setattr(NVMArray, "write", spy)
+    monkeypatch.setattr(NVMArray, "apply_update", spy)
     trainer.run(200)
     assert events, "low-rank training wrote nothing in 200 samples"
     for step, density in events:

@@ -12,8 +12,10 @@ import torch
 import edgetrain as et
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
 from edgetrain.adapt.device import Requantizer
+from edgetrain.adapt.qnet import QuantChain, QuantStage
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.export import IntegerProgram
+from edgetrain.fixedpoint import round_tensor
 from edgetrain.models import LRTNet
 
 ZOO = ["mnistnet", "resnet-tiny", "mobilenetv2-tiny", "inception-tiny", "darknet-tiny", "lrt-cnn"]
@@ -80,6 +82,31 @@ def test_requantizer_forward_and_straight_through_gradient():
     assert out.tolist() == [0.0, 0.0, 0.5, 0.5, 1.75, 1.75]
     out.sum().backward()
     assert v.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rounding", ["half_even", "half_away", "floor"])
+def test_fused_quant_chain_equals_the_torch_quantizer_ops(dtype, rounding):
+    """QuantChain (one fused pass) = the torch ops clip(round(v / 2^k), lo, hi) 2^k stage by stage,
+    bias after the first stage, bit for bit in z's dtype (ties, clipping, +-0, float32 sums), with the
+    straight-through masks (inside [lo, hi]; v > 0 for the ReLU stage)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randint(-3000, 3000, (2, 5, 4, 3), generator=gen).to(dtype) / 8 + 2.0**-30 * (dtype == torch.float32)
+    z[0, 0, 0, :3] = torch.tensor([2.5, -2.5, 0.49999997])  # ties and float32's 0.5 - ulp
+    bias = torch.randint(-200, 200, (5,), generator=gen).to(dtype) / 4
+    stages = [QuantStage(0.5, -1000, 1000, rounding), QuantStage(2.0, 0, 127, rounding, relu=True)]
+    out, masks = QuantChain(stages)(z, bias)
+    v, expected_masks = z.clone(), []
+    for i, q in enumerate(stages):
+        codes = round_tensor(v / q.step, rounding)
+        inside = (codes >= q.lo) & (codes <= q.hi)
+        expected_masks.append(inside & (v > 0) if q.relu else inside)
+        v = codes.clamp(q.lo, q.hi) * q.step
+        if i == 0:
+            v = v + bias.view(1, -1, 1, 1)
+    assert out.dtype == dtype and torch.equal(out, v)
+    assert all(torch.equal(m, e) for m, e in zip(masks, expected_masks, strict=True))
+    assert QuantChain(stages)(z, bias, np.float64)[0].dtype == torch.float64
 
 
 def test_relu6_ceiling_is_the_quantized_six():

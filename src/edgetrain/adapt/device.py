@@ -43,7 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetrain.adapt.qnet import PAPER_GRAD, GradQuantMixin, Grid, LayerFormats, input_gradient, nonzero_im2col
+from edgetrain.adapt.qnet import (
+    PAPER_GRAD,
+    GradQuantMixin,
+    Grid,
+    LayerFormats,
+    QuantChain,
+    QuantStage,
+    input_gradient,
+    nonzero_im2col,
+)
 from edgetrain.export.program import IntegerProgram
 from edgetrain.fixedpoint import RELU6_CEILING, FixedPointFormat, Rounding, round_tensor
 
@@ -87,6 +96,10 @@ class Requantizer:
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return _Requantize.apply(v, self.step, self.lo, self.hi, self.rounding, self.relu)
+
+    def stage(self) -> QuantStage:
+        """This quantizer as one stage of a fused :class:`~edgetrain.adapt.qnet.QuantChain`."""
+        return QuantStage(self.step, self.lo, self.hi, self.rounding, self.relu)
 
     def codes(self, v: torch.Tensor) -> np.ndarray:
         """Integer codes of values already on this grid (exact)."""
@@ -247,6 +260,7 @@ class DeviceLayer(GradQuantMixin):
         finest = min(self.acc_q.exponent, self.bias_q.exponent)
         largest = sum(max(-q.fmt.qmin, q.fmt.qmax) * 2 ** (q.exponent - finest) for q in (self.acc_q, self.bias_q))
         self.bias_sum_fits32 = largest <= FLOAT32_EXACT_BOUND
+        self.chain = QuantChain([self.acc_q.stage(), self.out_q.stage()])
         codes = program.tensors[op["weight"]]
         self.weight_shape = tuple(codes.shape)
         self.register_buffer("weight", _values(codes, self.k_w))
@@ -303,18 +317,8 @@ class DeviceLayer(GradQuantMixin):
         z = self.exact_product(x)
         if z.dtype == torch.float32 and not self.bias_sum_fits32:
             z = z.double()
-        bias = bias.detach().to(z.dtype)
-        acc, out = self.acc_q, self.out_q
-        codes = round_tensor(z.div_(acc.step), acc.rounding)
-        acc_mask = (codes >= acc.lo) & (codes <= acc.hi) if keep_masks else None
-        y = codes.clamp_(acc.lo, acc.hi).mul_(acc.step).add_(bias.view(1, -1, *([1] * (z.dim() - 2))))
-        codes = round_tensor(y / out.step, out.rounding)
-        out_mask = None
-        if keep_masks:
-            out_mask = (codes >= out.lo) & (codes <= out.hi)
-            if out.relu:
-                out_mask &= y > 0
-        return codes.clamp_(out.lo, out.hi).mul_(out.step).double(), (out_mask, acc_mask) if keep_masks else ()
+        out, (acc_mask, out_mask) = self.chain(z, bias, np.float64)
+        return out, (out_mask, acc_mask) if keep_masks else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.cache_dz = None

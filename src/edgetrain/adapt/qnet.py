@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 from torch import nn
 
-from edgetrain.fixedpoint import FixedPointFormat
+from edgetrain.fixedpoint import FixedPointFormat, Rounding
 from edgetrain.models import LRTNet
 
 
@@ -185,6 +186,9 @@ class QWeight(GradQuantMixin):
         self.cache_dz: torch.Tensor | None = None
         self.out_pixels = 1  # output pixels of the last pass (im2col rows; 1 for linear)
         self._frozen_wq: torch.Tensor | None = None  # wmult * q_w(W) while W is not trained by autograd
+        acc = QuantStage(formats.acc.lsb, formats.acc.fmt.qmin, formats.acc.fmt.qmax)
+        act = QuantStage(formats.act.lsb, formats.act.fmt.qmin, formats.act.fmt.qmax, relu=True)
+        self.chain = QuantChain([acc, acc, act] if relu else [acc, acc])
 
     @property
     def shape2d(self) -> tuple[int, int]:
@@ -298,12 +302,94 @@ def nonzero_im2col(
         return x.flatten(1)[keep].float(), dz[keep].float()
     dz_rows = dz[0].flatten(1).T
     keep = (dz_rows != 0).any(1).nonzero()[:, 0]
+    x = x.float()  # exact (codes times powers of 2): the patches are cut from half the bytes
     if dilation != (1, 1) or 4 * len(keep) > len(dz_rows):  # mostly kept: one unfold is cheaper
-        return F.unfold(x, kernel, dilation, padding, stride)[0].T[keep].float(), dz_rows[keep].float()
+        return F.unfold(x, kernel, dilation, padding, stride)[0].T[keep], dz_rows[keep].float()
     padded = F.pad(x[0], (padding[1], padding[1], padding[0], padding[0]))
     windows = padded.unfold(1, kernel[0], stride[0]).unfold(2, kernel[1], stride[1])  # C x Ho x Wo x kh x kw
     a = windows[:, keep // windows.shape[2], keep % windows.shape[2]]  # C x kept x kh x kw
-    return a.transpose(0, 1).reshape(len(keep), a.shape[0] * a.shape[2] * a.shape[3]).float(), dz_rows[keep].float()
+    return a.transpose(0, 1).reshape(len(keep), a.shape[0] * a.shape[2] * a.shape[3]), dz_rows[keep].float()
+
+
+ROUNDING_CODES = {Rounding.HALF_EVEN.value: 0, Rounding.HALF_AWAY.value: 1, Rounding.FLOOR.value: 2}
+
+
+@dataclass(frozen=True)
+class QuantStage:
+    """One quantizer of a weight layer's output chain: step 2^k, code range [lo, hi], rounding, and
+    whether its straight-through mask also requires a positive input (a ReLU folded into it)."""
+
+    step: float
+    lo: int
+    hi: int
+    rounding: str = Rounding.HALF_EVEN.value
+    relu: bool = False
+
+
+@njit(cache=True)
+def _requantize_chain(z, bias, steps, inverses, limits, modes, relu, half, out, masks):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """out = q_S(...q_1(q_0(z) + b)...) element-wise in z's dtype, masks[s] = code s did not clip
+    (and, where relu[s], its input was > 0); z, out: N x C x P; bias: C. ``v * 2^-k`` is ``v / 2^k``
+    exactly (a power of 2), so each stage is the torch ops' arithmetic, one row at a time."""
+    buf = np.empty(z.shape[2], z.dtype)
+    for i in range(z.shape[0]):
+        for ch in range(z.shape[1]):
+            buf[:] = z[i, ch]
+            for s in range(steps.shape[0]):
+                step, inv, lo, hi = steps[s], inverses[s], limits[s, 0], limits[s, 1]
+                mode, positive, mask = modes[s], relu[s], masks[s, i, ch]
+                for k in range(buf.shape[0]):
+                    v = buf[k]
+                    x = v * inv
+                    if mode == 0:
+                        code = np.rint(x)
+                    elif mode == 1:
+                        code = np.sign(x) * np.floor(np.abs(x) + half)
+                    else:
+                        code = np.floor(x)
+                    mask[k] = (code >= lo) & (code <= hi) & ((not positive) | (v > 0))
+                    buf[k] = min(max(code, lo), hi) * step
+                if s == 0:
+                    buf += bias[ch]
+            out[i, ch] = buf
+
+
+class QuantChain:
+    """A weight layer's quantizer chain ``q_S(...q_1(q_0(z) + b)...)`` as one fused pass: the same
+    operations in z's dtype as the torch ops ``clip(round(v / 2^k), lo, hi) 2^k`` (bit-identical),
+    returning every stage's straight-through mask (code inside [lo, hi]; input > 0 for a folded
+    ReLU). ``z``: N x C (x H x W); ``bias``: C, added after the first stage."""
+
+    def __init__(self, stages: Sequence[QuantStage]) -> None:
+        self.stages = tuple(stages)
+        self._params: dict[type, tuple[np.ndarray, ...]] = {}
+
+    def params(self, dtype: type) -> tuple[np.ndarray, ...]:
+        """(steps, 1 / steps, limits, rounding modes, relu flags, 0.5) in ``dtype``, built once per dtype."""
+        if dtype not in self._params:
+            self._params[dtype] = (
+                np.array([q.step for q in self.stages], dtype=dtype),
+                np.array([1.0 / q.step for q in self.stages], dtype=dtype),
+                np.array([(q.lo, q.hi) for q in self.stages], dtype=dtype),
+                np.array([ROUNDING_CODES[q.rounding] for q in self.stages], dtype=np.int64),
+                np.array([q.relu for q in self.stages]),
+                np.array(0.5, dtype=dtype),
+            )
+        return self._params[dtype]
+
+    def __call__(
+        self, z: torch.Tensor, bias: torch.Tensor, out_dtype: type | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(output in ``out_dtype`` (default: z's), masks of every stage, each shaped like z)."""
+        flat = z.detach().contiguous().numpy()
+        dtype = flat.dtype.type
+        flat = flat.reshape(z.shape[0], z.shape[1], -1)
+        steps, inverses, limits, modes, relu, half = self.params(dtype)
+        out = np.empty(flat.shape, dtype=out_dtype or dtype)
+        masks = np.empty((len(self.stages), *flat.shape), dtype=np.bool_)
+        b = np.ascontiguousarray(bias.detach().numpy(), dtype=dtype)
+        _requantize_chain(flat, b, steps, inverses, limits, modes, relu, half[()], out, masks)
+        return torch.from_numpy(out).view(z.shape), tuple(torch.from_numpy(m).view(z.shape) for m in masks)
 
 
 def _ste(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,18 +411,11 @@ class _QWeightStep(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, bias: torch.Tensor, layer: QWeight
     ) -> torch.Tensor:
-        f = layer.formats
-        z1, acc1 = _ste(layer.product(x, layer.effective_weight()), f.acc)
-        bq, bias_mask = _ste(bias.detach(), f.bias)
-        z2, acc2 = _ste(z1.add_(layer._bias_view(bq)), f.acc)
-        masks = [acc1, acc2, bias_mask]
-        if layer.relu:
-            out, act = _ste(torch.relu(z2), f.act)
-            masks.append(act & (z2 > 0))
-            z2 = out
+        bq, bias_mask = _ste(bias.detach(), layer.formats.bias)
+        out, (acc1, acc2, *act) = layer.chain(layer.product(x, layer.effective_weight()), bq)
         ctx.layer, ctx.shape = layer, x.shape
-        ctx.save_for_backward(*masks)
-        return z2
+        ctx.save_for_backward(acc1, acc2, bias_mask, *act)
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 
 from edgetrain.fixedpoint import FixedPointFormat
 
@@ -84,7 +85,28 @@ def _as_int_codes(values: Any, name: str) -> np.ndarray:
             raise ValueError(f"{name} contains NaN or inf; weight codes must be integers")
         if not np.array_equal(array, np.rint(array)):
             raise ValueError(f"{name} has non-integer values; round them to weight codes first")
-    return array.astype(np.int64)
+    return np.array(array, dtype=np.int64, order="C")  # a C-ordered copy: flat views are views
+
+
+@njit(cache=True)
+def _apply_step(codes, levels, stuck, write_counts, pulse_counts, step, qmin, qmax):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """codes <- clip(codes - step, qmin, qmax) on the non-stuck cells (flat arrays), one pass: a cell
+    whose code changes is written (level = code, counter + 1); every cell with step != 0 gets a pulse.
+    Returns (cells written, largest counter among them)."""
+    written, peak = 0, 0
+    for k in range(codes.shape[0]):
+        delta = step[k]
+        if delta == 0:
+            continue
+        pulse_counts[k] += 1
+        new = min(max(codes[k] - delta, qmin), qmax)
+        if new != codes[k] and not stuck[k]:
+            codes[k] = new
+            levels[k] = new
+            write_counts[k] += 1
+            written += 1
+            peak = max(peak, write_counts[k])
+    return written, peak
 
 
 def _check_range(codes: np.ndarray, fmt: FixedPointFormat, name: str) -> None:
@@ -250,15 +272,21 @@ class NVMArray:
             self._pulse_counts += counts
         changed = attempted & ~self._stuck
         written = int(np.count_nonzero(changed))
-        self.update_events += 1
+        peak = 0
         if written:
             self._codes[changed] = new[changed]
             self._levels[changed] = new[changed]
             self._write_counts[changed] += 1
-            self._max_writes = max(self._max_writes, int(self._write_counts[changed].max()))
-            self._total_writes += written
-            self._bits_written += written * self.fmt.bits
+            peak = int(self._write_counts[changed].max())
+        self._record_event(written, peak)
         return written
+
+    def _record_event(self, written: int, peak: int) -> None:
+        """Count one update event that wrote ``written`` cells, the most-written of them now at ``peak``."""
+        self.update_events += 1
+        self._max_writes = max(self._max_writes, peak)
+        self._total_writes += written
+        self._bits_written += written * self.fmt.bits
 
     def apply_update(self, step_codes: Any, pulses: Any = None) -> int:
         """One update event ``codes <- clip(codes - step_codes, qmin, qmax)``; return cells written.
@@ -266,11 +294,17 @@ class NVMArray:
         ``pulses`` defaults to ``step_codes != 0``: one pulse per cell with a non-zero applied update,
         saturated and stuck cells included (see :meth:`write`).
         """
-        step = _as_int_codes(step_codes, "step_codes")
+        step = step_codes if isinstance(step_codes, np.ndarray) and step_codes.dtype == np.int64 else None
+        step = _as_int_codes(step_codes, "step_codes") if step is None else step
         if step.shape != self._codes.shape:
             raise ValueError(f"step_codes has shape {step.shape}, the array holds {self._codes.shape}")
-        new = np.clip(self._codes - step, self.fmt.qmin, self.fmt.qmax)
-        return self.write(new, (step != 0) if pulses is None else pulses)
+        if pulses is not None:
+            return self.write(np.clip(self._codes - step, self.fmt.qmin, self.fmt.qmax), pulses)
+        state = (self._codes, self._levels, self._stuck, self._write_counts, self._pulse_counts)
+        flat = [a.reshape(-1) for a in state]  # views: every state array is C-ordered (_as_int_codes, load)
+        written, peak = _apply_step(*flat, np.ascontiguousarray(step).reshape(-1), self.fmt.qmin, self.fmt.qmax)
+        self._record_event(written, peak)
+        return written
 
     def read(self) -> np.ndarray:
         """One full read of the array (read energy += cells x bits x E_read); returns a copy of the codes."""
@@ -394,10 +428,10 @@ class NVMArray:
         if not 0 <= model < len(STUCK_MODELS):
             raise ValueError(f"NVMArray state 'stuck_model' = {model} is not one of 0..{len(STUCK_MODELS) - 1}")
         array.stuck_model = STUCK_MODELS[model]
-        array._stuck = d["stuck"].astype(bool).reshape(array.shape)
-        array._levels = d["levels"].astype(np.float64).reshape(array.shape)
-        array._write_counts = d["write_counts"].astype(np.int64).reshape(array.shape)
-        array._pulse_counts = d["pulse_counts"].astype(np.int64).reshape(array.shape)
+        array._stuck = np.array(d["stuck"], dtype=bool, order="C").reshape(array.shape)
+        array._levels = np.array(d["levels"], dtype=np.float64, order="C").reshape(array.shape)
+        array._write_counts = np.array(d["write_counts"], dtype=np.int64, order="C").reshape(array.shape)
+        array._pulse_counts = np.array(d["pulse_counts"], dtype=np.int64, order="C").reshape(array.shape)
         array._max_writes = int(array._write_counts.max()) if array.num_cells else 0
         array._total_writes = int(array._write_counts.sum())
         array.update_events = int(scalar("update_events"))
