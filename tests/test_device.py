@@ -12,7 +12,7 @@ import torch
 import edgetrain as et
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
 from edgetrain.adapt.device import Requantizer
-from edgetrain.adapt.qnet import QuantChain, QuantStage
+from edgetrain.adapt.qnet import QuantChain, QuantStage, nonzero_im2col
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.export import IntegerProgram
 from edgetrain.fixedpoint import round_tensor
@@ -107,6 +107,27 @@ def test_fused_quant_chain_equals_the_torch_quantizer_ops(dtype, rounding):
     assert out.dtype == dtype and torch.equal(out, v)
     assert all(torch.equal(m, e) for m, e in zip(masks, expected_masks, strict=True))
     assert QuantChain(stages)(z, bias, np.float64)[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (2, 1))])
+def test_nonzero_im2col_is_the_unfold_rows_with_nonzero_gradient(stride, padding, dilation):
+    """The patches cut at the kept pixels equal F.unfold's rows there (any stride, padding, dilation)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-8, 8, (1, 3, 9, 8), generator=gen).double() / 4
+    a_all = torch.nn.functional.unfold(x, (3, 2), dilation, padding, stride)[0].T
+    out_hw = [
+        (n + 2 * p - d * (k - 1) - 1) // st + 1
+        for n, p, d, k, st in zip((9, 8), padding, dilation, (3, 2), stride, strict=True)
+    ]
+    dz = torch.zeros(1, 4, *out_hw, dtype=torch.float64)
+    dz[0, 1, 0, 1], dz[0, 3, 2, 0], dz[0, 0, -1, -1] = 0.5, -0.25, 1.0
+    rows = dz[0].flatten(1).T
+    keep = (rows != 0).any(1)
+    a, d = nonzero_im2col(x, dz, (3, 2), stride, padding, dilation, is_conv=True)
+    assert a.dtype == d.dtype == torch.float32
+    assert torch.equal(a, a_all[keep].float()) and torch.equal(d, rows[keep].float())
+    empty = nonzero_im2col(x, torch.zeros_like(dz), (3, 2), stride, padding, dilation, is_conv=True)
+    assert empty[0].shape == (0, 18) and empty[1].shape == (0, 4)
 
 
 def test_relu6_ceiling_is_the_quantized_six():

@@ -278,6 +278,39 @@ def input_gradient(shape: torch.Size, weight: torch.Tensor, dz: torch.Tensor, la
     return torch.nn.grad.conv2d_input(shape, weight, dz, layer.stride, layer.padding, dilation, groups)
 
 
+@njit(cache=True)
+def _nonzero_patches(x, dz, kernel, stride, padding, dilation):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """(a, dz) float32 rows at the output pixels where some dz is non-zero: a = the input patch
+    (columns in ``F.unfold`` order: channel, kernel row, kernel column; zero padding), dz = that
+    pixel's output gradient. x: C x H x W, dz: n_out x Ho x Wo."""
+    n_out, ho, wo = dz.shape
+    channels, h, w = x.shape
+    kh, kw = kernel
+    flat = dz.reshape(n_out, ho * wo)
+    keep = np.zeros(ho * wo, np.bool_)
+    for o in range(n_out):
+        for p in range(ho * wo):
+            if flat[o, p] != 0:
+                keep[p] = True
+    pixels = np.flatnonzero(keep)
+    a = np.zeros((pixels.shape[0], channels * kh * kw), np.float32)
+    rows = np.empty((pixels.shape[0], n_out), np.float32)
+    for r in range(pixels.shape[0]):
+        oy, ox = pixels[r] // wo, pixels[r] % wo
+        for ch in range(channels):
+            for ky in range(kh):
+                iy = oy * stride[0] - padding[0] + ky * dilation[0]
+                if iy < 0 or iy >= h:
+                    continue
+                for kx in range(kw):
+                    ix = ox * stride[1] - padding[1] + kx * dilation[1]
+                    if 0 <= ix < w:
+                        a[r, (ch * kh + ky) * kw + kx] = x[ch, iy, ix]
+        for o in range(n_out):
+            rows[r, o] = flat[o, pixels[r]]
+    return a, rows
+
+
 def nonzero_im2col(
     x: torch.Tensor,
     dz: torch.Tensor,
@@ -290,25 +323,19 @@ def nonzero_im2col(
     """(a, dz) float32 rows of the im2col terms (LRT App. B) of one sample whose ``dz`` is non-zero.
 
     ``x`` is the layer input (1 x C x H x W, or 1 x n_in for a linear layer), ``dz`` its output
-    gradient (1 x n_out x Ho x Wo, or 1 x n_out). The patches are cut only at the kept pixels (same
-    column order as ``F.unfold``: channel, then kernel row, then kernel column) when at most a quarter
-    of the pixels are kept, so a sample whose gradient is mostly zero costs little.
+    gradient (1 x n_out x Ho x Wo, or 1 x n_out). Conv patches are cut only at the kept pixels, in
+    one pass (same column order as ``F.unfold``), so a sample whose gradient is mostly zero costs
+    little; values are codes times powers of 2, exact in float32.
     """
-    if not dz.any():  # the common case after 8-bit gradient quantization: no terms at all
-        n_in = x[0].numel() if not is_conv else x.shape[1] * kernel[0] * kernel[1]
-        return x.new_zeros(0, n_in, dtype=torch.float32), dz.new_zeros(0, dz.shape[1], dtype=torch.float32)
     if not is_conv:
+        if not dz.any():  # the common case after 8-bit gradient quantization: no terms at all
+            return x.new_zeros(0, x[0].numel(), dtype=torch.float32), dz.new_zeros(0, dz.shape[1], dtype=torch.float32)
         keep = (dz != 0).any(1).nonzero()[:, 0]
         return x.flatten(1)[keep].float(), dz[keep].float()
-    dz_rows = dz[0].flatten(1).T
-    keep = (dz_rows != 0).any(1).nonzero()[:, 0]
-    x = x.float()  # exact (codes times powers of 2): the patches are cut from half the bytes
-    if dilation != (1, 1) or 4 * len(keep) > len(dz_rows):  # mostly kept: one unfold is cheaper
-        return F.unfold(x, kernel, dilation, padding, stride)[0].T[keep], dz_rows[keep].float()
-    padded = F.pad(x[0], (padding[1], padding[1], padding[0], padding[0]))
-    windows = padded.unfold(1, kernel[0], stride[0]).unfold(2, kernel[1], stride[1])  # C x Ho x Wo x kh x kw
-    a = windows[:, keep // windows.shape[2], keep % windows.shape[2]]  # C x kept x kh x kw
-    return a.transpose(0, 1).reshape(len(keep), a.shape[0] * a.shape[2] * a.shape[3]), dz_rows[keep].float()
+    image = np.ascontiguousarray(x[0].detach().numpy())
+    grad = np.ascontiguousarray(dz[0].detach().numpy())
+    a, rows = _nonzero_patches(image, grad, kernel, stride, padding, dilation)
+    return torch.from_numpy(a), torch.from_numpy(rows)
 
 
 ROUNDING_CODES = {Rounding.HALF_EVEN.value: 0, Rounding.HALF_AWAY.value: 1, Rounding.FLOOR.value: 2}
