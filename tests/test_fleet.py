@@ -477,3 +477,33 @@ def test_a_local_round_device_sends_nothing_and_writes_its_own_update(tiny_model
         array = device.trainer.arrays[layer.name]
         want = np.clip(before[layer.name] - own[layer.name], array.fmt.qmin, array.fmt.qmax)
         np.testing.assert_array_equal(array.codes, want)
+
+
+def test_the_gate_sum_candidate_writes_own_update_and_broadcast_in_one_event(tiny_model, one_thread, monkeypatch):
+    import copy
+
+    from edgetrain.fleet.device import FleetDevice, gate_choice
+
+    assert gate_choice(0.5, {"fleet": 0.5, "own": 0.5, "sum": 0.75}) == "sum"
+    assert gate_choice(0.5, {"fleet": 0.75, "own": 0.5, "sum": 0.75}) == "fleet"  # ties: the broadcast first
+    device = fleet_device(tiny_model, gate_samples=8, gate_sum=True, fleet_lr=4.0)
+    device.learn(8)
+    device.report()
+    update = broadcast_of(device, 1.0)
+    norms = copy.deepcopy(device.own_norms)
+    own, fleet = device.own_steps(), device.fleet_steps(update)
+    device.own_norms = norms
+    tried = {}
+
+    def shadow(self, candidates):
+        tried.update(candidates)
+        return 0.5, {"fleet": 0.5, "own": 0.5, "sum": 0.625}
+
+    monkeypatch.setattr(FleetDevice, "shadow_accuracy", shadow)
+    before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
+    written = device.apply(update)
+    assert set(tried) == {"fleet", "own", "sum"} and device.gate["choice"] == "sum" and written > 0
+    for layer in device.trainer.net.weight_layers:
+        array = device.trainer.arrays[layer.name]
+        want = np.clip(before[layer.name] - own[layer.name] - fleet[layer.name], array.fmt.qmin, array.fmt.qmax)
+        np.testing.assert_array_equal(array.codes, want)

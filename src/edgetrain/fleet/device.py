@@ -21,9 +21,10 @@ When a broadcast arrives, it predicts those N samples (already seen and learnt f
 with its current weights and with the weights each candidate update would give (computed in RAM,
 nothing written). The candidates are the broadcast and, for federated low-rank, the device's own
 update: the factors it reported, kept in RAM until the broadcast arrives and max-normed like the
-server's merge, written with the same step (what the device would write alone, once per round). The
-device writes the candidate that gets the most of the N samples right (ties: the broadcast first) if
-it does at least as well as the current weights, else it writes nothing (the broadcast is declined).
+server's merge, written with the same step (what the device would write alone, once per round);
+with ``gate_sum`` also their sum (the own update and the broadcast in one event). The device
+writes the candidate that gets the most of the N samples right (ties: the broadcast first) if it
+does at least as well as the current weights, else it writes nothing (the broadcast is declined).
 A device can do this because its stream is labelled (it learns from those labels). A device that
 has just rejoined after losing power has an empty buffer and writes the broadcast ungated.
 
@@ -171,16 +172,17 @@ def load_device_net(source: str | Path) -> torch.nn.Module:
     return load_model(path)[0]
 
 
-GATE_CHOICES = ("keep", "fleet", "own")
+GATE_CHOICES = ("keep", "fleet", "own", "sum")
 
 
 def gate_choice(current: float, scores: dict[str, float]) -> str:
-    """The acceptance gate's decision: the candidate ("fleet", then "own") with the highest accuracy
-    on the window if it is at least the current weights' (ties go to the fleet), else "keep"."""
+    """The acceptance gate's decision: the candidate ("fleet", then "own", then "sum") with the
+    highest accuracy on the buffer if it is at least the current weights' (ties go to the fleet),
+    else "keep"."""
     best = max(scores.values())
     if best < current:
         return "keep"
-    return next(name for name in ("fleet", "own") if scores.get(name) == best)
+    return next(name for name in GATE_CHOICES[1:] if scores.get(name) == best)
 
 
 @torch.no_grad()
@@ -358,6 +360,8 @@ class FleetDevice:
         own = self.own_steps()
         if own is not None:
             candidates["own"] = own
+            if self.config.gate_sum and "fleet" in candidates:  # personalised: own update and broadcast, one event
+                candidates["sum"] = {name: own[name] + candidates["fleet"][name] for name in own}
         kept = 8 * sum(int(value.nbytes) for value in update.values())
         kept += sum(16 * (left.size + right.size) for left, right in self.own.values())
         self.own = {}
@@ -369,14 +373,14 @@ class FleetDevice:
             choice = gate_choice(current, scores)
             self.gate = {"current": current, **scores, "choice": choice}
             self.gate_bits = max(self.gate_bits, kept)
-        if choice != "fleet":
+        if choice not in ("fleet", "sum"):
             self.sent = {}  # a FedAvg device keeps its own delta D, already written
             if choice == "keep":
                 self.declined += 1
                 return 0
             self.own_writes += 1
             return self.write_steps(candidates["own"])
-        written = self.write_steps(candidates["fleet"])
+        written = self.write_steps(candidates[choice])
         if self.strategy in TRACKED:
             for array in self.trainer.arrays.values():
                 array.written[...] = 0  # the fleet update is not this device's own change
@@ -430,7 +434,7 @@ class FleetDevice:
             "fleet_updates_own": int(self.own_writes),
             **{
                 f"gate_{key}_accuracy": float("nan") if self.gate is None else float(self.gate.get(key, "nan"))
-                for key in ("current", "fleet", "own")
+                for key in ("current", "fleet", "own", "sum")
             },
             "gate_choice": -1 if self.gate is None else GATE_CHOICES.index(self.gate["choice"]),
             "update_step_fro_lsb": self.step_size[0],
