@@ -507,3 +507,23 @@ def test_the_gate_sum_candidate_writes_own_update_and_broadcast_in_one_event(tin
         array = device.trainer.arrays[layer.name]
         want = np.clip(before[layer.name] - own[layer.name] - fleet[layer.name], array.fmt.qmin, array.fmt.qmax)
         np.testing.assert_array_equal(array.codes, want)
+
+
+def test_a_fedavg_array_tracks_every_update_event_once() -> None:
+    """FedAvg's delta: what the writes changed, through either entry of an update event (the rules
+    write with apply_update, which may call write), each change counted once, drift left out."""
+    from edgetrain.fixedpoint import FixedPointFormat
+    from edgetrain.fleet.device import TrackedNVMArray
+    from edgetrain.nvm import DriftSpec
+
+    codes = np.arange(-6, 6).reshape(3, 4)
+    array = TrackedNVMArray(codes, FixedPointFormat(8, True))
+    array.apply_update(np.ones((3, 4), dtype=np.int64))
+    array.apply_update(np.full((3, 4), -2, dtype=np.int64), np.ones((3, 4), dtype=np.int64))  # through write
+    array.write(array.codes + 3)
+    np.testing.assert_array_equal(array.written, array.codes - codes)
+    np.testing.assert_array_equal(array.written, np.full((3, 4), 4))
+    before = array.codes.copy()
+    assert DriftSpec("digital", p0=1000.0).apply(array, 10, np.random.default_rng(0)) > 0  # drift: not a write
+    assert not np.array_equal(array.codes, before)
+    np.testing.assert_array_equal(array.written, np.full((3, 4), 4))
