@@ -257,9 +257,9 @@ def render_speed(speed: dict) -> str:
         "given beside every figure: a figure taken at load > 1.5 on 2 cores is from a shared, loaded "
         "machine and says little about a quiet one.",
         "",
-        "| loop | threads | samples timed | samples/s (wall) | samples per CPU second | 100k samples (wall) "
-        "| vs authors (wall) | load (1 min) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loop | threads | samples timed | samples/s (wall) | samples per CPU second | CPU ms per sample "
+        "| 100k samples (wall) | vs authors (wall) | vs authors (CPU) | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     if authors is not None:
@@ -269,11 +269,15 @@ def render_speed(speed: dict) -> str:
     for name, run in speed["zoo"].items():
         rows.append((f"edgetrain `--program` {name}", str(run["threads"]), run, False))
     for label, threads, run, paper in rows:
-        ratio = f"{run['samples_per_second'] / authors['samples_per_second']:.1f}x" if authors and paper else "n/a"
+        ratios = [
+            f"{run[key] / authors[key]:.1f}x" if authors and paper else "n/a"
+            for key in ("samples_per_second", "samples_per_cpu_second")
+        ]
         minutes = 100_000 / run["samples_per_second"] / 60
         lines.append(
             f"| {label} | {threads} | {run['samples']} | {run['samples_per_second']:.1f} "
-            f"| {run['samples_per_cpu_second']:.1f} | {minutes:.1f} min | {ratio} | {run['load_average']:.1f} |"
+            f"| {run['samples_per_cpu_second']:.1f} | {1000 / run['samples_per_cpu_second']:.1f} | {minutes:.1f} min "
+            f"| {ratios[0]} | {ratios[1]} | {run['load_average']:.1f} |"
         )
     lines += [
         "",

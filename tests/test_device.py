@@ -4,6 +4,7 @@ the update rules, and exports the adapted device as a program equal to the devic
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 import edgetrain as et
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
 from edgetrain.adapt.device import Requantizer
-from edgetrain.adapt.qnet import QuantChain, QuantStage, nonzero_im2col
+from edgetrain.adapt.qnet import QuantChain, QuantStage, _sparse_input_gradient, input_gradient, nonzero_im2col
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.export import IntegerProgram
 from edgetrain.fixedpoint import round_tensor
@@ -128,6 +129,29 @@ def test_nonzero_im2col_is_the_unfold_rows_with_nonzero_gradient(stride, padding
     assert torch.equal(a, a_all[keep].float()) and torch.equal(d, rows[keep].float())
     empty = nonzero_im2col(x, torch.zeros_like(dz), (3, 2), stride, padding, dilation, is_conv=True)
     assert empty[0].shape == (0, 18) and empty[1].shape == (0, 4)
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (2, 1))])
+def test_sparse_input_gradient_equals_conv2d_input_and_falls_back_when_it_could_be_inexact(stride, padding, dilation):
+    """W^T dz at the few pixels with a gradient (rows times W, col2im) = conv2d_input exactly; off the
+    dz grid or above the 2^24 bound the sparse path declines (None) and the dense kernel runs."""
+    layer = SimpleNamespace(is_conv=True, stride=stride, padding=padding, dilation=dilation, groups=1)
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randint(-127, 128, (6, 3, 3, 2), generator=gen).float() / 128
+    shape = torch.Size((1, 3, 11, 9))
+    out_hw = [
+        (n + 2 * p - d * (k - 1) - 1) // st + 1
+        for n, p, d, k, st in zip((11, 9), padding, dilation, (3, 2), stride, strict=True)
+    ]
+    dz = torch.zeros(1, 6, *out_hw)
+    dz[0, :, 1, 2] = torch.randint(-127, 128, (6,), generator=gen).float() / 128
+    dz[0, 2, -1, 0] = -0.5
+    dense = torch.nn.grad.conv2d_input(shape, weight, dz, stride, padding, dilation)
+    sparse = _sparse_input_gradient(shape, weight, dz, layer, (1 / 128, 1 / 128))
+    assert sparse is not None and torch.equal(sparse, dense)
+    assert torch.equal(input_gradient(shape, weight, dz, layer, (1 / 128, 1 / 128)), dense)
+    assert _sparse_input_gradient(shape, weight, dz + 2.0**-12 * (dz != 0), layer, (1 / 128, 1 / 128)) is None
+    assert _sparse_input_gradient(shape, weight * 2**20, dz, layer, (1 / 128, 1 / 128)) is None
 
 
 def test_relu6_ceiling_is_the_quantized_six():

@@ -164,7 +164,8 @@ class _LayerStep(torch.autograd.Function):
             return None, grad_bias, None
         if not g.any():  # all-zero after gradient quantization: no kernel, nothing to quantize
             return g.new_zeros(ctx.shape), grad_bias, None
-        dx = input_gradient(ctx.shape, layer.weight32(), g.float(), layer)
+        units = (layer.formats.grad.lsb, math.ldexp(1.0, layer.k_w))  # dz and W: codes times these
+        dx = input_gradient(ctx.shape, layer.weight32(), g.float(), layer, units)
         return layer.quantize_grad(dx.double()), grad_bias, None
 
 

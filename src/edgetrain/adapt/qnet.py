@@ -269,13 +269,90 @@ class QWeight(GradQuantMixin):
         return self.formats.weight.codes(self.weight.detach().reshape(self.shape2d).numpy())
 
 
-def input_gradient(shape: torch.Size, weight: torch.Tensor, dz: torch.Tensor, layer: Any) -> torch.Tensor:
+SPARSE_GRADIENT_SHARE = 3  # W^T dz pixel by pixel when at most 1/3 of the output pixels carry a gradient
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def input_gradient(
+    shape: torch.Size, weight: torch.Tensor, dz: torch.Tensor, layer: Any, units: tuple[float, float] | None = None
+) -> torch.Tensor:
     """dL/dx = W^T dL/dz of a conv (``torch.nn.grad.conv2d_input`` with the layer's stride, padding,
-    dilation, groups) or a linear layer (QNet and DeviceNet layers)."""
+    dilation, groups) or a linear layer (QNet and DeviceNet layers), float32.
+
+    ``units`` = (u_dz, u_w): when dz and W are integer multiples of them, an ungrouped conv whose
+    gradient is non-zero at few output pixels is computed at those pixels only (rows of dz times W,
+    added back into the image, col2im) whenever the float32 sums are provably exact: every dx entry
+    sums terms of magnitude <= max|dz| |W[:, c]|_1, so max|dz / u_dz| max_c |W[:, c] / u_w|_1 <= 2^24
+    makes the result the same in any order, the dense kernel's included."""
     if not layer.is_conv:
         return (dz @ weight).view(shape)
     dilation, groups = getattr(layer, "dilation", 1), getattr(layer, "groups", 1)
+    if units is not None and groups == 1 and dz.shape[0] == 1:
+        dx = _sparse_input_gradient(shape, weight, dz, layer, units)
+        if dx is not None:
+            return dx
     return torch.nn.grad.conv2d_input(shape, weight, dz, layer.stride, layer.padding, dilation, groups)
+
+
+def _sparse_input_gradient(
+    shape: torch.Size, weight: torch.Tensor, dz: torch.Tensor, layer: Any, units: tuple[float, float]
+) -> torch.Tensor | None:
+    """:func:`input_gradient` at the pixels with non-zero dz, or None where it would not pay or
+    could be inexact."""
+    grad = np.ascontiguousarray(dz[0].detach().numpy(), dtype=np.float32)
+    pixels, rows = _kept_rows(grad.reshape(grad.shape[0], -1))
+    if SPARSE_GRADIENT_SHARE * len(pixels) > grad.shape[1] * grad.shape[2] or math.log2(units[0] * units[1]) < -100:
+        return None
+    codes = rows / np.float32(units[0])
+    if not np.array_equal(codes, np.rint(codes)):
+        return None
+    column_l1 = float(weight.abs().sum((0, 2, 3)).max()) / units[1]
+    if float(np.abs(codes).max(initial=0.0)) * column_l1 > 2**24:
+        return None
+    patches = (torch.from_numpy(rows) @ weight.reshape(weight.shape[0], -1)).numpy()
+    dx = np.zeros(tuple(shape[1:]), np.float32)
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    stride, padding = _pair(layer.stride), _pair(layer.padding)
+    _col2im_add(dx, patches, pixels, grad.shape[2], kernel, stride, padding, _pair(getattr(layer, "dilation", 1)))
+    return torch.from_numpy(dx).view(shape)
+
+
+@njit(cache=True)
+def _kept_rows(flat):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """(pixels, rows): the columns of ``flat`` (n_out x P) holding a non-zero, and those columns as
+    float32 rows (kept x n_out)."""
+    keep = np.zeros(flat.shape[1], np.bool_)
+    for o in range(flat.shape[0]):
+        for p in range(flat.shape[1]):
+            if flat[o, p] != 0:
+                keep[p] = True
+    pixels = np.flatnonzero(keep)
+    rows = np.empty((pixels.shape[0], flat.shape[0]), np.float32)
+    for r in range(pixels.shape[0]):
+        for o in range(flat.shape[0]):
+            rows[r, o] = flat[o, pixels[r]]
+    return pixels, rows
+
+
+@njit(cache=True)
+def _col2im_add(image, patches, pixels, out_width, kernel, stride, padding, dilation):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """image (C x H x W) += each kept pixel's patch (columns in ``F.unfold`` order) at its window."""
+    channels, h, w = image.shape
+    kh, kw = kernel
+    for r in range(pixels.shape[0]):
+        oy, ox = pixels[r] // out_width, pixels[r] % out_width
+        for ch in range(channels):
+            for ky in range(kh):
+                iy = oy * stride[0] - padding[0] + ky * dilation[0]
+                if iy < 0 or iy >= h:
+                    continue
+                for kx in range(kw):
+                    ix = ox * stride[1] - padding[1] + kx * dilation[1]
+                    if 0 <= ix < w:
+                        image[ch, iy, ix] += patches[r, (ch * kh + ky) * kw + kx]
 
 
 @njit(cache=True)
@@ -286,15 +363,8 @@ def _nonzero_patches(x, dz, kernel, stride, padding, dilation):  # type: ignore[
     n_out, ho, wo = dz.shape
     channels, h, w = x.shape
     kh, kw = kernel
-    flat = dz.reshape(n_out, ho * wo)
-    keep = np.zeros(ho * wo, np.bool_)
-    for o in range(n_out):
-        for p in range(ho * wo):
-            if flat[o, p] != 0:
-                keep[p] = True
-    pixels = np.flatnonzero(keep)
+    pixels, rows = _kept_rows(dz.reshape(n_out, ho * wo))
     a = np.zeros((pixels.shape[0], channels * kh * kw), np.float32)
-    rows = np.empty((pixels.shape[0], n_out), np.float32)
     for r in range(pixels.shape[0]):
         oy, ox = pixels[r] // wo, pixels[r] % wo
         for ch in range(channels):
@@ -306,8 +376,6 @@ def _nonzero_patches(x, dz, kernel, stride, padding, dilation):  # type: ignore[
                     ix = ox * stride[1] - padding[1] + kx * dilation[1]
                     if 0 <= ix < w:
                         a[r, (ch * kh + ky) * kw + kx] = x[ch, iy, ix]
-        for o in range(n_out):
-            rows[r, o] = flat[o, pixels[r]]
     return a, rows
 
 
@@ -461,7 +529,9 @@ class _QWeightStep(torch.autograd.Function):
             return None, grad_bias, None
         if not grad.any():  # all-zero after gradient quantization: no kernel, nothing to quantize
             return grad.new_zeros(ctx.shape), grad_bias, None
-        return layer.quantize_grad(input_gradient(ctx.shape, layer.effective_weight(), grad, layer)), grad_bias, None
+        units = (layer.formats.grad.lsb, layer.formats.weight.lsb * layer.wmult)  # grad and wq: codes times these
+        dx = input_gradient(ctx.shape, layer.effective_weight(), grad, layer, units)
+        return layer.quantize_grad(dx), grad_bias, None
 
 
 class ActQuant(GradQuantMixin):
