@@ -13,7 +13,15 @@ import torch
 import edgetrain as et
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
 from edgetrain.adapt.device import Requantizer
-from edgetrain.adapt.qnet import QuantChain, QuantStage, _sparse_input_gradient, input_gradient, nonzero_im2col
+from edgetrain.adapt.qnet import (
+    Grid,
+    QuantChain,
+    QuantStage,
+    _sparse_input_gradient,
+    input_gradient,
+    layer_gradient,
+    nonzero_im2col,
+)
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.export import IntegerProgram
 from edgetrain.fixedpoint import round_tensor
@@ -152,6 +160,22 @@ def test_sparse_input_gradient_equals_conv2d_input_and_falls_back_when_it_could_
     assert torch.equal(input_gradient(shape, weight, dz, layer, (1 / 128, 1 / 128)), dense)
     assert _sparse_input_gradient(shape, weight, dz + 2.0**-12 * (dz != 0), layer, (1 / 128, 1 / 128)) is None
     assert _sparse_input_gradient(shape, weight * 2**20, dz, layer, (1 / 128, 1 / 128)) is None
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_fused_layer_gradient_equals_the_torch_ops(quantize):
+    """layer_gradient = m_mid q_g(m_pre g) (bias source), m_post of it (dL/dz) and wmult times that."""
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(1, 4, 5, 5, generator=gen, dtype=torch.float64) * 2
+    pre, mid, post = (torch.rand(1, 4, 5, 5, generator=gen) < 0.7 for _ in range(3))
+    grid = Grid(8, True, 0)
+    bias_g, g, dz, nonzero = layer_gradient(grad, grid if quantize else None, post, pre, mid, wmult=0.25)
+    expected = grad * pre
+    if quantize:
+        expected = torch.round(expected / grid.lsb).clamp(grid.fmt.qmin, grid.fmt.qmax) * grid.lsb
+    expected = expected * mid
+    assert torch.equal(bias_g, expected) and torch.equal(g, expected * post) and torch.equal(dz, expected * post * 0.25)
+    assert nonzero and not layer_gradient(grad * 0, grid, post, pre)[3]
 
 
 def test_relu6_ceiling_is_the_quantized_six():

@@ -51,6 +51,7 @@ from edgetrain.adapt.qnet import (
     QuantChain,
     QuantStage,
     input_gradient,
+    layer_gradient,
     nonzero_im2col,
 )
 from edgetrain.export.program import IntegerProgram
@@ -153,16 +154,14 @@ class _LayerStep(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         layer: DeviceLayer = ctx.layer
         out_mask, acc_mask = ctx.saved_tensors
-        g = grad * out_mask
-        if layer.out_q.relu:
-            g = layer.quantize_grad(g)
-        grad_bias = g.sum([d for d in range(g.dim()) if d != 1]) if ctx.needs_input_grad[1] else None
-        g.mul_(acc_mask)
+        grid = layer.formats.grad if layer.out_q.relu and layer.quantize_grads else None
+        bias_g, g, dz, nonzero = layer_gradient(grad, grid, acc_mask, out_mask, wmult=layer.wmult)
+        grad_bias = bias_g.sum([d for d in range(g.dim()) if d != 1]) if ctx.needs_input_grad[1] else None
         if layer.record:
-            layer.cache_dz = g * layer.wmult
+            layer.cache_dz = dz
         if not ctx.needs_input_grad[0]:
             return None, grad_bias, None
-        if not g.any():  # all-zero after gradient quantization: no kernel, nothing to quantize
+        if not nonzero:  # all-zero after gradient quantization: no kernel, nothing to quantize
             return g.new_zeros(ctx.shape), grad_bias, None
         units = (layer.formats.grad.lsb, math.ldexp(1.0, layer.k_w))  # dz and W: codes times these
         dx = input_gradient(ctx.shape, layer.weight32(), g.float(), layer, units)

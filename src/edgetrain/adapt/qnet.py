@@ -487,6 +487,62 @@ class QuantChain:
         return torch.from_numpy(out).view(z.shape), tuple(torch.from_numpy(m).view(z.shape) for m in masks)
 
 
+@njit(cache=True)
+def _layer_gradient(grad, pre, mid, post, use_pre, use_mid, quantize, lsb, lo, hi, wmult, bias_g, g, dz):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """One pass of :func:`layer_gradient` over flat arrays; returns whether any g is non-zero. Every
+    step is exact (masks, powers of 2, rounding to integers), as in the torch ops it replaces."""
+    inverse = 1.0 / lsb
+    nonzero = False
+    for k in range(grad.shape[0]):
+        v = grad[k]
+        if use_pre:
+            v = v * (1.0 if pre[k] else 0.0)
+        if quantize:
+            v = min(max(np.rint(v * inverse), lo), hi) * lsb
+        if use_mid:
+            v = v * (1.0 if mid[k] else 0.0)
+        bias_g[k] = v
+        v = v * (1.0 if post[k] else 0.0)
+        g[k] = v
+        dz[k] = v * wmult
+        nonzero |= v != 0
+    return nonzero
+
+
+def layer_gradient(
+    grad: torch.Tensor,
+    grid: Grid | None,
+    post: torch.Tensor,
+    pre: torch.Tensor | None = None,
+    mid: torch.Tensor | None = None,
+    wmult: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """A weight layer's straight-through backward through its quantizer chain in one pass:
+    ``g_b = m_mid q_g(m_pre grad)`` (``q_g`` onto ``grid`` when given, LRT v1 App. C), ``g = m_post g_b``
+    (dL/dz), ``dz = wmult g`` (the update rules' gradient in stored units); returns (g_b, g, dz, any g
+    non-zero). g_b is what the bias gradient sums."""
+    values = np.ascontiguousarray(grad.detach().numpy()).reshape(-1)
+    flat = [m.detach().numpy().reshape(-1) if m is not None else None for m in (pre, mid, post)]
+    out = [np.empty_like(values) for _ in range(3)]
+    fmt = grid.fmt if grid is not None else None
+    nonzero = _layer_gradient(
+        values,
+        flat[0] if flat[0] is not None else flat[2],
+        flat[1] if flat[1] is not None else flat[2],
+        flat[2],
+        pre is not None,
+        mid is not None,
+        grid is not None,
+        grid.lsb if grid is not None else 1.0,
+        float(fmt.qmin) if fmt is not None else 0.0,
+        float(fmt.qmax) if fmt is not None else 0.0,
+        float(wmult),
+        *out,
+    )
+    bias_g, g, dz = (torch.from_numpy(a).view(grad.shape) for a in out)
+    return bias_g, g, dz, bool(nonzero)
+
+
 def _ste(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """(q(x), mask): the fixed-grid quantizer and its straight-through mask (inside [n, p])."""
     codes = torch.round(x / grid.lsb)
@@ -516,18 +572,16 @@ class _QWeightStep(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         layer: QWeight = ctx.layer
         acc1, acc2, bias_mask, *act = ctx.saved_tensors
-        if act:
-            grad = layer.quantize_grad(grad * act[0])
-        grad = grad * acc2
+        grid = layer.formats.grad if act and layer.quantize_grads else None
+        bias_g, grad, dz, nonzero = layer_gradient(grad, grid, acc1, act[0] if act else None, acc2, layer.wmult)
         grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_bias = (grad.sum((0, 2, 3)) if layer.is_conv else grad.sum(0)) * bias_mask
-        grad.mul_(acc1)
+            grad_bias = (bias_g.sum((0, 2, 3)) if layer.is_conv else bias_g.sum(0)) * bias_mask
         if layer.record:
-            layer.cache_dz = grad * layer.wmult
+            layer.cache_dz = dz
         if not ctx.needs_input_grad[0]:
             return None, grad_bias, None
-        if not grad.any():  # all-zero after gradient quantization: no kernel, nothing to quantize
+        if not nonzero:  # all-zero after gradient quantization: no kernel, nothing to quantize
             return grad.new_zeros(ctx.shape), grad_bias, None
         units = (layer.formats.grad.lsb, layer.formats.weight.lsb * layer.wmult)  # grad and wq: codes times these
         dx = input_gradient(ctx.shape, layer.effective_weight(), grad, layer, units)
