@@ -150,11 +150,25 @@ def gate_name(config: dict[str, Any], long: bool = False) -> str:
     return f"causal gate {samples}{refresh}"
 
 
+def variant_name(result: dict[str, Any]) -> str:
+    """What sets a run apart beyond the step and gate: the gate's sum candidate, strategies run
+    other than the four, local taken from an earlier run."""
+    config, parts = result["config"], []
+    if config.get("gate_sum"):
+        parts.append("gate sum")
+    if tuple(config["strategies"]) != STRATEGIES:
+        parts.append("ran " + " + ".join(config["strategies"]))
+    local = result["strategies"].get("local", {})
+    if "from" in local:
+        parts.append(f"local from {local['from']}")
+    return "".join(f", {part}" for part in parts)
+
+
 def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, seconds: float) -> str:
     config = result["config"]
     lines = [
         f"## Fleet: federated low-rank adaptation on Flower (seed {config['seed']}, fleet step "
-        f"{config.get('fleet_lr', 1.0)}, {gate_name(config)})",
+        f"{config.get('fleet_lr', 1.0)}, {gate_name(config)}{variant_name(result)})",
         "",
         f"{config['devices']} devices x {config['rounds']} rounds x {config['samples_per_round']} samples, "
         f"net {config['arch']}, rank {config['rank']}, {config['factor_bits']}-bit factors on the link, "
@@ -219,6 +233,7 @@ def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, secon
         f"Command: `{command}`",
         "",
     ]
+    lines += [f"Note: {note}" + "\n" for note in result.get("notes", [])]
     return "\n".join(lines)
 
 
