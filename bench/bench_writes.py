@@ -296,9 +296,10 @@ def markdown(data: dict[str, Any], explorations: list[dict[str, Any]]) -> str:
         lines += [
             f"### Exploration screens at {screen['samples']} samples",
             "",
-            "Shorter runs (seeds as listed) used to choose which points get 3 seeds at the quick scale; "
-            "online accuracy is higher than at 4000 samples (less drift has accumulated), so compare "
-            "within this table only. The verdict here is the same test at this length.",
+            "Shorter runs (seeds as listed), the first screens of the sparse-event knobs. Online accuracy "
+            "is higher than at 4000 samples (less drift has accumulated), so compare within this table only; "
+            "these screens ranked error feedback above no feedback, the 4000-sample runs the other way, so "
+            "every decision was taken at 4000 samples. The verdict here is the same test at this length.",
             "",
         ]
         for drift, rows in screen["results"].items():
