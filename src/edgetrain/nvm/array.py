@@ -292,7 +292,9 @@ class NVMArray:
         """One update event ``codes <- clip(codes - step_codes, qmin, qmax)``; return cells written.
 
         ``pulses`` defaults to ``step_codes != 0``: one pulse per cell with a non-zero applied update,
-        saturated and stuck cells included (see :meth:`write`).
+        saturated and stuck cells included (see :meth:`write`). Without ``pulses`` the event runs in
+        one compiled pass and does not call :meth:`write`: a subclass that observes writes must
+        override both methods (the update rules use this one).
         """
         step = step_codes if isinstance(step_codes, np.ndarray) and step_codes.dtype == np.int64 else None
         step = _as_int_codes(step_codes, "step_codes") if step is None else step
