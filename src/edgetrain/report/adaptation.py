@@ -109,8 +109,14 @@ def plot_frontier(panels: dict[str, list[dict[str, Any]]], path: str | Path, tit
     """Online accuracy vs writes (code changes, log x axis), one panel per axis name in ``panels``
     ("max_writes", "total_writes"); each point a dict with label, accuracy, writes and optional error
     bars accuracy_err, writes_err (one std over seeds). Pareto points are filled and joined, the others
-    hollow."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    hollow. Points carry a number (the same label keeps its number in every panel) keyed below the
+    panels, so labels of nearby points never overlap."""
+    labels = list(dict.fromkeys(p["label"] for points in panels.values() for p in points))
+    number = {label: i for i, label in enumerate(labels, 1)}
+    columns = 2 * len(panels)
+    key_rows = math.ceil(len(labels) / columns)
+    height = 4.5 + 0.2 * key_rows
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height), squeeze=False)
     for ax, (axis, points) in zip(axes[0], panels.items(), strict=True):
         front = pareto_front(points)
         for p in points:
@@ -126,7 +132,9 @@ def plot_frontier(panels: dict[str, list[dict[str, Any]]], path: str | Path, tit
                 color="C3" if on_front else "C0",
                 capsize=2,
             )
-            ax.annotate(p["label"], (x, p["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(
+                str(number[p["label"]]), (x, p["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
         line = sorted((max(p["writes"], 0.5), p["accuracy"]) for p in front)
         if line:
             ax.plot(*zip(*line, strict=True), color="C3", alpha=0.5, linewidth=1, label="Pareto front")
@@ -134,7 +142,12 @@ def plot_frontier(panels: dict[str, list[dict[str, Any]]], path: str | Path, tit
         label = "max writes per cell" if axis == "max_writes" else "total writes"
         ax.set(xscale="log", xlabel=f"{label} (code changes; 0 shown at 0.5)", ylabel="online accuracy", title=title)
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    key_height = 0.2 * key_rows / height  # figure fraction the key takes at the bottom
+    for i, label in enumerate(labels):
+        row, column = divmod(i, columns)
+        y = key_height - (row + 0.8) * 0.2 / height
+        fig.text(0.01 + column / columns, y, f"{i + 1}  {label}", fontsize=7, family="monospace")
+    fig.tight_layout(rect=(0, key_height + 0.01, 1, 1))
     target = Path(path)
     fig.savefig(target, dpi=110)
     plt.close(fig)
