@@ -66,31 +66,18 @@ ROUND_UPDATES = ("federated-lowrank", "local-round")  # LowRank summed over the 
 
 class TrackedNVMArray(NVMArray):
     """An NVM array that also sums the changes its update events make: ``written += new - old`` on
-    the written cells, whichever entry the event comes through (``write`` or ``apply_update``, counted
-    once when one calls the other). FedAvg devices send this delta; drift is not a write and is not in it."""
+    the written cells (every event, ``write`` included, goes through ``apply_update``). FedAvg devices
+    send this delta; drift is not a write and is not in it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.written = np.zeros(self.shape, dtype=np.int64)
-        self._in_event = False
-
-    def _tracked(self, event: Any, *args: Any) -> int:
-        if self._in_event:
-            return event(*args)
-        before = self.codes.copy()
-        self._in_event = True
-        try:
-            count = event(*args)
-        finally:
-            self._in_event = False
-        self.written += self.codes - before
-        return count
-
-    def write(self, new_codes: Any, pulses: Any = None) -> int:
-        return self._tracked(super().write, new_codes, pulses)
 
     def apply_update(self, step_codes: Any, pulses: Any = None) -> int:
-        return self._tracked(super().apply_update, step_codes, pulses)
+        before = self.codes.copy()
+        count = super().apply_update(step_codes, pulses)
+        self.written += self.codes - before
+        return count
 
 
 @lru_cache(maxsize=16)

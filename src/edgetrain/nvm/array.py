@@ -255,31 +255,50 @@ class NVMArray:
         write energy += written x bits x E_write; stuck cells keep their value and are not counted.
         Pulse model: each cell's pulse counter += ``pulses`` (non-negative ints, the number of
         non-zero update terms the cell received at this event); by default every cell that the
-        event tries to change (stuck cells included: the pulse is still applied).
+        event tries to change (stuck cells included: the pulse is still applied). The event is
+        :meth:`apply_update` with ``step_codes = codes - new_codes``, the one entry every update event
+        goes through (a subclass that observes writes overrides that method alone).
         """
         new = _as_int_codes(new_codes, "new_codes")
         if new.shape != self._codes.shape:
             raise ValueError(f"new_codes has shape {new.shape}, the array holds {self._codes.shape}")
         _check_range(new, self.fmt, "new_codes")
-        attempted = new != self._codes
+        return self.apply_update(self._codes - new, pulses)
+
+    def apply_update(self, step_codes: Any, pulses: Any = None) -> int:
+        """One update event ``codes <- clip(codes - step_codes, qmin, qmax)``; return cells written.
+
+        ``pulses`` defaults to ``step_codes != 0``: one pulse per cell with a non-zero applied update,
+        saturated and stuck cells included (see :meth:`write`); the default runs in one compiled pass.
+        """
+        step = step_codes if isinstance(step_codes, np.ndarray) and step_codes.dtype == np.int64 else None
+        step = _as_int_codes(step_codes, "step_codes") if step is None else step
+        if step.shape != self._codes.shape:
+            raise ValueError(f"step_codes has shape {step.shape}, the array holds {self._codes.shape}")
         if pulses is None:
-            self._pulse_counts += attempted
+            state = (self._codes, self._levels, self._stuck, self._write_counts, self._pulse_counts)
+            flat = [a.reshape(-1) for a in state]  # views: every state array is C-ordered (_as_int_codes, load)
+            written, peak = _apply_step(*flat, np.ascontiguousarray(step).reshape(-1), self.fmt.qmin, self.fmt.qmax)
         else:
-            counts = np.asarray(pulses)
-            counts = counts.astype(np.int64) if counts.dtype == np.bool_ else _as_int_codes(counts, "pulses")
-            if counts.shape != self._codes.shape or (counts.size and counts.min() < 0):
-                raise ValueError(f"pulses must be non-negative counts of shape {self._codes.shape}, got {counts.shape}")
-            self._pulse_counts += counts
-        changed = attempted & ~self._stuck
-        written = int(np.count_nonzero(changed))
-        peak = 0
-        if written:
-            self._codes[changed] = new[changed]
-            self._levels[changed] = new[changed]
-            self._write_counts[changed] += 1
-            peak = int(self._write_counts[changed].max())
+            written, peak = self._write_with_pulses(np.clip(self._codes - step, self.fmt.qmin, self.fmt.qmax), pulses)
         self._record_event(written, peak)
         return written
+
+    def _write_with_pulses(self, new: np.ndarray, pulses: Any) -> tuple[int, int]:
+        """The event with explicit pulse counts: (cells written, largest counter among them)."""
+        counts = np.asarray(pulses)
+        counts = counts.astype(np.int64) if counts.dtype == np.bool_ else _as_int_codes(counts, "pulses")
+        if counts.shape != self._codes.shape or (counts.size and counts.min() < 0):
+            raise ValueError(f"pulses must be non-negative counts of shape {self._codes.shape}, got {counts.shape}")
+        self._pulse_counts += counts
+        changed = (new != self._codes) & ~self._stuck
+        written = int(np.count_nonzero(changed))
+        if not written:
+            return 0, 0
+        self._codes[changed] = new[changed]
+        self._levels[changed] = new[changed]
+        self._write_counts[changed] += 1
+        return written, int(self._write_counts[changed].max())
 
     def _record_event(self, written: int, peak: int) -> None:
         """Count one update event that wrote ``written`` cells, the most-written of them now at ``peak``."""
@@ -287,26 +306,6 @@ class NVMArray:
         self._max_writes = max(self._max_writes, peak)
         self._total_writes += written
         self._bits_written += written * self.fmt.bits
-
-    def apply_update(self, step_codes: Any, pulses: Any = None) -> int:
-        """One update event ``codes <- clip(codes - step_codes, qmin, qmax)``; return cells written.
-
-        ``pulses`` defaults to ``step_codes != 0``: one pulse per cell with a non-zero applied update,
-        saturated and stuck cells included (see :meth:`write`). Without ``pulses`` the event runs in
-        one compiled pass and does not call :meth:`write`: a subclass that observes writes must
-        override both methods (the update rules use this one).
-        """
-        step = step_codes if isinstance(step_codes, np.ndarray) and step_codes.dtype == np.int64 else None
-        step = _as_int_codes(step_codes, "step_codes") if step is None else step
-        if step.shape != self._codes.shape:
-            raise ValueError(f"step_codes has shape {step.shape}, the array holds {self._codes.shape}")
-        if pulses is not None:
-            return self.write(np.clip(self._codes - step, self.fmt.qmin, self.fmt.qmax), pulses)
-        state = (self._codes, self._levels, self._stuck, self._write_counts, self._pulse_counts)
-        flat = [a.reshape(-1) for a in state]  # views: every state array is C-ordered (_as_int_codes, load)
-        written, peak = _apply_step(*flat, np.ascontiguousarray(step).reshape(-1), self.fmt.qmin, self.fmt.qmax)
-        self._record_event(written, peak)
-        return written
 
     def read(self) -> np.ndarray:
         """One full read of the array (read energy += cells x bits x E_read); returns a copy of the codes."""
