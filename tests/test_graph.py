@@ -357,7 +357,7 @@ def test_config_validation() -> None:
         build_quantized_model(nn.Conv2d(1, 1, 1), calib(1), mode="dynamic")
 
 
-# --- training speed paths: same values and gradients as the plain formulas ----------------------
+# --- training speed paths: the plain formulas (BatchMoments equal up to rounding, the q_acc skip bit for bit)
 
 
 def test_batch_moments_equal_mean_and_biased_variance_with_their_gradients() -> None:

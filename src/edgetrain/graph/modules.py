@@ -62,8 +62,9 @@ class BatchMoments(torch.autograd.Function):
         mean = sum y / n,   var = sum (y - mean)^2 / n      (two passes, un-Bessel-corrected)
         dL/dy = dL/dmean / n + dL/dvar * 2 (y - mean) / n   (one fused pass)
 
-    the same values and gradients as ``y.mean(dims)`` / ``y.var(dims, unbiased=False)`` under autograd,
-    whose CPU variance kernel is several times slower than these sums.
+    the same formulas as ``y.mean(dims)`` / ``y.var(dims, unbiased=False)`` under autograd, equal to them
+    up to float rounding (another summation order, so not bit for bit), whose CPU variance kernel is
+    several times slower than these sums.
     """
 
     @staticmethod
@@ -132,8 +133,8 @@ class QCompute(QuantModule):
     conv (un-Bessel-corrected variance); gradients flow through mean_B and var_B by autograd; the
     moving statistics are updated as BatchNorm does. ``kind="scale"`` is a batch norm with no
     conv/linear before it: w = 1 per channel, i.e. a 1x1 depthwise conv holding gamma/sigma.
-    Training speed, same values and gradients: the batch statistics come from :class:`BatchMoments`, and
-    with c = 1 ``q_acc`` is skipped where :meth:`accumulator_unchanged` proves it the identity.
+    Training speed: the batch statistics come from :class:`BatchMoments` (equal up to float rounding), and
+    with c = 1 ``q_acc`` is skipped where :meth:`accumulator_unchanged` proves it the identity (bit for bit).
     """
 
     roles = {"weight_q": "weight", "acc_q": "accumulator", "bias_q": "bias", "out_q": "activation"}
