@@ -66,18 +66,17 @@ class _Requantize(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, step: float, lo: int, hi: int, mode: str, relu: bool
+        ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, quantizer: Requantizer
     ) -> torch.Tensor:
-        codes = round_tensor(v / step, mode)
-        if v.requires_grad:
-            inside = (codes >= lo) & (codes <= hi)
-            ctx.save_for_backward(inside & (v > 0) if relu else inside)
-        return codes.clamp_(lo, hi).mul_(step)
+        out, mask = quantizer.forward_masked(v, keep_mask=v.requires_grad)
+        if mask is not None:
+            ctx.save_for_backward(mask)
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        return grad * mask, None
 
 
 class Requantizer:
@@ -96,7 +95,17 @@ class Requantizer:
             self.hi = int(min(max(float(ceiling), self.fmt.qmin), self.fmt.qmax))
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return _Requantize.apply(v, self.step, self.lo, self.hi, self.rounding, self.relu)
+        return _Requantize.apply(v, self)
+
+    def forward_masked(self, v: torch.Tensor, keep_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(quantized v, straight-through mask: code inside [lo, hi], and v > 0 after a ReLU; None
+        without ``keep_mask``), no autograd."""
+        codes = round_tensor(v / self.step, self.rounding)
+        mask = None
+        if keep_mask:
+            inside = (codes >= self.lo) & (codes <= self.hi)
+            mask = inside & (v > 0) if self.relu else inside
+        return codes.clamp_(self.lo, self.hi).mul_(self.step), mask
 
     def stage(self) -> QuantStage:
         """This quantizer as one stage of a fused :class:`~edgetrain.adapt.qnet.QuantChain`."""

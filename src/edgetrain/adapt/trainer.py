@@ -28,6 +28,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from edgetrain.adapt.checkpoint import CheckpointError, load_state, save_state
+from edgetrain.adapt.executor import batch1_executor
 from edgetrain.adapt.qnet import QNet
 from edgetrain.adapt.rules import UpdateRule
 from edgetrain.nvm import DriftSpec, EnergyModel, NVMArray
@@ -71,6 +72,7 @@ class OnlineTrainer:
         stuck_fraction: float = 0.0,
         stuck_model: str = "uniform",
         fetch: int = 500,
+        executor: bool = True,
     ) -> None:
         self.net, self.rule, self.stream = net, rule, stream
         self.seed = seed
@@ -97,6 +99,7 @@ class OnlineTrainer:
         net.set_online(True)
         net.train()
         rule.bind(net, self.arrays, seed)
+        self.step_executor = batch1_executor(net) if executor and rule.learns else None
         self.drift_rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
         self.step_count = 0
         self.ema = 0.0
@@ -119,15 +122,20 @@ class OnlineTrainer:
         """Drift, predict, score, learn on one sample; returns whether the prediction was right."""
         step = self.step_count
         self._drift(step)
-        for param in self.net.parameters():
-            param.grad = None
-        logits = self.net(image.unsqueeze(0))
+        executor = self.step_executor
+        if executor is None:
+            for param in self.net.parameters():
+                param.grad = None
+        logits = self.net(image.unsqueeze(0)) if executor is None else executor.forward(image.unsqueeze(0))
         correct = int(logits.argmax(1)) == label
         if self.rule.learns:
             grad = torch.softmax(logits.detach().double(), 1).float()
             grad[0, label] -= 1.0
             grid = self.net.weight_layers[-1].formats.grad
-            logits.backward(grid.quantize(grad))
+            if executor is None:
+                logits.backward(grid.quantize(grad))
+            else:
+                executor.backward(grid.quantize(grad))
             self.rule.update(step)
         self.ema = self.ema_beta * self.ema + (1.0 - self.ema_beta) * float(correct)
         self.step_count = step + 1

@@ -1,0 +1,240 @@
+"""The online step of a :class:`~edgetrain.adapt.DeviceNet` without autograd (batch 1).
+
+A device learns one sample at a time, so the per-sample costs of building and walking an autograd
+graph (one node per quantizer, Python ``Function.apply`` calls, the engine) weigh as much as the
+arithmetic. :class:`DeviceStep` runs the program's ops forward, keeps what each op's backward needs
+(requantizer masks, max-pool indices, the layer inputs) and runs the backward written out op by op,
+in reverse program order:
+
+- requantizer ``clip(round(v / 2^k), lo, hi) 2^k``: straight-through, ``g m`` (m: the code did not
+  clip, and v > 0 after a ReLU);
+- conv / linear: the layer's own backward (``edgetrain.adapt.qnet.layer_gradient``, bias gradient,
+  ``dz`` recorded for the update rules, ``W^T dL/dz`` quantized onto the gradient grid, LRT v1 App. C);
+- streaming BN (``scale`` op): ``y = q_out(q_acc(x w) + b)`` with ``w = q_w(gamma / sigma)``,
+  ``b = q_b(beta - gamma mu / sigma)``: dL/dx = q_g(g_acc w), dL/dgamma = (sum g_acc x) m_w / sigma
+  - (sum g_y) m_b / sigma mu, dL/dbeta = (sum g_y) m_b;
+- max-pool: the gradient goes to the window's arg-max (torch's index); avg-pool (window sums times
+  the reciprocal code): torch's ``avg_pool2d_backward``; add: both inputs; reshape: reshaped back.
+
+Every step is the same tensor operation, in the same order, as the autograd path's backward
+(``DeviceNet.forward`` then ``Tensor.backward``), so the two give identical values bit for bit:
+logits, ``dz``, bias / gamma / beta gradients, and hence codes, writes and BN state
+(tests/test_device_step.py compares whole trajectories). The autograd path stays the reference,
+and the trainer falls back to it (``OnlineTrainer(..., executor=False)``, or a program with an op
+outside :data:`STEP_OPS`: concat, sub, mul, mean, lookup, pad, upsample, transpose, slice, leaky ReLU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from edgetrain.adapt.device import DeviceBatchNorm, DeviceLayer, DeviceNet
+from edgetrain.adapt.qnet import input_gradient, layer_gradient
+
+STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxpool", "avgpool", "add", "reshape"})
+
+
+def unsupported_ops(net: DeviceNet) -> list[str]:
+    """The program's op kinds that :class:`DeviceStep` does not run (empty: it runs them all)."""
+    return sorted({op["op"] for op in net.program.ops} - STEP_OPS)
+
+
+class DeviceStep:
+    """Forward and written-out backward of one sample through ``net`` (module docstring).
+
+    ``forward(x)`` returns what ``net(x)`` returns (float32 logits) and, in training mode, updates
+    the streaming BN statistics as it does; ``backward(grad)`` does what ``logits.backward(grad)``
+    does for the update rules: sets ``layer.cache_dz`` of every weight layer and the ``.grad`` of
+    every bias and streaming-BN gamma/beta (None where no gradient reaches, as autograd leaves it).
+    """
+
+    def __init__(self, net: DeviceNet) -> None:
+        missing = unsupported_ops(net)
+        if missing:
+            raise ValueError(f"DeviceStep does not run op(s) {', '.join(missing)}; use the autograd path")
+        self.net = net
+        self.ops = list(net.program.ops)
+        self.params = [p for stage in net.stages.values() for p in stage.parameters()]
+        self.saved: dict[str, tuple[Any, ...]] = {}
+        self.requires: dict[str, bool] = {}
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        if list(x.shape[1:]) != net.input_shape[1:]:
+            raise ValueError(f"input shape {list(x.shape)} does not match the program's {net.input_shape}")
+        if torch.isnan(x).any():
+            raise ValueError("input contains NaN; the device cannot quantize it (clean the data first)")
+        env: dict[str, torch.Tensor] = {}
+        self.saved.clear()
+        self.requires.clear()
+        for op in self.ops:
+            env[op["output"]] = self._forward(op, x, env)
+        return env[net.program.output].float()
+
+    def _forward(self, op: dict[str, Any], x: torch.Tensor, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        kind, out = op["op"], op["output"]
+        net, saved = self.net, self.saved
+        if kind == "quantize":
+            self.requires[out] = False
+            return net.requantizers[out].forward_masked(x.double(), keep_mask=False)[0]
+        if kind == "add":
+            a, b = (env[name] for name in op["inputs"])
+            self.requires[out] = any(self.requires[name] for name in op["inputs"])
+            value, mask = net.requantizers[out].forward_masked(a + b, keep_mask=self.requires[out])
+            saved[out] = (mask,)
+            return value
+        v = env[op["input"]]
+        requires = self.requires[op["input"]]
+        if out in net.stages:
+            stage = net.stages[out]
+            if isinstance(stage, DeviceLayer):
+                return self._layer_forward(stage, v, out)
+            return self._bn_forward(stage, v, out, requires)
+        self.requires[out] = requires
+        if kind == "requantize":
+            value, mask = net.requantizers[out].forward_masked(v, keep_mask=requires)
+            saved[out] = (mask,)
+            return value
+        if kind == "reshape":
+            saved[out] = (v.shape,)
+            return v.reshape(op["shape"])
+        if kind == "maxpool":
+            stride = op["stride"] if op["stride"] is not None else op["kernel"]
+            args = (op["kernel"], stride, op["padding"], op["dilation"], op.get("ceil_mode", False))
+            value, index = torch.ops.aten.max_pool2d_with_indices(v, *args)
+            saved[out] = (v, index, args)
+            return value
+        if kind == "avgpool":
+            window_sum = F.avg_pool2d(v, op["kernel"], op["stride"], op["padding"], divisor_override=1)
+            value, mask = net.requantizers[out].forward_masked(window_sum * net.constants[out], keep_mask=requires)
+            saved[out] = (v, window_sum.shape, mask)
+            return value
+        raise ValueError(f"op {kind!r} ({out}) is not run by DeviceStep")
+
+    def _layer_forward(self, layer: DeviceLayer, v: torch.Tensor, out: str) -> torch.Tensor:
+        self.requires[out] = True  # the bias is a parameter
+        layer.cache_dz = None
+        if layer.record:
+            layer.cache_input = v
+        value, masks = layer.compute(v, layer.bias, keep_masks=True)
+        if layer.is_conv:
+            layer.out_pixels = int(value.shape[-2] * value.shape[-1])
+        self.saved[out] = (v.shape, *masks)
+        return value
+
+    def _bn_forward(self, bn: DeviceBatchNorm, v: torch.Tensor, out: str, requires: bool) -> torch.Tensor:
+        if bn.enabled and bn.training:
+            bn.observe(v)
+        if bn.enabled and bool(bn.refolded):
+            mu, sigma = bn.statistics()
+            gamma, beta = bn.gamma.detach(), bn.beta.detach()
+            w, w_mask = bn.weight_q.forward_masked(gamma / sigma)
+            b, b_mask = bn.bias_q.forward_masked(beta - gamma * mu / sigma)
+            params: tuple[Any, ...] | None = (mu, sigma, w_mask, b_mask)
+        else:
+            w, b, params = bn.weight, bn.bias, None
+        self.requires[out] = requires or params is not None
+        shape = (1, -1, *([1] * (v.dim() - 2)))
+        acc, acc_mask = bn.acc_q.forward_masked(v * w.view(shape))
+        value, out_mask = bn.out_q.forward_masked(acc + b.view(shape))
+        self.saved[out] = (v, w.view(shape), b.view(shape).shape, acc_mask, out_mask, params, requires)
+        return value
+
+    # -- backward -------------------------------------------------------------------------------
+    def backward(self, grad: torch.Tensor) -> None:
+        """Backpropagate ``grad`` (dL/d logits, the shape of :meth:`forward`'s output)."""
+        for param in self.params:
+            param.grad = None
+        grads: dict[str, torch.Tensor] = {self.net.program.output: grad.double()}
+        for op in reversed(self.ops):
+            g = grads.pop(op["output"], None)
+            if g is not None:
+                self._backward(op, g, grads)
+
+    def _send(self, grads: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
+        """Accumulate ``g`` into the gradient of tensor ``name`` (only tensors that require one)."""
+        if not self.requires.get(name, False):
+            return
+        grads[name] = grads[name] + g if name in grads else g
+
+    def _backward(self, op: dict[str, Any], g: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:
+        kind, out = op["op"], op["output"]
+        saved = self.saved.get(out)
+        if kind == "quantize":
+            return
+        if kind == "add":
+            g = g * saved[0]
+            for name in op["inputs"]:
+                self._send(grads, name, g)
+            return
+        source = op["input"]
+        if out in self.net.stages:
+            stage = self.net.stages[out]
+            if isinstance(stage, DeviceLayer):
+                self._layer_backward(stage, g, source, grads)
+            else:
+                self._bn_backward(stage, g, source, grads)
+            return
+        if kind == "requantize":
+            self._send(grads, source, g * saved[0])
+        elif kind == "reshape":
+            self._send(grads, source, g.reshape(saved[0]))
+        elif kind == "maxpool":
+            v, index, args = saved
+            self._send(grads, source, torch.ops.aten.max_pool2d_with_indices_backward(g, v, *args, index))
+        elif kind == "avgpool":
+            v, window_shape, mask = saved
+            g_sum = ((g * mask) * self.net.constants[out]).sum_to_size(window_shape)
+            stride = op["stride"] if op["stride"] is not None else op["kernel"]
+            dx = torch.ops.aten.avg_pool2d_backward(g_sum, v, op["kernel"], stride, op["padding"], False, True, 1)
+            self._send(grads, source, dx)
+
+    def _layer_backward(
+        self, layer: DeviceLayer, grad: torch.Tensor, source: str, grads: dict[str, torch.Tensor]
+    ) -> None:
+        """``_LayerStep.backward`` of ``edgetrain.adapt.device``, step for step."""
+        shape, out_mask, acc_mask = self.saved[layer.op["output"]]
+        grid = layer.formats.grad if layer.out_q.relu and layer.quantize_grads else None
+        bias_g, g, dz, nonzero = layer_gradient(grad, grid, acc_mask, out_mask, wmult=layer.wmult)
+        layer.bias.grad = bias_g.sum([d for d in range(g.dim()) if d != 1])
+        if layer.record:
+            layer.cache_dz = dz
+        if not self.requires[source]:
+            return
+        if not nonzero:
+            self._send(grads, source, g.new_zeros(shape))
+            return
+        units = (layer.formats.grad.lsb, math.ldexp(1.0, layer.k_w))
+        dx = input_gradient(shape, layer.weight32(), g.float(), layer, units)
+        self._send(grads, source, layer.quantize_grad(dx.double()))
+
+    def _bn_backward(self, bn: DeviceBatchNorm, g: torch.Tensor, source: str, grads: dict[str, torch.Tensor]) -> None:
+        """The autograd graph of ``DeviceBatchNorm.forward`` and ``folded``, written out."""
+        x, w_view, b_shape, acc_mask, out_mask, params, requires = self.saved[bn.op["output"]]
+        g = g * out_mask
+        if bn.out_q.relu:
+            g = bn.quantize_grad(g)
+        g_acc = g * acc_mask
+        if requires:
+            dx = g_acc * w_view
+            self._send(grads, source, bn.quantize_grad(dx))
+        if params is None:
+            return
+        mu, sigma, w_mask, b_mask = params
+        g_w = (g_acc * x).sum_to_size(w_view.shape).reshape(w_mask.shape) * w_mask
+        g_b = g.sum_to_size(b_shape).reshape(b_mask.shape) * b_mask
+        bn.beta.grad = g_b
+        bn.gamma.grad = g_w / sigma + (-g_b) / sigma * mu
+
+
+def batch1_executor(net: Any) -> DeviceStep | None:
+    """The autograd-free step for ``net`` where one applies (a :class:`DeviceNet` whose ops are all in
+    :data:`STEP_OPS`), else None: the trainer then runs the autograd path."""
+    if isinstance(net, DeviceNet) and not unsupported_ops(net):
+        return DeviceStep(net)
+    return None
