@@ -42,3 +42,13 @@ def tiny_lrt_model_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-lrt") / "tiny.safetensors"
     save_model(build_qnet(spec), spec, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_fleet(tiny_lrt_model_file):
+    """FleetConfig(**fields) of the tiny LRT net: 2 devices x 2 rounds x 8 samples, 20 held-out samples
+    each, unless ``fields`` say otherwise (the fleet tests' mechanics, not accuracy)."""
+    from edgetrain.fleet import FleetConfig
+
+    small = {"devices": 2, "rounds": 2, "samples_per_round": 8, "model": tiny_lrt_model_file, "test_samples": 20}
+    return lambda **fields: FleetConfig(**{**small, **fields})

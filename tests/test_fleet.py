@@ -100,11 +100,6 @@ def test_config_from_toml_and_errors(tmp_path) -> None:
         FleetConfig(strategies=("fedprox",))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_lrt_model_file) -> str:
-    return tiny_lrt_model_file
-
-
 class InProcessGrid:
     """A stand-in for Flower's Grid: delivers each message to the ClientApp in this process, an
     exception as an error reply and no reply from a device that took longer than the timeout (what
@@ -165,15 +160,11 @@ def in_process_serve(monkeypatch):
 
 
 def test_a_rejected_update_and_a_dropped_device_do_not_stop_the_round(
-    tmp_path, tiny_model, one_thread, in_process_serve
+    tmp_path, tiny_fleet, one_thread, in_process_serve
 ) -> None:
-    config = FleetConfig(
+    config = tiny_fleet(
         devices=3,
-        rounds=2,
-        samples_per_round=8,
         strategies=("federated-lowrank", "fedavg"),
-        model=tiny_model,
-        test_samples=20,
         faults=(Fault("corrupt", 1, 0), Fault("dropout", 2, 1)),
         gate_samples=0,
     )
@@ -214,14 +205,10 @@ def test_a_rejected_update_and_a_dropped_device_do_not_stop_the_round(
     assert all(d["total_writes"] == d["fleet_update_writes"] for d in lowrank["devices"])
 
 
-def test_a_silent_device_is_listed_and_the_round_goes_on(tmp_path, tiny_model, one_thread, in_process_serve) -> None:
-    config = FleetConfig(
+def test_a_silent_device_is_listed_and_the_round_goes_on(tmp_path, tiny_fleet, one_thread, in_process_serve) -> None:
+    config = tiny_fleet(
         devices=3,
-        rounds=2,
-        samples_per_round=8,
         strategies=("federated-lowrank",),
-        model=tiny_model,
-        test_samples=20,
         round_timeout=60.0,
         faults=(Fault("silent", 1, 1),),
         gate_samples=8,
@@ -253,11 +240,11 @@ def test_a_silent_device_is_listed_and_the_round_goes_on(tmp_path, tiny_model, o
     assert devices[0]["fleet_update_per_round"][0]["gate_own_accuracy"] is not None  # it held its own update
 
 
-def fleet_device(model: str, **options):
+def fleet_device(tiny_fleet, strategy: str = "federated-lowrank", **options):
+    """Device 0 of a tiny fleet (the ``tiny_fleet`` fixture) under ``strategy``."""
     from edgetrain.fleet.device import FleetDevice
 
-    config = FleetConfig(devices=2, rounds=2, samples_per_round=8, model=model, test_samples=20, **options)
-    return FleetDevice(config, 0, "federated-lowrank")
+    return FleetDevice(tiny_fleet(strategies=(strategy,), **options), 0, strategy)
 
 
 def broadcast_of(device, scale: float) -> dict[str, np.ndarray]:
@@ -273,10 +260,10 @@ def broadcast_of(device, scale: float) -> dict[str, np.ndarray]:
     return update
 
 
-def test_the_fleet_step_is_eta_lr_sqrt_r_times_the_merged_product(tiny_model, one_thread) -> None:
+def test_the_fleet_step_is_eta_lr_sqrt_r_times_the_merged_product(tiny_fleet, one_thread) -> None:
     from edgetrain.fleet.merge import decode_factors
 
-    device = fleet_device(tiny_model, fleet_lr=0.5, lr=0.01, gate_samples=0)
+    device = fleet_device(tiny_fleet, fleet_lr=0.5, lr=0.01, gate_samples=0)
     update = broadcast_of(device, 1.0)
     before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
     written = device.apply(update)
@@ -294,6 +281,58 @@ def test_the_fleet_step_is_eta_lr_sqrt_r_times_the_merged_product(tiny_model, on
         FleetConfig(fleet_lr=0.0)
 
 
+def test_a_sparse_fleet_event_keeps_the_ceil_f_n_m_largest_cells(tiny_fleet, one_thread) -> None:
+    """write_fraction f: of the non-zero cells of dW_q = round(x), only the ceil(f n m) with the
+    largest |x| are written, every other cell keeps its code."""
+    from edgetrain.fleet.device import sparse_step
+    from edgetrain.fleet.merge import decode_factors
+
+    x = np.array([[2.6, -1.4, 0.2], [2.4, 0.3, -3.9]])
+    step = np.rint(x).astype(np.int64)
+    np.testing.assert_array_equal(sparse_step(step.copy(), x, 0.5), [[3, 0, 0], [2, 0, -4]])  # ceil(3) = 3 cells
+    np.testing.assert_array_equal(sparse_step(step.copy(), x, 0.3), [[3, 0, 0], [0, 0, -4]])  # ceil(1.8) = 2
+    np.testing.assert_array_equal(sparse_step(step.copy(), x, 0.1), [[0, 0, 0], [0, 0, -4]])  # ceil(0.6) = 1
+    np.testing.assert_array_equal(sparse_step(step.copy(), x, 1.0), step)
+    np.testing.assert_array_equal(sparse_step(step.copy(), x, 0.7), step)  # 5 cells allowed, 4 changed
+
+    fraction = 0.1
+    device = fleet_device(tiny_fleet, fleet_lr=0.5, lr=0.01, gate_samples=0, write_fraction=fraction)
+    update = broadcast_of(device, 1.0)
+    before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
+    written = device.apply(update)
+    expected_writes = 0
+    for layer in device.trainer.net.weight_layers:
+        array = device.trainer.arrays[layer.name]
+        left, right = decode_factors(layer.name, update)
+        x = 0.5 * 0.01 * math.sqrt(8) * (left @ right.T) / layer.formats.weight.lsb
+        dense = np.rint(x)
+        keep = math.ceil(fraction * x.size)
+        magnitudes = np.sort(np.abs(x[dense != 0]))[::-1]
+        threshold = magnitudes[keep - 1] if magnitudes.size > keep else 0.0
+        sparse = np.where((dense != 0) & (np.abs(x) >= threshold), dense, 0)
+        assert np.count_nonzero(sparse) == min(keep, np.count_nonzero(dense))
+        expected = np.clip(before[layer.name] - sparse, array.fmt.qmin, array.fmt.qmax)
+        np.testing.assert_array_equal(array.codes, expected)
+        expected_writes += int(np.count_nonzero(expected != before[layer.name]))
+    assert written == expected_writes > 0
+    with pytest.raises(ValueError, match="write_fraction must be in"):
+        FleetConfig(write_fraction=0.0)
+
+
+def test_held_out_on_all_classes_while_the_stream_shows_a_subset(tiny_fleet) -> None:
+    from edgetrain.fleet.device import DeviceStream
+
+    config = tiny_fleet(test_classes="all", test_samples=60)
+    stream = DeviceStream(config, 1)
+    assert config.device_test_classes(1) == tuple(range(10)) and config.device_classes(1) == (3, 4, 5, 6, 7)
+    assert set(stream.batch(0, 16)[1].tolist()) <= {3, 4, 5, 6, 7}
+    assert not set(stream.test_set[1].tolist()) <= {3, 4, 5, 6, 7}
+    assert stream.describe()["held_out_classes"] == list(range(10))
+    assert tiny_fleet().device_test_classes(1) == (3, 4, 5, 6, 7)
+    with pytest.raises(ValueError, match="unknown test_classes"):
+        FleetConfig(test_classes="some")
+
+
 def test_the_gate_choice() -> None:
     from edgetrain.fleet.device import gate_choice
 
@@ -305,13 +344,13 @@ def test_the_gate_choice() -> None:
 
 
 def test_the_gate_scores_candidates_on_the_last_samples_and_writes_its_choice(
-    tiny_model, one_thread, monkeypatch
+    tiny_fleet, one_thread, monkeypatch
 ) -> None:
     import copy
 
     from edgetrain.fleet.device import FleetDevice, prediction_accuracy
 
-    device = fleet_device(tiny_model, gate_samples=8, bn_refresh=False)
+    device = fleet_device(tiny_fleet, gate_samples=8, bn_refresh=False)
     device.learn(12)
     device.report()  # the device keeps its own factors for the gate
     assert set(device.own) == {layer.name for layer in device.trainer.net.weight_layers}
@@ -335,7 +374,7 @@ def test_the_gate_scores_candidates_on_the_last_samples_and_writes_its_choice(
     assert device.apply(update) == 0 and device.declined == 1 and device.metrics()["fleet_updates_declined"] == 1
     assert all(np.array_equal(device.trainer.arrays[name].codes, codes) for name, codes in before.items())
     pixels = images[0].numel()  # the buffer (8 samples of 8-bit pixels and an 8-bit label) is aux memory
-    ungated = fleet_device(tiny_model, gate_samples=0).metrics()["aux_memory_bits"]
+    ungated = fleet_device(tiny_fleet, gate_samples=0).metrics()["aux_memory_bits"]
     assert device.metrics()["aux_memory_bits"] >= ungated + 8 * (8 * pixels + 8) == ungated + device.buffer_bits
     device.learn(4)
     device.report()
@@ -373,13 +412,13 @@ class FutureTracingStream:
 
 
 @pytest.mark.parametrize("bn_refresh", [False, True])
-def test_the_gate_uses_no_future_sample(tiny_model, one_thread, bn_refresh) -> None:
+def test_the_gate_uses_no_future_sample(tiny_fleet, one_thread, bn_refresh) -> None:
     """Two identical devices decide on the same broadcast, one of them with every future label
     poisoned: the same scores, choice and writes, and no sample at or past the device's step asked
     for. The BN refresh replays only the buffer and keeps the statistics of the written weights only."""
     runs = []
     for poison in (False, True):
-        device = fleet_device(tiny_model, gate_samples=8, bn_refresh=bn_refresh)
+        device = fleet_device(tiny_fleet, gate_samples=8, bn_refresh=bn_refresh)
         device.learn(12)
         device.report()
         device.stream = FutureTracingStream(device, poison)
@@ -409,12 +448,12 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_a_rejoined_device_has_an_empty_buffer_and_writes_the_broadcast_ungated(tmp_path, tiny_model, one_thread):
-    device = fleet_device(tiny_model, gate_samples=8)
+def test_a_rejoined_device_has_an_empty_buffer_and_writes_the_broadcast_ungated(tmp_path, tiny_fleet, one_thread):
+    device = fleet_device(tiny_fleet, gate_samples=8)
     device.learn(12)
     device.report()
     device.save(tmp_path / "device.safetensors")
-    rejoined = fleet_device(tiny_model, gate_samples=8)
+    rejoined = fleet_device(tiny_fleet, gate_samples=8)
     rejoined.restore(tmp_path / "device.safetensors")  # power lost: RAM (buffer, own factors) is gone
     assert rejoined.recent_samples()[1].numel() == 0 and not rejoined.own
     assert rejoined.apply(broadcast_of(rejoined, 50.0)) == rejoined.fleet_writes > 0 and rejoined.gate is None
@@ -452,18 +491,12 @@ def test_cli_rejects_a_bad_config_in_one_line(tmp_path, capsys) -> None:
     assert main(["fleet", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "run")]) == 2
 
 
-def test_a_local_round_device_sends_nothing_and_writes_its_own_update(tiny_model, one_thread) -> None:
+def test_a_local_round_device_sends_nothing_and_writes_its_own_update(tiny_fleet, one_thread) -> None:
     """The ablation "local-round": federated low-rank's device without the fleet: nothing on the link,
     its own round update as the only candidate (ungated here: written as is)."""
     import copy
 
-    from edgetrain.fleet.device import FleetDevice
-
-    config = FleetConfig(
-        devices=2, rounds=2, samples_per_round=8, model=tiny_model, test_samples=20, gate_samples=0,
-        strategies=("local-round",), fleet_lr=4.0,
-    )  # fmt: skip
-    device = FleetDevice(config, 0, "local-round")
+    device = fleet_device(tiny_fleet, "local-round", gate_samples=0, fleet_lr=4.0)
     assert device.apply({}) == 0  # nothing held yet
     device.learn(8)
     assert device.report() == {} and set(device.own) == {layer.name for layer in device.trainer.net.weight_layers}
@@ -479,14 +512,14 @@ def test_a_local_round_device_sends_nothing_and_writes_its_own_update(tiny_model
         np.testing.assert_array_equal(array.codes, want)
 
 
-def test_the_gate_sum_candidate_writes_own_update_and_broadcast_in_one_event(tiny_model, one_thread, monkeypatch):
+def test_the_gate_sum_candidate_writes_own_update_and_broadcast_in_one_event(tiny_fleet, one_thread, monkeypatch):
     import copy
 
     from edgetrain.fleet.device import FleetDevice, gate_choice
 
     assert gate_choice(0.5, {"fleet": 0.5, "own": 0.5, "sum": 0.75}) == "sum"
     assert gate_choice(0.5, {"fleet": 0.75, "own": 0.5, "sum": 0.75}) == "fleet"  # ties: the broadcast first
-    device = fleet_device(tiny_model, gate_samples=8, gate_sum=True, fleet_lr=4.0)
+    device = fleet_device(tiny_fleet, gate_samples=8, gate_sum=True, fleet_lr=4.0)
     device.learn(8)
     device.report()
     update = broadcast_of(device, 1.0)

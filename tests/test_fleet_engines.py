@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edgetrain.fleet import FleetConfig, run_fleet
+from edgetrain.fleet import run_fleet
 
 ENGINE_PROCESSES = ("ray::", "raylet", "gcs_server", "flower-superlink", "flower-supernode", "flower-superexec",
                     "flwr-serverapp", "flwr-clientapp")  # fmt: skip
@@ -44,17 +44,12 @@ def engine_processes(token: str) -> set[tuple[int, str]]:
     return found
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_lrt_model_file) -> str:
-    return tiny_lrt_model_file
-
-
 @pytest.mark.slow
-def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_model) -> None:
+def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_lrt_model_file) -> None:
     token = uuid.uuid4().hex
     out = tmp_path / "fleet"
     argv = [str(Path(sys.executable).parent / "edgetrain"), "fleet", "--devices", "3", "--rounds", "2", "--strategy",
-            "federated-lowrank", "--samples-per-round", "8", "--test-samples", "20", "--model", tiny_model,
+            "federated-lowrank", "--samples-per-round", "8", "--test-samples", "20", "--model", tiny_lrt_model_file,
             "--out", str(out)]  # fmt: skip
     env = {**os.environ, "EDGETRAIN_FLEET_TEST": token}
     log = tmp_path / "fleet.log"
@@ -84,16 +79,12 @@ def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_model)
 
 
 @pytest.mark.slow
-def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_model, monkeypatch) -> None:
+def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_fleet, monkeypatch) -> None:
     token = uuid.uuid4().hex
     monkeypatch.setenv("EDGETRAIN_FLEET_TEST", token)  # inherited by every process the engine starts
-    config = FleetConfig(
-        devices=2,
+    config = tiny_fleet(
         rounds=1,
-        samples_per_round=8,
         strategies=("federated-lowrank",),
-        model=tiny_model,
-        test_samples=20,
         engine="deployment",
         round_timeout=240.0,
         fleet_lr=1.0,  # the full step, ungated: the broadcast is written (checked below)

@@ -17,6 +17,7 @@ STRATEGIES = ("local", "federated-lowrank", "fedavg", "fedavg-sgd")
 ABLATIONS = ("local-round",)  # federated low-rank's device, gate and refresh without the fleet (not run by default)
 FAULT_KINDS = ("dropout", "corrupt", "silent")
 SPLITS = ("classes", "all")
+TEST_CLASSES = ("device", "all")
 ENGINES = ("simulation", "deployment")
 
 
@@ -58,7 +59,11 @@ class FleetConfig:
     has already learnt from, never later ones) at least as well as its current weights
     (:meth:`edgetrain.fleet.device.FleetDevice.apply`); ``bn_refresh`` (default: on with the gate)
     replays that buffer for the batch-norm statistics of each option before scoring it and of the
-    written weights after a write.
+    written weights after a write. ``write_fraction`` f < 1 makes every fleet update event (the
+    broadcast, the device's own round update, any strategy) sparse as LowRank's ``write_fraction``
+    does: per layer only the ceil(f n m) changed cells with the largest unrounded step are written.
+    ``test_classes = "all"`` scores each device on all ten classes (rotated like its stream) while
+    its stream shows it only its class subset.
     """
 
     devices: int = 3
@@ -73,6 +78,7 @@ class FleetConfig:
     split: str = "classes"
     classes_per_device: int = 5
     class_stride: int = 3
+    test_classes: str = "device"  # held-out digits of the device's stream classes, or of all ten (its user)
     angle: float = 30.0
     angle_step: float = 0.0
     drift: str = "digital"
@@ -84,6 +90,7 @@ class FleetConfig:
     fleet_lr: float = 1.0  # eta: the federated low-rank broadcast is written as round(eta lr sqrt(R) L R^T / lsb)
     gate_samples: int = 32  # a broadcast is written only if it predicts the last N samples at least as well (0: off)
     gate_sum: bool = False  # federated low-rank: the gate also tries own update + broadcast (one event)
+    write_fraction: float = 1.0  # sparse fleet update events: at most ceil(f n m) cells per layer (1: off)
     bn_refresh: bool | None = None  # replay the gate's buffer for BN statistics (None: on with the gate)
     batch_fc: int = 100
     batch_conv: int = 10
@@ -101,6 +108,8 @@ class FleetConfig:
         unknown = sorted(set(self.strategies) - set(STRATEGIES) - set(ABLATIONS))
         if unknown or not self.strategies:
             raise ValueError(f"unknown fleet strategies {unknown}; choose from: {', '.join(STRATEGIES + ABLATIONS)}")
+        if not 0.0 < self.write_fraction <= 1.0:
+            raise ValueError(f"write_fraction must be in (0, 1] (1: every changed cell), got {self.write_fraction}")
         if not self.fleet_lr > 0:
             raise ValueError(f"fleet_lr must be > 0, got {self.fleet_lr}")
         if int(self.gate_samples) < 0:
@@ -111,6 +120,8 @@ class FleetConfig:
             raise ValueError(f"factor_bits must be 16 or 32, got {self.factor_bits}")
         if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
+        if self.test_classes not in TEST_CLASSES:
+            raise ValueError(f"unknown test_classes {self.test_classes!r}; choose one of: {', '.join(TEST_CLASSES)}")
         if self.drift not in ("digital", "analog", "none"):
             raise ValueError(f"drift must be 'digital', 'analog' or 'none', got {self.drift!r}")
         if self.engine not in ENGINES:
@@ -173,6 +184,11 @@ class FleetConfig:
             return tuple(range(10))
         start = index * self.class_stride
         return tuple(sorted({(start + j) % 10 for j in range(self.classes_per_device)}))
+
+    def device_test_classes(self, index: int) -> tuple[int, ...]:
+        """The classes of device ``index``'s held-out set: its stream's (``test_classes = "device"``) or
+        all ten (``"all"``: the stream shows the device a class subset of a user who writes every digit)."""
+        return tuple(range(10)) if self.test_classes == "all" else self.device_classes(index)
 
     def device_angle(self, index: int) -> float | None:
         """The rotation of device ``index``'s inputs in degrees (None: not rotated)."""

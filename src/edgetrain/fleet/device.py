@@ -33,6 +33,12 @@ activations of the weights they were gathered under, so before scoring each opti
 weights too) the device replays the buffer through it once, statistics only (train mode, no
 learning, labels unused), and after writing a candidate it replays the buffer for the written weights.
 
+Sparse events (``write_fraction`` f < 1): every fleet update event (broadcast, own update, sum; every
+strategy that has one) writes per layer only the ceil(f n m) changed cells with the largest
+unrounded step (:func:`sparse_step`), the rule of LowRank's sparse events; the gate scores what
+would be written. The link is unchanged (a sparse list of f n m cells would be larger than r(n + m)
+factors at the fractions used).
+
 Biases and batch-norm parameters (16-bit, high-endurance memory) keep adapting on each device in
 every strategy. The device's state (NVM, rule, RNGs, fleet bookkeeping) is saved after each
 completed round, so a device that drops out rejoins from its non-volatile state.
@@ -52,6 +58,7 @@ from scipy.ndimage import rotate
 
 from edgetrain.adapt import OnlineTrainer, make_rule
 from edgetrain.adapt.checkpoint import load_state, save_state
+from edgetrain.adapt.rules import keep_largest
 from edgetrain.adapt.scenarios import Scenario, make_scenario
 from edgetrain.data import load_dataset
 from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform
@@ -118,7 +125,7 @@ class DeviceStream:
         )
         self.drift = device_drift(config)
         self.classes, self.angle = classes, angle
-        self.config = config
+        self.config, self.index = config, index
 
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scenario.batch(start, stop)
@@ -126,13 +133,14 @@ class DeviceStream:
     @property
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        return held_out_set(c.dataset, self.classes, self.angle, c.test_samples, c.seed)
+        return held_out_set(c.dataset, c.device_test_classes(self.index), self.angle, c.test_samples, c.seed)
 
     def describe(self) -> dict[str, Any]:
         return {
             **self.scenario.describe(),
             "drift": None if self.drift is None else self.drift.as_dict(),
             "held_out_samples": self.config.test_samples,
+            "held_out_classes": list(self.config.device_test_classes(self.index)),
         }
 
 
@@ -174,6 +182,15 @@ def load_device_net(source: str | Path) -> torch.nn.Module:
 
 
 GATE_CHOICES = ("keep", "fleet", "own", "sum")
+
+
+def sparse_step(step: np.ndarray, x: np.ndarray, fraction: float) -> np.ndarray:
+    """A sparse fleet update event (``write_fraction`` f, LowRank's sparse events, docs/fleet.md): of
+    the cells with a non-zero step dW_q, only the ceil(f n m) with the largest unrounded step |x|
+    keep it (ties by position), the others get 0; f = 1 returns the step unchanged. In place."""
+    if fraction < 1.0:
+        keep_largest(step, np.broadcast_to(x, step.shape), math.ceil(fraction * step.size))
+    return step
 
 
 def gate_choice(current: float, scores: dict[str, float]) -> str:
@@ -280,10 +297,13 @@ class FleetDevice:
         for layer in self.trainer.net.weight_layers:
             if self.strategy in ROUND_UPDATES:
                 left, right = decode_factors(layer.name, update)
-                step = np.rint(lr_eff * (left @ right.T) / layer.formats.weight.lsb).astype(np.int64)
+                x = lr_eff * (left @ right.T) / layer.formats.weight.lsb
+                step = np.rint(x).astype(np.int64)
             else:
-                step = self.sent.get(layer.name, 0) - np.rint(update[f"{layer.name}.delta"]).astype(np.int64)
-            steps[layer.name] = step
+                mean = update[f"{layer.name}.delta"]
+                x = self.sent.get(layer.name, 0) - mean
+                step = self.sent.get(layer.name, 0) - np.rint(mean).astype(np.int64)
+            steps[layer.name] = sparse_step(step, x, self.config.write_fraction)
         return steps
 
     def own_steps(self) -> dict[str, np.ndarray] | None:
@@ -362,7 +382,8 @@ class FleetDevice:
         if own is not None:
             candidates["own"] = own
             if self.config.gate_sum and "fleet" in candidates:  # personalised: own update and broadcast, one event
-                candidates["sum"] = {name: own[name] + candidates["fleet"][name] for name in own}
+                summed = {name: own[name] + candidates["fleet"][name] for name in own}
+                candidates["sum"] = {name: sparse_step(s, s, self.config.write_fraction) for name, s in summed.items()}
         kept = 8 * sum(int(value.nbytes) for value in update.values())
         kept += sum(16 * (left.size + right.size) for left, right in self.own.values())
         self.own = {}
