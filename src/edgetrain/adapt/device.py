@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 from torch import nn
 
 from edgetrain.adapt.qnet import (
@@ -229,6 +230,22 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+@njit(cache=True)
+def _load_codes(codes, unit, weight, weight32):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """weight = codes unit (float64), weight32 = the same in float32 (exact: 8-bit codes times a power
+    of 2); returns the largest row sum of |codes| (the :attr:`DeviceLayer.exact32` bound's factor)."""
+    largest = 0
+    for o in range(codes.shape[0]):
+        row = 0
+        for j in range(codes.shape[1]):
+            c = codes[o, j]
+            weight[o, j] = c * unit
+            weight32[o, j] = c * unit
+            row += abs(c)
+        largest = max(largest, row)
+    return largest
+
+
 class DeviceLayer(GradQuantMixin):
     """A conv or linear op whose weights live in NVM: ``q_out(act(q_acc(W x) + b))``.
 
@@ -381,12 +398,14 @@ class DeviceLayer(GradQuantMixin):
         return grad.reshape(self.shape2d)
 
     def set_codes(self, codes: np.ndarray) -> None:
-        """Load stored codes (n_out x n_in) into the weight values (exact: codes times 2^k_w)."""
-        values = torch.from_numpy(np.array(codes, dtype=np.float64).reshape(self.weight_shape))
-        with torch.no_grad():
-            self.weight.copy_(values.mul_(math.ldexp(1.0, self.k_w)))
-        self._weight32 = None
-        self._exact32 = None
+        """Load stored codes (n_out x n_in) into the weight values (exact: codes times 2^k_w), their
+        float32 copy and the :attr:`exact32` bound, in one pass."""
+        codes2d = np.ascontiguousarray(codes).reshape(self.shape2d)
+        if self._weight32 is None or self._weight32.shape != self.weight.shape:
+            self._weight32 = torch.empty(self.weight_shape, dtype=torch.float32)
+        weight = self.weight.detach().view(self.shape2d).numpy()
+        row_l1 = _load_codes(codes2d, math.ldexp(1.0, self.k_w), weight, self._weight32.view(self.shape2d).numpy())
+        self._exact32 = self.float32_units and row_l1 * self.input_code_max <= FLOAT32_EXACT_BOUND
 
     def weight32(self) -> torch.Tensor:
         """The weights in float32 (exact: 8-bit codes times 2^k_w), cached until the codes change."""

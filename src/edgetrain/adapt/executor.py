@@ -29,11 +29,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 
 from edgetrain.adapt.device import DeviceBatchNorm, DeviceLayer, DeviceNet
-from edgetrain.adapt.qnet import input_gradient, layer_gradient
+from edgetrain.adapt.qnet import QuantChain, input_gradient, layer_gradient
 
 STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxpool", "avgpool", "add", "reshape"})
 
@@ -41,6 +43,88 @@ STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxp
 def unsupported_ops(net: DeviceNet) -> list[str]:
     """The program's op kinds that :class:`DeviceStep` does not run (empty: it runs them all)."""
     return sorted({op["op"] for op in net.program.ops} - STEP_OPS)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@njit(cache=True)
+def _max_pool(x, kernel, stride, out, index):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """out = the max of each window of x (C x H x W), index = the flat position y W + x of its first
+    maximum in row-major order (NaN wins): torch's CPU max-pool kernel, without padding or dilation."""
+    width = x.shape[2]
+    for c in range(out.shape[0]):
+        for oy in range(out.shape[1]):
+            for ox in range(out.shape[2]):
+                y0, x0 = oy * stride[0], ox * stride[1]
+                best, arg = -np.inf, y0 * width + x0
+                for y in range(y0, y0 + kernel[0]):
+                    for xx in range(x0, x0 + kernel[1]):
+                        v = x[c, y, xx]
+                        if v > best or np.isnan(v):
+                            best, arg = v, y * width + xx
+                out[c, oy, ox] = best
+                index[c, oy, ox] = arg
+
+
+@njit(cache=True)
+def _max_pool_backward(grad, index, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """out (C x H*W) += grad at each window's arg-max (torch's scatter)."""
+    for c in range(grad.shape[0]):
+        for k in range(grad.shape[1]):
+            out[c, index[c, k]] += grad[c, k]
+
+
+def _simple_pool(v: torch.Tensor, args: tuple[Any, ...]) -> bool:
+    """Batch 1, no padding, no dilation, no ceil mode: the case :func:`_max_pool` runs."""
+    kernel, _, padding, dilation, ceil_mode = args
+    return v.shape[0] == 1 and not ceil_mode and _pair(padding) == (0, 0) and _pair(dilation) == (1, 1)
+
+
+def max_pool(v: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of ``aten.max_pool2d_with_indices(v, kernel, stride, padding, dilation,
+    ceil_mode)`` (what autograd runs), in one numba pass for the plain batch-1 case."""
+    if not _simple_pool(v, args):
+        return torch.ops.aten.max_pool2d_with_indices(v, *args)
+    kernel, stride = _pair(args[0]), _pair(args[1])
+    channels, h, w = v.shape[1:]
+    shape = (channels, (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1)
+    x = v[0].contiguous().numpy()
+    out, index = np.empty(shape, x.dtype), np.empty(shape, np.int64)
+    _max_pool(x, kernel, stride, out, index)
+    return torch.from_numpy(out)[None], torch.from_numpy(index)[None]
+
+
+def max_pool_backward(grad: torch.Tensor, v: torch.Tensor, index: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
+    """dL/dv of :func:`max_pool`: ``aten.max_pool2d_with_indices_backward`` (the scatter in numba)."""
+    if not _simple_pool(v, args):
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, v, *args, index)
+    channels = grad.shape[1]
+    flat = grad.reshape(channels, -1).contiguous().numpy()
+    out = np.zeros((v.shape[1], v.shape[2] * v.shape[3]), flat.dtype)
+    _max_pool_backward(flat, index.reshape(channels, -1).numpy(), out)
+    return torch.from_numpy(out).view(v.shape)
+
+
+@njit(cache=True)
+def _grid_round(x, lsb, lo, hi, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """out = clip(round(x / lsb), lo, hi) lsb in float64 (lsb a power of 2: x / lsb = x (1 / lsb))."""
+    inverse = 1.0 / lsb
+    for k in range(x.shape[0]):
+        out[k] = min(max(np.rint(np.float64(x[k]) * inverse), lo), hi) * lsb
+
+
+def quantize_grad64(stage: Any, grad: torch.Tensor) -> torch.Tensor:
+    """``stage.quantize_grad(grad.double())`` (the gradient onto the 8-bit grid in online mode, LRT v1
+    App. C) in one pass."""
+    if not stage.quantize_grads:
+        return grad.double()
+    grid = stage.formats.grad
+    flat = grad.contiguous().numpy().reshape(-1)
+    out = np.empty(flat.shape, np.float64)
+    _grid_round(flat, grid.lsb, float(grid.fmt.qmin), float(grid.fmt.qmax), out)
+    return torch.from_numpy(out).view(grad.shape)
 
 
 class DeviceStep:
@@ -59,6 +143,11 @@ class DeviceStep:
         self.net = net
         self.ops = list(net.program.ops)
         self.params = [p for stage in net.stages.values() for p in stage.parameters()]
+        self.bn_chains = {  # q_out(q_acc(x w) + b) in one pass, as the weight layers' chain
+            name: QuantChain([stage.acc_q.stage(), stage.out_q.stage()])
+            for name, stage in net.stages.items()
+            if isinstance(stage, DeviceBatchNorm)
+        }
         self.saved: dict[str, tuple[Any, ...]] = {}
         self.requires: dict[str, bool] = {}
 
@@ -106,7 +195,7 @@ class DeviceStep:
         if kind == "maxpool":
             stride = op["stride"] if op["stride"] is not None else op["kernel"]
             args = (op["kernel"], stride, op["padding"], op["dilation"], op.get("ceil_mode", False))
-            value, index = torch.ops.aten.max_pool2d_with_indices(v, *args)
+            value, index = max_pool(v, *args)
             saved[out] = (v, index, args)
             return value
         if kind == "avgpool":
@@ -140,8 +229,7 @@ class DeviceStep:
             w, b, params = bn.weight, bn.bias, None
         self.requires[out] = requires or params is not None
         shape = (1, -1, *([1] * (v.dim() - 2)))
-        acc, acc_mask = bn.acc_q.forward_masked(v * w.view(shape))
-        value, out_mask = bn.out_q.forward_masked(acc + b.view(shape))
+        value, (acc_mask, out_mask) = self.bn_chains[out](v * w.view(shape), b, np.float64)
         self.saved[out] = (v, w.view(shape), b.view(shape).shape, acc_mask, out_mask, params, requires)
         return value
 
@@ -186,7 +274,7 @@ class DeviceStep:
             self._send(grads, source, g.reshape(saved[0]))
         elif kind == "maxpool":
             v, index, args = saved
-            self._send(grads, source, torch.ops.aten.max_pool2d_with_indices_backward(g, v, *args, index))
+            self._send(grads, source, max_pool_backward(g, v, index, args))
         elif kind == "avgpool":
             v, window_shape, mask = saved
             g_sum = ((g * mask) * self.net.constants[out]).sum_to_size(window_shape)
@@ -211,7 +299,7 @@ class DeviceStep:
             return
         units = (layer.formats.grad.lsb, math.ldexp(1.0, layer.k_w))
         dx = input_gradient(shape, layer.weight32(), g.float(), layer, units)
-        self._send(grads, source, layer.quantize_grad(dx.double()))
+        self._send(grads, source, quantize_grad64(layer, dx))
 
     def _bn_backward(self, bn: DeviceBatchNorm, g: torch.Tensor, source: str, grads: dict[str, torch.Tensor]) -> None:
         """The autograd graph of ``DeviceBatchNorm.forward`` and ``folded``, written out."""
