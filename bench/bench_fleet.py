@@ -39,7 +39,8 @@ from edgetrain.fleet import FleetConfig, run_fleet, write_report  # noqa: E402
 from edgetrain.fleet.config import ABLATIONS, STRATEGIES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-GATE_ORDER = ("fleet", "own", "keep", "sum")  # the gate's choices as the tables count them
+GATE_ORDER = ("fleet", "own", "keep", "sum", "agree")  # the gate's choices as the tables count them
+GATE_HEADER = "gate: " + " / ".join(GATE_ORDER)
 DEFAULT_STRATEGIES = STRATEGIES[:1] + ABLATIONS + STRATEGIES[1:]  # the four and the fair local baseline
 
 
@@ -126,6 +127,22 @@ def local_from(name: str, config: dict[str, Any]) -> dict[str, Any]:
     return earlier["strategies"]["local"]
 
 
+FEDERATED_ONLY = ("gate_sum", "gate_agree")  # config keys that change the federated low-rank devices only
+
+
+def reused_strategies(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Every strategy but federated low-rank from an earlier run (bench/results/NAME.json) of the
+    same fleet: the configs may differ only in :data:`FEDERATED_ONLY` keys (and the strategies run),
+    which no other strategy reads."""
+    earlier = json.loads((RESULTS / f"{name}.json").read_text())
+    defaults = json.loads(FleetConfig().to_json())
+    ignored = {"strategies", *FEDERATED_ONLY}
+    differs = [k for k in defaults if k not in ignored and earlier["config"].get(k, defaults[k]) != config[k]]
+    if differs:
+        raise SystemExit(f"--reuse {name}: a different fleet (config differs in {differs}); run those strategies")
+    return {k: {**v, "from": name} for k, v in earlier["strategies"].items() if k != "federated-lowrank"}
+
+
 def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
     """Federated low-rank against each local baseline per device (the stronger baseline first), and
     what each fleet update did to the devices' held-out accuracy (before it: the score after the
@@ -136,7 +153,7 @@ def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
     lines = ["", "Federated low-rank against the local baselines, per device (held-out accuracy at the end; "
              "the stronger baseline first):", "",
              "| device | " + " | ".join(bases) + " | federated-lowrank | "
-             + " | ".join(f"fed - {name}" for name in bases) + " | gate: fleet / own / keep / sum |",
+             + " | ".join(f"fed - {name}" for name in bases) + f" | {GATE_HEADER} |",
              "|---|" + "---|" * (2 * len(bases) + 2)]  # fmt: skip
     for d in fed["devices"]:
         choices = [e["gate_choice"] for e in d["fleet_update_per_round"]]
@@ -151,7 +168,7 @@ def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
         )
     lines += ["", "Each federated low-rank fleet update (mean over the devices that reported both scores):", "",
               "| fleet update at the start of round | held-out before | held-out right after | devices worse "
-              "after | gate: fleet / own / keep / sum | broadcast step Frobenius / max (LSB) |",
+              f"after | {GATE_HEADER} | broadcast step Frobenius / max (LSB) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for round_index in range(1, len(fed["rounds"])):
         pairs, choices, sizes = [], [], []
@@ -188,16 +205,31 @@ def gate_name(config: dict[str, Any], long: bool = False) -> str:
     return f"causal gate {samples}{refresh}"
 
 
+def sparse_name(config: dict[str, Any]) -> str:
+    """The fleet update events of a run's config: dense, or sparse with ``write_fraction`` f."""
+    fraction = config.get("write_fraction", 1.0)
+    return "dense (every changed cell)" if fraction >= 1.0 else f"sparse (at most ceil({fraction:g} n m) per layer)"
+
+
 def variant_name(result: dict[str, Any]) -> str:
-    """What sets a run apart beyond the step and gate: the gate's sum candidate, strategies run
-    other than the four, local taken from an earlier run."""
+    """What sets a run apart beyond the step and gate: sparse fleet events, the held-out classes, the
+    gate's sum candidate, strategies run other than the defaults, local taken from an earlier run."""
     config, parts = result["config"], []
+    fraction = config.get("write_fraction", 1.0)
+    parts.append("dense fleet events" if fraction >= 1.0 else f"sparse fleet events f = {fraction:g}")
+    if config.get("test_classes", "device") == "all":
+        parts.append("held-out on all ten classes")
     if config.get("gate_sum"):
         parts.append("gate sum")
+    if config.get("gate_agree"):
+        parts.append("gate agree")
     if tuple(config["strategies"]) not in (STRATEGIES, DEFAULT_STRATEGIES):
         parts.append("ran " + " + ".join(config["strategies"]))
     local = result["strategies"].get("local", {})
-    if "from" in local:
+    reused = sorted({f["from"] for name, f in result["strategies"].items() if name != "local" and "from" in f})
+    if reused:
+        parts.append(f"all but federated-lowrank from {', '.join(reused)}")
+    elif "from" in local:
         parts.append(f"local from {local['from']}")
     return "".join(f", {part}" for part in parts)
 
@@ -211,7 +243,9 @@ def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, secon
         f"{config['devices']} devices x {config['rounds']} rounds x {config['samples_per_round']} samples, "
         f"net {config['arch']}, rank {config['rank']}, {config['factor_bits']}-bit factors on the link, "
         f"split {config['split']} ({config['classes_per_device']} classes per device, rotated {config['angle']} deg), "
-        f"{config['drift']} drift x{config['drift_scale']}, {config['test_samples']} held-out samples per device, "
+        f"{config['drift']} drift x{config['drift_scale']}, {config['test_samples']} held-out samples per device "
+        f"({'all ten classes' if config.get('test_classes', 'device') == 'all' else 'its stream classes'}), "
+        f"fleet update events {sparse_name(config)}, "
         f"fleet step eta = {config.get('fleet_lr', 1.0)}, {gate_name(config, long=True)}; "
         f"Flower simulation engine (Ray, one actor); {seconds / 60:.1f} min wall on the shared 2-core machine, loaded "
         "(other engineers' tests and benchmarks running).",
@@ -306,6 +340,9 @@ def main() -> None:
     )
     parser.add_argument("--gate-sum", action="store_true", help="the gate also tries own update + broadcast")
     parser.add_argument(
+        "--gate-agree", action="store_true", help="the gate also tries own + broadcast where their signs agree"
+    )
+    parser.add_argument(
         "--write-fraction",
         type=float,
         default=0.05,
@@ -318,6 +355,9 @@ def main() -> None:
         help="held-out set: the device's stream classes or all ten (rotated like its stream)",
     )
     parser.add_argument("--local-from", help="take local's figures from bench/results/NAME.json (same fleet)")
+    parser.add_argument(
+        "--reuse", help="run federated low-rank only, every other strategy from bench/results/NAME.json (same fleet)"
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "fleet-bench"))
     parser.add_argument("--seed", type=int, default=0, help="seeds the devices' streams, drift and held-out sets")
     parser.add_argument("--name", default="fleet", help="results file stem: bench/results/NAME.json and NAME.md")
@@ -344,6 +384,7 @@ def main() -> None:
         gate_samples=args.gate_samples,
         bn_refresh=args.bn_refresh,
         gate_sum=args.gate_sum,
+        gate_agree=args.gate_agree,
         write_fraction=args.write_fraction,
         test_classes=args.test_classes,
         strategies=tuple(args.strategy) if args.strategy else DEFAULT_STRATEGIES,
@@ -353,11 +394,17 @@ def main() -> None:
     local = local_from(args.local_from, json.loads(config.to_json())) if args.local_from else None
     if local is not None:
         config = replace(config, strategies=tuple(s for s in config.strategies if s != "local"))
+    program = {"model": str((Path(args.out) / "program").resolve())}  # the device the run will prepare or reuse
+    reused = reused_strategies(args.reuse, {**json.loads(config.to_json()), **program}) if args.reuse else {}
+    if reused:
+        config = replace(config, strategies=("federated-lowrank",))
     t0 = time.perf_counter()
     result = run_fleet(config, args.out)
     seconds = time.perf_counter() - t0
     if local is not None:
         result["strategies"] = {"local": {**local, "from": args.local_from}, **result["strategies"]}
+    if reused:
+        result["strategies"] = {**reused, **result["strategies"]}
     write_report(result, args.out)
     checks = verdicts(result["strategies"])
     command = "python bench/bench_fleet.py " + " ".join(sys.argv[1:])

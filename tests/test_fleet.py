@@ -512,14 +512,25 @@ def test_a_local_round_device_sends_nothing_and_writes_its_own_update(tiny_fleet
         np.testing.assert_array_equal(array.codes, want)
 
 
-def test_the_gate_sum_candidate_writes_own_update_and_broadcast_in_one_event(tiny_fleet, one_thread, monkeypatch):
+PERSONAL_CANDIDATES = {
+    # own + broadcast in one event; own + broadcast on the cells where the two steps agree in sign
+    "sum": lambda own, fleet: own + fleet,
+    "agree": lambda own, fleet: own + np.where(np.sign(fleet) == np.sign(own), fleet, 0),
+}
+
+
+@pytest.mark.parametrize("personal", sorted(PERSONAL_CANDIDATES))
+def test_a_personalised_candidate_writes_own_update_and_broadcast_in_one_event(
+    personal, tiny_fleet, one_thread, monkeypatch
+) -> None:
     import copy
 
     from edgetrain.fleet.device import FleetDevice, gate_choice
 
-    assert gate_choice(0.5, {"fleet": 0.5, "own": 0.5, "sum": 0.75}) == "sum"
-    assert gate_choice(0.5, {"fleet": 0.75, "own": 0.5, "sum": 0.75}) == "fleet"  # ties: the broadcast first
-    device = fleet_device(tiny_fleet, gate_samples=8, gate_sum=True, fleet_lr=4.0)
+    assert gate_choice(0.5, {"fleet": 0.5, "own": 0.5, personal: 0.75}) == personal
+    assert gate_choice(0.5, {"fleet": 0.75, "own": 0.5, personal: 0.75}) == "fleet"  # ties: the broadcast first
+    assert gate_choice(0.5, {"fleet": 0.5, "own": 0.75, personal: 0.75}) == "own"
+    device = fleet_device(tiny_fleet, gate_samples=8, fleet_lr=4.0, **{f"gate_{personal}": True})
     device.learn(8)
     device.report()
     update = broadcast_of(device, 1.0)
@@ -530,16 +541,21 @@ def test_the_gate_sum_candidate_writes_own_update_and_broadcast_in_one_event(tin
 
     def shadow(self, candidates):
         tried.update(candidates)
-        return 0.5, {"fleet": 0.5, "own": 0.5, "sum": 0.625}
+        return 0.5, {"fleet": 0.5, "own": 0.5, personal: 0.625}
 
     monkeypatch.setattr(FleetDevice, "shadow_accuracy", shadow)
     before = {name: array.codes.copy() for name, array in device.trainer.arrays.items()}
     written = device.apply(update)
-    assert set(tried) == {"fleet", "own", "sum"} and device.gate["choice"] == "sum" and written > 0
+    assert set(tried) == {"fleet", "own", personal} and device.gate["choice"] == personal
+    assert written == device.fleet_writes > 0 and device.own_writes == 0
+    steps = {name: PERSONAL_CANDIDATES[personal](own[name], fleet[name]) for name in own}
+    assert any(not np.array_equal(steps[name], own[name]) for name in own)  # the broadcast took part
     for layer in device.trainer.net.weight_layers:
         array = device.trainer.arrays[layer.name]
-        want = np.clip(before[layer.name] - own[layer.name] - fleet[layer.name], array.fmt.qmin, array.fmt.qmax)
-        np.testing.assert_array_equal(array.codes, want)
+        step = steps[layer.name]
+        if personal == "agree":  # the fleet only reinforces the own update: no cell outside its support
+            assert not step[own[layer.name] == 0].any()
+        np.testing.assert_array_equal(array.codes, np.clip(before[layer.name] - step, array.fmt.qmin, array.fmt.qmax))
 
 
 def test_a_fedavg_array_tracks_every_update_event_once() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -165,7 +166,7 @@ def update_record(round_index: int, metrics: dict[str, Any]) -> dict[str, Any]:
     wrote. Removes those per-round keys from ``metrics`` (NaN there means "none")."""
 
     def number(key: str) -> float | None:
-        value = float(metrics.pop(key))
+        value = float(metrics.pop(key, math.nan))
         return None if np.isnan(value) else value
 
     choice = int(metrics.pop("gate_choice"))
@@ -176,6 +177,7 @@ def update_record(round_index: int, metrics: dict[str, Any]) -> dict[str, Any]:
         "gate_fleet_accuracy": number("gate_fleet_accuracy"),
         "gate_own_accuracy": number("gate_own_accuracy"),
         "gate_sum_accuracy": number("gate_sum_accuracy"),
+        "gate_agree_accuracy": number("gate_agree_accuracy"),
         "gate_choice": None if choice < 0 else GATE_CHOICES[choice],
         "step_fro_lsb": number("update_step_fro_lsb"),  # of the broadcast as offered, all layers
         "step_max_lsb": number("update_step_max_lsb"),

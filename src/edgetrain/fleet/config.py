@@ -90,6 +90,7 @@ class FleetConfig:
     fleet_lr: float = 1.0  # eta: the federated low-rank broadcast is written as round(eta lr sqrt(R) L R^T / lsb)
     gate_samples: int = 32  # a broadcast is written only if it predicts the last N samples at least as well (0: off)
     gate_sum: bool = False  # federated low-rank: the gate also tries own update + broadcast (one event)
+    gate_agree: bool = False  # ... and own + broadcast on the cells where their steps agree in sign
     write_fraction: float = 1.0  # sparse fleet update events: at most ceil(f n m) cells per layer (1: off)
     bn_refresh: bool | None = None  # replay the gate's buffer for BN statistics (None: on with the gate)
     batch_fc: int = 100

@@ -22,7 +22,10 @@ with its current weights and with the weights each candidate update would give (
 nothing written). The candidates are the broadcast and, for federated low-rank, the device's own
 update: the factors it reported, kept in RAM until the broadcast arrives and max-normed like the
 server's merge, written with the same step (what the device would write alone, once per round);
-with ``gate_sum`` also their sum (the own update and the broadcast in one event). The device
+with ``gate_sum`` also their sum (the own update and the broadcast in one event), with
+``gate_agree`` the own update reinforced where the fleet agrees: own + fleet on the cells where the
+two steps have the same sign, own alone elsewhere (a personalised candidate that writes no cell the
+own update does not: the fleet only confirms the device's own direction). The device
 writes the candidate that gets the most of the N samples right (ties: the broadcast first) if it
 does at least as well as the current weights, else it writes nothing (the broadcast is declined).
 A device can do this because its stream is labelled (it learns from those labels). A device that
@@ -181,7 +184,7 @@ def load_device_net(source: str | Path) -> torch.nn.Module:
     return load_model(path)[0]
 
 
-GATE_CHOICES = ("keep", "fleet", "own", "sum")
+GATE_CHOICES = ("keep", "fleet", "own", "sum", "agree")
 
 
 def sparse_step(step: np.ndarray, x: np.ndarray, fraction: float) -> np.ndarray:
@@ -194,7 +197,7 @@ def sparse_step(step: np.ndarray, x: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def gate_choice(current: float, scores: dict[str, float]) -> str:
-    """The acceptance gate's decision: the candidate ("fleet", then "own", then "sum") with the
+    """The acceptance gate's decision: the candidate ("fleet", then "own", "sum", "agree") with the
     highest accuracy on the buffer if it is at least the current weights' (ties go to the fleet),
     else "keep"."""
     best = max(scores.values())
@@ -381,9 +384,15 @@ class FleetDevice:
         own = self.own_steps()
         if own is not None:
             candidates["own"] = own
-            if self.config.gate_sum and "fleet" in candidates:  # personalised: own update and broadcast, one event
-                summed = {name: own[name] + candidates["fleet"][name] for name in own}
+            fleet = candidates.get("fleet")
+            if self.config.gate_sum and fleet is not None:  # personalised: own update and broadcast, one event
+                summed = {name: own[name] + fleet[name] for name in own}
                 candidates["sum"] = {name: sparse_step(s, s, self.config.write_fraction) for name, s in summed.items()}
+            if self.config.gate_agree and fleet is not None:  # personalised: the fleet where it agrees with own
+                candidates["agree"] = {
+                    name: own[name] + np.where(np.sign(fleet[name]) == np.sign(own[name]), fleet[name], 0)
+                    for name in own
+                }
         kept = 8 * sum(int(value.nbytes) for value in update.values())
         kept += sum(16 * (left.size + right.size) for left, right in self.own.values())
         self.own = {}
@@ -395,7 +404,7 @@ class FleetDevice:
             choice = gate_choice(current, scores)
             self.gate = {"current": current, **scores, "choice": choice}
             self.gate_bits = max(self.gate_bits, kept)
-        if choice not in ("fleet", "sum"):
+        if choice in ("keep", "own"):
             self.sent = {}  # a FedAvg device keeps its own delta D, already written
             if choice == "keep":
                 self.declined += 1
@@ -456,7 +465,7 @@ class FleetDevice:
             "fleet_updates_own": int(self.own_writes),
             **{
                 f"gate_{key}_accuracy": float("nan") if self.gate is None else float(self.gate.get(key, "nan"))
-                for key in ("current", "fleet", "own", "sum")
+                for key in ("current", *GATE_CHOICES[1:])
             },
             "gate_choice": -1 if self.gate is None else GATE_CHOICES.index(self.gate["choice"]),
             "update_step_fro_lsb": self.step_size[0],
