@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from numba import njit
 
 from edgetrain.adapt.device import DeviceBatchNorm, DeviceLayer, DeviceNet
-from edgetrain.adapt.qnet import QuantChain, input_gradient, layer_gradient
+from edgetrain.adapt.qnet import QuantChain, grid_round, input_gradient, layer_gradient
 
 STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxpool", "avgpool", "add", "reshape"})
 
@@ -107,24 +107,13 @@ def max_pool_backward(grad: torch.Tensor, v: torch.Tensor, index: torch.Tensor, 
     return torch.from_numpy(out).view(v.shape)
 
 
-@njit(cache=True)
-def _grid_round(x, lsb, lo, hi, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-    """out = clip(round(x / lsb), lo, hi) lsb in float64 (lsb a power of 2: x / lsb = x (1 / lsb))."""
-    inverse = 1.0 / lsb
-    for k in range(x.shape[0]):
-        out[k] = min(max(np.rint(np.float64(x[k]) * inverse), lo), hi) * lsb
-
-
 def quantize_grad64(stage: Any, grad: torch.Tensor) -> torch.Tensor:
     """``stage.quantize_grad(grad.double())`` (the gradient onto the 8-bit grid in online mode, LRT v1
     App. C) in one pass."""
     if not stage.quantize_grads:
         return grad.double()
     grid = stage.formats.grad
-    flat = grad.contiguous().numpy().reshape(-1)
-    out = np.empty(flat.shape, np.float64)
-    _grid_round(flat, grid.lsb, float(grid.fmt.qmin), float(grid.fmt.qmax), out)
-    return torch.from_numpy(out).view(grad.shape)
+    return grid_round(grad, grid.lsb, grid.fmt.qmin, grid.fmt.qmax, torch.float64)
 
 
 class DeviceStep:
