@@ -62,6 +62,22 @@ class Grid:
             return _STEQuantize.apply(x, self)
         return grid_round(x, self.lsb, self.fmt.qmin, self.fmt.qmax)
 
+    @torch.no_grad()
+    def descend_(self, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """``param <- q(param - q(lr grad))`` in place (the 16-bit bias / BN step, LRT v1 section 4.5):
+        one numba pass in the parameter's own dtype for a contiguous float32/float64 CPU parameter,
+        the same operations as ``param.copy_(self.quantize(param - self.quantize(lr * grad)))``."""
+        values = param.detach()
+        if values.dtype not in _NUMPY_FLOAT or grad.dtype != values.dtype or not values.is_contiguous():
+            values.copy_(self.quantize(values - self.quantize(lr * grad)))
+            return
+        kind = _NUMPY_FLOAT[values.dtype]
+        _descend(
+            values.numpy().reshape(-1),
+            grad.detach().contiguous().numpy().reshape(-1),
+            *(kind(v) for v in (lr, self.lsb, 1.0 / self.lsb, self.fmt.qmin, self.fmt.qmax)),
+        )
+
     def codes(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """Integer codes clip(round(x / lsb), n, p) as int64 (no gradient)."""
         values = np.rint(np.asarray(x, dtype=np.float64) / self.lsb)
@@ -79,6 +95,23 @@ def _grid_round(x, lsb, lo, hi, out):  # type: ignore[no-untyped-def]  # noqa: A
     for k in range(x.shape[0]):
         v = np.float64(x[k])
         out[k] = v if np.isnan(v) else min(max(np.rint(v * inverse), lo), hi) * lsb
+
+
+@njit(cache=True)
+def _on_grid(v, lsb, inverse, lo, hi):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    return v if np.isnan(v) else min(max(np.rint(v * inverse), lo), hi) * lsb
+
+
+@njit(cache=True)
+def _descend(param, grad, lr, lsb, inverse, lo, hi):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """param <- q(param - q(lr grad)) element-wise in the arrays' dtype (every argument of that dtype,
+    as torch computes a float32 tensor times a Python float in float32)."""
+    for k in range(param.shape[0]):
+        step = _on_grid(lr * grad[k], lsb, inverse, lo, hi)
+        param[k] = _on_grid(param[k] - step, lsb, inverse, lo, hi)
+
+
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def grid_round(x: torch.Tensor, lsb: float, lo: int, hi: int, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -292,7 +292,7 @@ class UpdateRule:
             grad = param.grad
             if self.max_norm:
                 grad = torch.as_tensor(self.param_norms[key](grad.numpy()), dtype=grad.dtype)
-            param.copy_(grid.quantize(param - grid.quantize(self.param_lr * grad)))
+            grid.descend_(param, grad, self.param_lr)  # p <- q(p - q(lr_p g)) in place
 
     def update(self, step: int) -> None:
         """Apply the rule after the backward pass of sample ``step`` (0-based)."""
