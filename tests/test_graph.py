@@ -381,7 +381,7 @@ def step_outputs(qmodel: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list
 
 
 def test_training_skips_the_accumulator_quantizer_only_where_it_changes_nothing(monkeypatch) -> None:
-    """BN frozen: skipping q_acc where accumulator_unchanged() proves it the identity gives bit-identical
+    """BN frozen: skipping q_acc where unchanged_accumulator_range() proves it the identity gives bit-identical
     outputs and gradients (thresholds included); a coarser accumulator step or a clipped value is not skipped."""
     x = calib(16)
     qmodel = quantize(with_stats(conv_bn_net(), x), x[:1], x, QuantConfig(), mode="retrain").train()
@@ -391,28 +391,29 @@ def test_training_skips_the_accumulator_quantizer_only_where_it_changes_nothing(
     layers = [m for m in qmodel.modules() if isinstance(m, QCompute)]
     assert all(len(m.input_grid) == 1 for m in layers)
     decided: list[bool] = []
-    proof = QCompute.accumulator_unchanged
+    proof = QCompute.unchanged_accumulator_range
 
-    def recorded(self: QCompute, acc: torch.Tensor, quantized_weight: torch.Tensor) -> bool:
-        decided.append(proof(self, acc, quantized_weight))
-        return decided[-1]
+    def recorded(self: QCompute, acc: torch.Tensor, quantized_weight: torch.Tensor) -> tuple[float, float] | None:
+        found = proof(self, acc, quantized_weight)
+        decided.append(found is not None)
+        return found
 
-    monkeypatch.setattr(QCompute, "accumulator_unchanged", recorded)
+    monkeypatch.setattr(QCompute, "unchanged_accumulator_range", recorded)
     skipped = step_outputs(qmodel, x)
-    monkeypatch.setattr(QCompute, "accumulator_unchanged", lambda *_: False)
+    monkeypatch.setattr(QCompute, "unchanged_accumulator_range", lambda *_: None)
     reference = step_outputs(qmodel, x)
     assert any(decided)
     assert torch.equal(skipped[0], reference[0])
     for a, b in zip(skipped[1], reference[1], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
-    monkeypatch.setattr(QCompute, "accumulator_unchanged", proof)
+    monkeypatch.setattr(QCompute, "unchanged_accumulator_range", proof)
     layer, acc_q = layers[0], layers[0].acc_q
     quantized_weight = layer.weight_q(layer.folded()[0]).detach()
     product_exponent = layer.weight_q.exponent + layer.input_grid[0].exponent
     acc = torch.zeros(2, quantized_weight.shape[0], 3, 3)
     acc_q.set_log2_t(product_exponent + acc_q.format.mantissa_bits)  # step 2^k_acc = the product grid's
-    assert layer.accumulator_unchanged(acc, quantized_weight)
+    assert layer.unchanged_accumulator_range(acc, quantized_weight) == (0.0, 0.0)
     acc[0, 0, 0, 0] = (acc_q.format.qmax + 1) * acc_q.scale  # a value q_acc clips
-    assert not layer.accumulator_unchanged(acc, quantized_weight)
+    assert layer.unchanged_accumulator_range(acc, quantized_weight) is None
     acc_q.set_log2_t(product_exponent + 1 + acc_q.format.mantissa_bits)  # a coarser step: q_acc rounds
-    assert not layer.accumulator_unchanged(torch.zeros_like(acc), quantized_weight)
+    assert layer.unchanged_accumulator_range(torch.zeros_like(acc), quantized_weight) is None

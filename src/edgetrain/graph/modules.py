@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.fixedpoint import RELU6_CEILING
+from edgetrain.graph.fused import FusedLeakyReLU
 from edgetrain.tqt import TQTQuantizer
+from edgetrain.tqt.quantizer import fast_grid, has_fast_path, quantized_unchanged
 
 ACTIVATIONS = ("none", "relu", "relu6")
+EXACT_FLOAT32_SUM = 1 << 24  # float32 adds integers of magnitude below 2^24 exactly
 
 
 def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -133,8 +136,9 @@ class QCompute(QuantModule):
     conv (un-Bessel-corrected variance); gradients flow through mean_B and var_B by autograd; the
     moving statistics are updated as BatchNorm does. ``kind="scale"`` is a batch norm with no
     conv/linear before it: w = 1 per channel, i.e. a 1x1 depthwise conv holding gamma/sigma.
-    Training speed: the batch statistics come from :class:`BatchMoments` (equal up to float rounding), and
-    with c = 1 ``q_acc`` is skipped where :meth:`accumulator_unchanged` proves it the identity (bit for bit).
+    Training speed: the batch statistics come from :class:`BatchMoments` (equal up to float rounding); with
+    c = 1 ``q_acc`` is skipped where :meth:`unchanged_accumulator_range` proves it the identity, and with no
+    activation ``q_out`` where :meth:`output_unchanged` does (both bit for bit).
     """
 
     roles = {"weight_q": "weight", "acc_q": "accumulator", "bias_q": "bias", "out_q": "activation"}
@@ -219,37 +223,79 @@ class QCompute(QuantModule):
         bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         bn.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
 
-    def accumulator_unchanged(self, acc: torch.Tensor, quantized_weight: torch.Tensor) -> bool:
-        """Whether q_acc(acc) == acc exactly, so that training may skip the accumulator quantizer (same
-        values; its threshold gradient s ln2 (round(acc/s) - acc/s) is 0 on every element):
+    def unchanged_accumulator_range(
+        self, acc: torch.Tensor, quantized_weight: torch.Tensor
+    ) -> tuple[float, float] | None:
+        """(min, max) of ``acc`` where q_acc(acc) == acc exactly, else None; training then skips the
+        accumulator quantizer (same values; its threshold gradient s ln2 (round(acc/s) - acc/s) is 0 on
+        every element). q_acc is the identity when
 
         - every product w x lies on the grid 2^(k_w + k_x), a multiple of the step 2^k_acc (k_w + k_x >= k_acc;
           k_x from ``input_grid``, the quantizer whose grid the input is on);
-        - the float32 sums are exact: per output channel sum |w| max|x| < 2^24 product steps;
+        - the float32 sums are exact: per output channel sum |w| max|x| < 2^24 product steps (shown from the
+          fan-in alone when fan-in x max|w code| x max|x code| < 2^24, else from the weights);
         - no accumulator value lies outside [n s, p s] (one min/max pass over acc).
         """
         if not self.input_grid or not (self.acc_q.enabled and self.weight_q.enabled and self.input_grid[0].enabled):
-            return False
-        input_q, acc_q = self.input_grid[0], self.acc_q
-        product_exponent = self.weight_q.exponent + input_q.exponent
-        if product_exponent < acc_q.exponent:
-            return False
+            return None
+        input_q, acc_q, weight_q = self.input_grid[0], self.acc_q, self.weight_q
+        weight_exponent, acc_exponent = weight_q.exponent, acc_q.exponent
+        if weight_exponent + input_q.exponent < acc_exponent:
+            return None
         input_codes = max(-input_q.format.qmin, input_q.format.qmax)
-        code_sums = quantized_weight.detach().abs().reshape(quantized_weight.shape[0], -1).sum(1).max() * input_codes
-        if float(code_sums) >= math.ldexp(1.0, 24 + self.weight_q.exponent):  # quantized_weight = codes 2^k_w
+        weight_codes = max(-weight_q.format.qmin, weight_q.format.qmax)
+        if quantized_weight[0].numel() * weight_codes * input_codes >= EXACT_FLOAT32_SUM:
+            code_sums = quantized_weight.detach().abs().reshape(quantized_weight.shape[0], -1).sum(1).max()
+            if float(code_sums) * input_codes >= math.ldexp(EXACT_FLOAT32_SUM, weight_exponent):  # w = codes 2^k_w
+                return None
+        low, high = (float(v) for v in torch.aminmax(acc.detach()))
+        step = math.ldexp(1.0, acc_exponent)
+        return (low, high) if acc_q.format.qmin * step <= low and high <= acc_q.format.qmax * step else None
+
+    def output_unchanged(self, y: torch.Tensor, bound: tuple[float, float] | None = None) -> bool:
+        """Whether q_out(y) == y exactly in training (an int16 output before a LeakyReLU, say), so that it
+        may be skipped (same values; dq/dy = 1 and the threshold gradient is 0 on every element):
+
+        - y = acc + q_bias(b') lies on the accumulator grid 2^k_acc: acc is q_acc's output or proven
+          unchanged by it, q_bias shares q_acc's threshold, and the float32 sum of two int16 multiples of
+          the step is exact; that grid is a multiple of q_out's step (k_acc >= k_out);
+        - no y lies outside [n s, p s] of q_out: shown by ``bound`` (a known (min, max) bound of y) where it
+          suffices, else by one min/max pass over y.
+        """
+        quantizers = (self.acc_q, self.bias_q, self.out_q)
+        if y.dtype != torch.float32 or not all(q.enabled for q in quantizers):
             return False
-        low, high = torch.aminmax(acc.detach())
-        return acc_q.format.qmin * acc_q.scale <= float(low) and float(high) <= acc_q.format.qmax * acc_q.scale
+        acc_exponent, out_q = self.acc_q.exponent, self.out_q
+        if self.bias_q.exponent != acc_exponent or out_q.exponent > acc_exponent:
+            return False
+        low_limit, high_limit = out_q.format.qmin * out_q.scale, out_q.format.qmax * out_q.scale
+        if bound is not None and low_limit <= bound[0] and bound[1] <= high_limit:
+            return True
+        low, high = torch.aminmax(y.detach())
+        return low_limit <= float(low) and float(high) <= high_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, correction = self.folded(x)
         quantized_weight = self.weight_q(weight)
         acc = self.raw(self.exact(x), self.exact(quantized_weight))
+        acc_range = None
         if correction is not None:
             acc = self.acc_q(acc * correction)
-        elif not (self.training and self.accumulator_unchanged(acc, quantized_weight)):
+        elif self.training:
+            acc_range = self.unchanged_accumulator_range(acc, quantized_weight)
+            if acc_range is None:
+                acc = self.acc_q(acc)
+        else:
             acc = self.acc_q(acc)
-        y = acc.to(x.dtype) + channel_view(self.bias_q(bias), x.dim())
+        quantized_bias = self.bias_q(bias)
+        y = acc.to(x.dtype) + channel_view(quantized_bias, x.dim())
+        if self.training and self.activation == "none":
+            bound = None
+            if acc_range is not None:  # y = acc + b: min/max of acc plus those of the (small) bias
+                bias_low, bias_high = (float(v) for v in torch.aminmax(quantized_bias.detach()))
+                bound = (acc_range[0] + bias_low, acc_range[1] + bias_high)
+            if self.output_unchanged(y, bound):
+                return quantized_unchanged(y, self.out_q)
         return quantize_activation(self.out_q, y, self.activation)
 
     def extra_repr(self) -> str:
@@ -323,7 +369,29 @@ class QLeakyReLU(QuantModule):
         self.prod_q = prod_q
         self.out_q = out_q
 
+    fused_training = True  # training runs FusedLeakyReLU where it applies (same values and gradients)
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Training on float32 with both quantizers on the fast path and alpha's threshold frozen."""
+        quantizers = (self.alpha_q, self.prod_q, self.out_q)
+        return (
+            self.fused_training
+            and self.training
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+            and x.device.type == "cpu"
+            and all(q.enabled for q in quantizers)
+            and self.alpha_q.frozen
+            and has_fast_path(self.prod_q)
+            and has_fast_path(self.out_q)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fusable(x):
+            alpha_q = float(self.alpha_q(self.alpha))
+            prod_grid = fast_grid(self.prod_q.format, self.prod_q.exponent)
+            out_grid = fast_grid(self.out_q.format, self.out_q.exponent)
+            return FusedLeakyReLU.apply(x, self.prod_q.log2_t, self.out_q.log2_t, alpha_q, prod_grid, out_grid)
         xe = self.exact(x)
         product = self.prod_q(xe * self.alpha_q(self.alpha).to(xe.dtype)).to(x.dtype)
         return self.out_q(TieSplitMaximum.apply(x, product))

@@ -29,7 +29,9 @@ runs the autograd Function below, the reference these formulas are tested agains
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,6 +82,37 @@ MAGIC_EXPONENT = 23  # float32 mantissa bits: c = 1.5 * 2^23 * s has ulp(c) = s
 MIN_FAST_EXPONENT, MAX_FAST_EXPONENT = -100, 100  # s, c and the clip bounds are normal float32 numbers
 
 
+class FastGrid(NamedTuple):
+    """The float32 constants of the fused quantizer on the grid s = 2^k: clamp bounds [low, high], the
+    rounding constant magic = 1.5 2^23 s, and the open interval (grad_low, grad_high) where dq/dx = 1."""
+
+    low: float
+    high: float
+    magic: float
+    grad_low: float
+    grad_high: float
+
+
+@functools.lru_cache(maxsize=1024)
+def fast_grid(fmt: FixedPointFormat, exponent: int, relu: bool = False) -> FastGrid:
+    """:class:`FastGrid` of ``fmt`` at exponent k (module docstring; ``relu``: q(relu(x))); cached (the
+    float32 ``nextafter`` costs ~80 us, more than the quantization of a small tensor)."""
+    scale = math.ldexp(1.0, exponent)
+    lower = 0.0 if relu else float(np.nextafter(np.float32((fmt.qmin - 0.5) * scale), np.float32(-np.inf)))
+    return FastGrid(
+        0.0 if relu else fmt.qmin * scale,
+        fmt.qmax * scale,
+        math.ldexp(1.5, exponent + MAGIC_EXPONENT),
+        lower,
+        (fmt.qmax + 0.5) * scale,
+    )
+
+
+def has_fast_path(quantizer: TQTQuantizer) -> bool:
+    """Whether training runs ``quantizer`` on the fused float32 path (half-even rounding, exponent in range)."""
+    return quantizer.rounding is Rounding.HALF_EVEN and MIN_FAST_EXPONENT <= quantizer.exponent <= MAX_FAST_EXPONENT
+
+
 class _FastTQTQuantizeFunction(torch.autograd.Function):
     """float32 round-half-even q(x) (or q(relu(x))) with the TQT gradients (module docstring)."""
 
@@ -92,14 +125,11 @@ class _FastTQTQuantizeFunction(torch.autograd.Function):
         exponent: int,
         relu: bool,
     ) -> torch.Tensor:
-        scale = math.ldexp(1.0, exponent)
-        magic = math.ldexp(1.5, exponent + MAGIC_EXPONENT)
-        quantized = x.clamp(0.0 if relu else fmt.qmin * scale, fmt.qmax * scale)
-        quantized.add_(magic).sub_(magic)
+        grid = fast_grid(fmt, exponent, relu)
+        quantized = x.clamp(grid.low, grid.high)
+        quantized.add_(grid.magic).sub_(grid.magic)
         ctx.save_for_backward(x, quantized)
-        # dq/dx = 1 on lower < x < upper (open bounds, as hardtanh_backward takes them)
-        ctx.lower = 0.0 if relu else float(np.nextafter(np.float32((fmt.qmin - 0.5) * scale), np.float32(-np.inf)))
-        ctx.upper = (fmt.qmax + 0.5) * scale
+        ctx.lower, ctx.upper = grid.grad_low, grid.grad_high
         return quantized
 
     @staticmethod
@@ -114,6 +144,27 @@ class _FastTQTQuantizeFunction(torch.autograd.Function):
             dot_q = torch.dot(grad_flat, quantized.reshape(-1))
             grad_log2_t = (dot_q - torch.dot(grad_x.reshape(-1), x.reshape(-1))).mul(LN2).reshape(())
         return grad_x if ctx.needs_input_grad[0] else None, grad_log2_t, None, None, None
+
+
+class _UnchangedFunction(torch.autograd.Function):
+    """q(x) where q is proven the identity on x: x on q's grid, nothing clipped. Then dq/dx = 1 and the
+    threshold gradient ln2 (sum g q - sum g x) is exactly 0, which is what this returns (no pass over x)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, log2_t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return grad_out, grad_out.new_zeros(()) if ctx.needs_input_grad[1] else None
+
+
+def quantized_unchanged(x: torch.Tensor, quantizer: TQTQuantizer) -> torch.Tensor:
+    """``quantizer(x)`` for an ``x`` the caller has proven on the quantizer's grid and inside its range:
+    the same values and gradients (the threshold's gradient is 0) without the passes over ``x``."""
+    return _UnchangedFunction.apply(x, quantizer.log2_t)
 
 
 def _fake_quantize(

@@ -1,0 +1,136 @@
+"""QAT speed paths that must change nothing: the fused LeakyReLU kernel and the skipped identity output
+quantizer give the same outputs and gradients bit for bit (float32 bit patterns, thresholds included) as
+the unfused modules, on single modules with rounding ties and clipping and on whole zoo nets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from edgetrain.graph import QuantConfig, quantize
+from edgetrain.graph.modules import QCompute, QLeakyReLU
+from edgetrain.models import create_model
+from edgetrain.tqt import TQTQuantizer
+
+
+def bit_patterns(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.int32)
+
+
+def assert_bit_identical(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> None:
+    assert len(a) == len(b)
+    for u, v in zip(a, b, strict=True):
+        assert (u is None) == (v is None)
+        if u is not None:
+            assert torch.equal(bit_patterns(u), bit_patterns(v))
+
+
+def leaky_step(module: QLeakyReLU, x: torch.Tensor, grad: torch.Tensor, fused: bool) -> list[torch.Tensor | None]:
+    module.fused_training = fused
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    out.backward(grad)
+    return [out, x.grad, module.prod_q.log2_t.grad, module.out_q.log2_t.grad]
+
+
+@pytest.mark.parametrize("slope", [0.1, 0.01, 0.5, 1.0, 0.0])
+def test_fused_leaky_relu_is_bit_identical_to_the_unfused_modules(slope: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        prod_log2_t = float(torch.rand(1, generator=generator)) * 6 - 3
+        out_log2_t = prod_log2_t + float(torch.rand(1, generator=generator)) * 4 - 3
+        module = QLeakyReLU(
+            slope,
+            TQTQuantizer(16, log2_t=-3.3).freeze(),
+            TQTQuantizer(16, log2_t=prod_log2_t),
+            TQTQuantizer(8, log2_t=out_log2_t),
+        ).train()
+        if trial % 4 == 3:
+            module.out_q.freeze()
+        step = module.prod_q.scale
+        x = torch.randn(4, 3, 5, 7, generator=generator) * 2**prod_log2_t
+        if trial % 2:  # on the int16 grid, as a conv's output quantizer leaves it
+            x = torch.round(x / step) * step
+        x.view(-1)[:20] = (torch.arange(20) - 10) * step * 0.5  # rounding ties
+        x.view(-1)[20:24] = torch.tensor([0.0, -0.0, 1e4, -1e4])  # zeros and clipped values
+        grad = torch.randn(x.shape, generator=generator)
+        assert module.fusable(x)
+        assert_bit_identical(leaky_step(module, x, grad, True), leaky_step(module, x, grad, False))
+
+
+def qat_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor | None]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    nn.functional.cross_entropy(out, labels).backward()
+    return [out, *(p.grad for p in model.parameters())]
+
+
+def speed_paths_vs_unfused(monkeypatch, qmodel: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+    """One QAT step with the speed paths and one with every quantizer unfused, from the same state (the
+    BN-statistics phase moves the running statistics): asserts them bit-identical; returns which output
+    quantizers were skipped."""
+    state = copy.deepcopy(qmodel.state_dict())
+    skipped_outputs: list[bool] = []
+    output_proof = QCompute.output_unchanged
+
+    def recorded(self: QCompute, y: torch.Tensor, bound: tuple[float, float] | None = None) -> bool:
+        skipped_outputs.append(output_proof(self, y, bound))
+        return skipped_outputs[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(QCompute, "output_unchanged", recorded)
+        fast = qat_step(qmodel, x, labels)
+    qmodel.load_state_dict(state)
+    with monkeypatch.context() as patch:
+        patch.setattr(QLeakyReLU, "fused_training", False)
+        patch.setattr(QCompute, "unchanged_accumulator_range", lambda *_: None)
+        patch.setattr(QCompute, "output_unchanged", lambda *_: False)
+        reference = qat_step(qmodel, x, labels)
+    qmodel.load_state_dict(state)
+    assert_bit_identical(fast, reference)
+    return skipped_outputs
+
+
+@pytest.mark.parametrize("name", ["darknet-tiny", "resnet-tiny"])
+def test_qat_step_speed_paths_are_bit_identical_on_zoo_nets(monkeypatch, name: str) -> None:
+    """Fused LeakyReLU + skipped identity q_acc / q_out vs every quantizer run unfused: same outputs and
+    gradients bit for bit, in both phases of the recipe (BN statistics, then BN frozen)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (8,), generator=generator)
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    with torch.no_grad():
+        model(x)  # non-trivial moving statistics
+    qmodel = quantize(model.eval(), x[:1], x, QuantConfig(activation_calibration="max"), mode="retrain")
+    speed_paths_vs_unfused(monkeypatch, qmodel, x, labels)
+    for module in qmodel.modules():
+        if hasattr(module, "freeze_bn"):
+            module.freeze_bn()
+    skipped_outputs = speed_paths_vs_unfused(monkeypatch, qmodel, x, labels)
+    if name == "darknet-tiny":  # its convs feed LeakyReLUs through an int16 output quantizer
+        assert any(skipped_outputs)
+
+
+def test_output_quantizer_is_skipped_only_where_it_is_the_identity() -> None:
+    layer = next(
+        m
+        for m in quantize(nn.Sequential(nn.Conv2d(1, 2, 3)), torch.rand(1, 1, 6, 6), torch.rand(4, 1, 6, 6)).modules()
+        if isinstance(m, QCompute)
+    ).train()
+    acc_q, out_q = layer.acc_q, layer.out_q
+    out_q.format = acc_q.format  # an int16 output, as before a LeakyReLU
+    out_q.set_log2_t(float(acc_q.log2_t))
+    y = torch.arange(-5.0, 5.0).reshape(1, 2, 5, 1) * acc_q.scale
+    assert layer.output_unchanged(y)
+    assert layer.output_unchanged(y, bound=(-5 * acc_q.scale, 4 * acc_q.scale))
+    out_q.set_log2_t(float(acc_q.log2_t) + 1)  # a coarser output step: q_out rounds
+    assert not layer.output_unchanged(y)
+    out_q.set_log2_t(float(acc_q.log2_t) - 14)  # a finer step and a range of +-2 accumulator steps: q_out clips
+    assert not layer.output_unchanged(y)
+    assert not layer.output_unchanged(y, bound=(-5 * acc_q.scale, 4 * acc_q.scale))
