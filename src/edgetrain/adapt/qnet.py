@@ -112,6 +112,7 @@ def _descend(param, grad, lr, lsb, inverse, lo, hi):  # type: ignore[no-untyped-
 
 
 _NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+_TORCH_FLOAT = {np.float32: torch.float32, np.float64: torch.float64}
 
 
 def grid_round(x: torch.Tensor, lsb: float, lo: int, hi: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -534,11 +535,22 @@ class QuantChain:
         dtype = flat.dtype.type
         flat = flat.reshape(z.shape[0], z.shape[1], -1)
         steps, inverses, limits, modes, relu, half = self.params(dtype)
-        out = np.empty(flat.shape, dtype=out_dtype or dtype)
-        masks = np.empty((len(self.stages), *flat.shape), dtype=np.bool_)
+        out = torch.empty(z.shape, dtype=_TORCH_FLOAT[out_dtype or dtype])  # torch-owned: no from_numpy per call
+        masks = torch.empty((len(self.stages), *z.shape), dtype=torch.bool)
         b = np.ascontiguousarray(bias.detach().numpy(), dtype=dtype)
-        _requantize_chain(flat, b, steps, inverses, limits, modes, relu, half[()], out, masks)
-        return torch.from_numpy(out).view(z.shape), tuple(torch.from_numpy(m).view(z.shape) for m in masks)
+        _requantize_chain(
+            flat,
+            b,
+            steps,
+            inverses,
+            limits,
+            modes,
+            relu,
+            half[()],
+            out.numpy().reshape(flat.shape),
+            masks.numpy().reshape(len(self.stages), *flat.shape),
+        )
+        return out, tuple(masks.unbind(0))
 
 
 @njit(cache=True)
@@ -577,7 +589,8 @@ def layer_gradient(
     non-zero). g_b is what the bias gradient sums."""
     values = np.ascontiguousarray(grad.detach().numpy()).reshape(-1)
     flat = [m.detach().numpy().reshape(-1) if m is not None else None for m in (pre, mid, post)]
-    out = [np.empty_like(values) for _ in range(3)]
+    tensors = torch.empty((3, *grad.shape), dtype=_TORCH_FLOAT[values.dtype.type])  # bias_g, g, dz
+    out = tensors.numpy().reshape(3, -1)
     fmt = grid.fmt if grid is not None else None
     nonzero = _layer_gradient(
         values,
@@ -593,7 +606,7 @@ def layer_gradient(
         float(wmult),
         *out,
     )
-    bias_g, g, dz = (torch.from_numpy(a).view(grad.shape) for a in out)
+    bias_g, g, dz = tensors.unbind(0)
     return bias_g, g, dz, bool(nonzero)
 
 
