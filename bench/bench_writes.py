@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_writes.py --mechanism --samples 1000 --points lowrank,sgd-sr  # every event
     .venv/bin/python bench/bench_writes.py --collect                           # JSON, table, plots from the logs
     .venv/bin/python bench/bench_writes.py --samples 2000 --points lowrank-gov-f5-ef   # an exploration screen
+    .venv/bin/python bench/bench_writes.py --scale paper --drifts analog-drift --points sgd-sr  # 100k, resumable
 
 The LRT paper's CNN at bench_lrt's quick scale (narrow net pretrained quantized-in-the-loop on elastic
 MNIST), predict-then-learn on the analog-drift and digital-drift streams; digital drift at the
@@ -16,7 +17,10 @@ spread over the seeds run), the frontier plots to ``docs/img/writes_<drift>.png`
 records what every update event writes (cells changed, |dW_q| and |x| in LSBs; :func:`mechanism`).
 Runs of another length than the quick scale's 4000 samples are exploration screens: their logs go to
 ``seed<k>-n<samples>/``, their summary to ``writes-n<samples>.json`` only, shown below the quick-scale
-table in ``writes.md``.
+table in ``writes.md``. ``--scale paper``: the paper's full-width net (bench_lrt's paper scale, pretrained
+on first use) on 100k-sample streams, checkpointed every ``PAPER_CHECKPOINT`` samples and resumed from
+the checkpoint when restarted (logs under ``runs/writes-bench/paper/``); its summary goes to
+``writes-paper.json``, runs stopped early included with the sample count they reached.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_lrt import SCALES, pretrained  # noqa: E402
 
 from edgetrain.adapt import OnlineTrainer, make_rule  # noqa: E402
+from edgetrain.adapt.pretrain import load_for_adaptation  # noqa: E402
 from edgetrain.adapt.scenarios import make_scenario  # noqa: E402
 from edgetrain.atomic import write_json_atomic  # noqa: E402
 from edgetrain.report.adaptation import pareto_front, plot_frontier  # noqa: E402
@@ -51,10 +56,23 @@ RESULTS = ROOT / "bench" / "results"
 RUNS = ROOT / "runs" / "writes-bench"
 IMAGES = ROOT / "docs" / "img"
 MECHANISMS = RUNS / "mechanism"  # one JSON per point: every update event of a recorded run
+# --layer-drift: inference-only runs with the drift on these layers alone (which layers' damage costs accuracy)
+DRIFTED_LAYERS = {
+    "none": (),
+    "all": ("conv1", "conv2", "conv3", "conv4", "fc1", "fc2"),
+    "conv1": ("conv1",),
+    "conv2-4": ("conv2", "conv3", "conv4"),
+    "fc1": ("fc1",),
+    "fc2": ("fc2",),
+}
 CONFIRMING_SEEDS = 3  # the target counts as met only on the mean of this many seeds
 QUICK_SAMPLES = 4000  # the quick scale of the frontier table; other lengths are exploration runs
+PAPER_SAMPLES = 100_000  # the paper scale (the LRT paper's Fig. 1 streams)
 DRIFTS = {"analog-drift": {}, "digital-drift": {"flip_draw": "binomial2"}}
-GOVERNOR = {"endurance": 1e6, "lifetime_samples": 1e8}  # budget 0.01 writes per cell and sample: 40 at 4000
+# budget floor(E t / T) = 0.01 writes per cell after t samples: 40 at 4000, 1000 at the paper's 100k
+GOVERNOR = {"endurance": 1e6, "lifetime_samples": 1e8}
+PAPER_CHECKPOINT = 5000  # samples between checkpoints (and partial logs) of a paper-scale run
+PAPER_ACCURACY = {"analog-drift": 0.722, "digital-drift": 0.850}  # the LRT paper's Fig. 1 at 100k samples
 # point name -> (rule, options); the knobs of issue 11 beside the fair baselines
 POINTS: dict[str, tuple[str, dict[str, Any]]] = {
     "inference": ("inference", {}),
@@ -100,14 +118,50 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lowrank-gov-f7-lr0.02-blr0.01": ("lowrank", {**GOVERNOR, "write_fraction": 0.07, "lr": 0.02, "bias_lr": 0.01}),
     "lowrank-gov-f7-lr0.02-blr0.005": ("lowrank", {**GOVERNOR, "write_fraction": 0.07, "lr": 0.02, "bias_lr": 0.005}),
     "lowrank-gov-f7-blr0.02": ("lowrank", {**GOVERNOR, "write_fraction": 0.07, "bias_lr": 0.02}),
+    # digital-drift screens (session 18): step size, bias/BN rate, FC period, rank around f5-lr0.02-blr0.01
+    "lowrank-gov-f5-lr0.03-blr0.01": ("lowrank", {**GOVERNOR, "write_fraction": 0.05, "lr": 0.03, "bias_lr": 0.01}),
+    "lowrank-gov-f5-lr0.02-blr0.02": ("lowrank", {**GOVERNOR, "write_fraction": 0.05, "lr": 0.02, "bias_lr": 0.02}),
+    "lowrank-gov-f5-lr0.02-blr0.01-Bfc50": (
+        "lowrank",
+        {**GOVERNOR, "write_fraction": 0.05, "lr": 0.02, "bias_lr": 0.01, "batch_fc": 50},
+    ),
+    "lowrank-gov-f5-lr0.02-blr0.01-r8": (
+        "lowrank",
+        {**GOVERNOR, "write_fraction": 0.05, "lr": 0.02, "bias_lr": 0.01, "rank": 8},
+    ),
+    # FC layers get more of the write budget: SR-SGD writes ~12 per fc1 cell in 4000 samples, f5 ~2
+    "lowrank-gov-f5-ffc10-lr0.02-blr0.01": (
+        "lowrank",
+        {**GOVERNOR, "write_fraction": 0.05, "write_fraction_fc": 0.1, "lr": 0.02, "bias_lr": 0.01},
+    ),
+    "lowrank-gov-f3-ffc10-lr0.02-blr0.01": (
+        "lowrank",
+        {**GOVERNOR, "write_fraction": 0.03, "write_fraction_fc": 0.1, "lr": 0.02, "bias_lr": 0.01},
+    ),
+    # conv-side knobs: under digital drift conv2-4 hold most of the damage (--layer-drift, BENCHMARKS.md)
+    "lowrank-gov-f5-lr0.02-blr0.01-biased": (
+        "lowrank",
+        {**GOVERNOR, "write_fraction": 0.05, "lr": 0.02, "bias_lr": 0.01, "unbiased": False},
+    ),
+    "lowrank-gov-f2.5-ffc5-lr0.02-blr0.01-Bconv5": (  # twice the conv events, half the cells each
+        "lowrank",
+        {**GOVERNOR, "write_fraction": 0.025, "write_fraction_fc": 0.05, "lr": 0.02, "bias_lr": 0.01, "batch_conv": 5},
+    ),
+    "lowrank-gov-f1.5-ffc5-lr0.02-blr0.01-Bconv3": (  # ~3x the conv events, ~a third of the cells each
+        "lowrank",
+        {**GOVERNOR, "write_fraction": 0.015, "write_fraction_fc": 0.05, "lr": 0.02, "bias_lr": 0.01, "batch_conv": 3},
+    ),
     # gradient-proportional steps: no max-norm, so the step follows the gradient sum (lr sqrt(B) G / lsb)
     "lowrank-nomax-sr": ("lowrank", {"max_norm": False, "rounding": "stochastic"}),
 }
 
 
-def run_point(net: Any, drift: str, point: str, seed: int, samples: int, test_samples: int) -> dict[str, Any]:
-    """One run (reused when its log already covers ``samples``)."""
-    out = RUNS / drift / point / run_folder(seed, samples)
+def run_point(
+    net: Any, drift: str, point: str, seed: int, samples: int, test_samples: int, scale: str = "quick"
+) -> dict[str, Any]:
+    """One run (reused when its log already covers ``samples``). Paper scale: checkpointed every
+    ``PAPER_CHECKPOINT`` samples (its log rewritten each time) and resumed from the checkpoint."""
+    out = run_dir(scale, drift, point) / run_folder(seed, samples, scale)
     log_path = out / "log.json"
     if log_path.exists():
         log = json.loads(log_path.read_text())
@@ -118,22 +172,36 @@ def run_point(net: Any, drift: str, point: str, seed: int, samples: int, test_sa
     trainer = OnlineTrainer(
         copy.deepcopy(net), make_rule(rule_name, options), stream, seed=seed, test_samples=test_samples
     )
-    log = trainer.run(samples)
-    log["config"]["point"] = point
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(log_path, log)
-    final = log["final"]
-    print(
-        f"{drift} {point} seed {seed}: online {final['online_accuracy']:.3f}, max writes {final['max_writes']}, "
-        f"total writes {final['total_writes']}, {log['timing']['samples_per_second']:.1f} samples/s",
-        flush=True,
-    )
-    return log
+    checkpoint = out / "checkpoint.safetensors"
+    every = PAPER_CHECKPOINT if scale == "paper" else samples
+    if scale == "paper" and checkpoint.exists():
+        trainer.resume(checkpoint)
+    while trainer.step_count < samples:
+        log = trainer.run(min(samples, (trainer.step_count // every + 1) * every))
+        log["config"]["point"] = point
+        write_json_atomic(log_path, log)
+        if scale == "paper":
+            trainer.save(checkpoint)
+        final = log["final"]
+        print(
+            f"{drift} {point} seed {seed}: {final['samples']} samples, online {final['online_accuracy']:.3f}, "
+            f"max writes {final['max_writes']}, total writes {final['total_writes']}, "
+            f"{log['timing']['samples_per_second']:.1f} samples/s",
+            flush=True,
+        )
+    return json.loads(log_path.read_text())
 
 
-def run_folder(seed: int | str, samples: int) -> str:
-    """``seed<k>`` at the quick scale (``QUICK_SAMPLES``), ``seed<k>-n<samples>`` for exploration runs."""
-    return f"seed{seed}" if samples == QUICK_SAMPLES else f"seed{seed}-n{samples}"
+def run_dir(scale: str, drift: str, point: str) -> Path:
+    """``runs/writes-bench/<drift>/<point>`` (quick scale) or ``runs/writes-bench/paper/<drift>/<point>``."""
+    return (RUNS if scale == "quick" else RUNS / scale) / drift / point
+
+
+def run_folder(seed: int | str, samples: int, scale: str = "quick") -> str:
+    """``seed<k>`` at the quick scale (``QUICK_SAMPLES``) and at paper scale, ``seed<k>-n<samples>`` for
+    exploration runs."""
+    return f"seed{seed}" if samples == QUICK_SAMPLES or scale == "paper" else f"seed{seed}-n{samples}"
 
 
 def results_stem(samples: int) -> str:
@@ -201,6 +269,58 @@ def drifted(stream: Any, drift: str) -> Any:
     return stream
 
 
+class LayerDriftTrainer(OnlineTrainer):
+    """An online trainer whose drift acts on the named layers only (a diagnostic: the other layers
+    keep their codes; the drift draws of the named layers follow the same schedule and RNG)."""
+
+    def __init__(self, *args: Any, drifting: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drifting = drifting
+
+    def _drift(self, step: int) -> None:
+        spec = self.stream.drift
+        if spec is None or step % spec.period:
+            return
+        for layer in self.net.weight_layers:
+            array = self.arrays[layer.name]
+            if layer.name in self.drifting and spec.apply(array, step, self.drift_rng, layer.formats.weight.lsb):
+                layer.set_codes(array.codes)
+
+
+def layer_drift(net: Any, drift: str, seeds: list[int], samples: int) -> dict[str, Any]:
+    """Inference-only online accuracy with ``drift`` on each group of ``DRIFTED_LAYERS`` alone, per seed:
+    where the damage that learning must repair lies."""
+    out: dict[str, Any] = {}
+    for group, names in DRIFTED_LAYERS.items():
+        accuracies = []
+        for seed in seeds:
+            stream = drifted(make_scenario(drift, "mnist", samples, seed=seed), drift)
+            trainer = LayerDriftTrainer(
+                copy.deepcopy(net), make_rule("inference"), stream, seed=seed, test_samples=100, drifting=names
+            )
+            accuracies.append(trainer.run(samples)["final"]["online_accuracy"])
+            print(f"{drift}, drift on {group}, seed {seed}: online {accuracies[-1]:.3f}", flush=True)
+        out[group] = {"layers": list(names), "online_accuracy": accuracies}
+    return out
+
+
+def layer_drift_markdown(data: dict[str, Any]) -> list[str]:
+    """The --layer-drift table: inference-only online accuracy per drifted layer group and seed."""
+    lines = [
+        f"### Where {data['drift']} does its damage (inference only, drift on some layers alone)",
+        "",
+        f"{data['samples']} samples, seeds {data['seeds']}; online accuracy with no learning at all, the drift "
+        "acting only on the layers named (the others keep their codes).",
+        "",
+        "| drifted layers | online acc per seed | mean |",
+        "|---|---|---|",
+    ]
+    for group, r in data["groups"].items():
+        values = r["online_accuracy"]
+        lines.append(f"| {group} | {' / '.join(f'{v:.3f}' for v in values)} | {statistics.mean(values):.3f} |")
+    return [*lines, "", "```bash", data["command"], "```", ""]
+
+
 def written_per_event(final: dict[str, Any]) -> float:
     """Fraction of a layer's cells that change at an update event: total writes / sum(events x cells)."""
     slots = sum(layer["update_events"] * layer["shape"][0] * layer["shape"][1] for layer in final["layers"].values())
@@ -211,15 +331,17 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def collect(samples: int) -> dict[str, Any]:
-    """Mean +- std over the seeds on disk of every (drift, point) run at ``samples`` samples."""
+def collect(samples: int, scale: str = "quick") -> dict[str, Any]:
+    """Mean +- std over the seeds on disk of every (drift, point) run at ``samples`` samples; at paper
+    scale also runs stopped early (``samples`` then says how far each got)."""
     results: dict[str, Any] = {}
     for drift in DRIFTS:
         for point in POINTS:
             logs = []
-            for path in sorted((RUNS / drift / point).glob(f"{run_folder('*', samples)}/log.json")):
+            folders = run_dir(scale, drift, point).glob(f"{run_folder('*', samples, scale)}/log.json")
+            for path in sorted(folders):
                 log = json.loads(path.read_text())
-                if log["final"]["samples"] == samples:
+                if log["final"]["samples"] == samples or scale == "paper":
                     logs.append(log)
             if not logs:
                 continue
@@ -228,6 +350,7 @@ def collect(samples: int) -> dict[str, Any]:
                 "rule": POINTS[point][0],
                 "options": POINTS[point][1],
                 "seeds": len(logs),
+                "samples": min(f["samples"] for f in finals),
                 "online_accuracy": spread([f["online_accuracy"] for f in finals]),
                 "max_writes": spread([f["max_writes"] for f in finals]),
                 "total_writes": spread([f["total_writes"] for f in finals]),
@@ -236,7 +359,20 @@ def collect(samples: int) -> dict[str, Any]:
                 "aux_memory_bits": sum(finals[0]["aux_memory_bits"].values()),
                 "samples_per_second": statistics.median(log["timing"]["samples_per_second"] for log in logs),
             }
+            if scale == "paper":  # one seed: its curve, to compare runs that stopped at different lengths
+                history = logs[0]["history"]
+                results[drift][point]["history"] = {key: history[key] for key in HISTORY}
     return results
+
+
+HISTORY = ("step", "online_accuracy", "max_writes", "total_writes")
+
+
+def at_step(row: dict[str, Any], step: int) -> dict[str, float]:
+    """A paper-scale run's figures after ``step`` samples (its last history point at or before it)."""
+    history = row["history"]
+    i = max(j for j, k in enumerate(history["step"]) if k <= step)
+    return {key: history[key][i] for key in HISTORY}
 
 
 def frontier_points(rows: dict[str, Any], axis: str) -> list[dict[str, Any]]:
@@ -252,18 +388,20 @@ def frontier_points(rows: dict[str, Any], axis: str) -> list[dict[str, Any]]:
     ]
 
 
-def drift_table(rows: dict[str, Any]) -> list[str]:
-    """One drift's points, fewest max writes first; * marks the Pareto points."""
+def drift_table(rows: dict[str, Any], show_samples: bool = False) -> list[str]:
+    """One drift's points, fewest max writes first; * marks the Pareto points; ``show_samples``: the
+    seeds column says the samples each run reached (paper scale, one seed)."""
     front = {p["label"] for p in pareto_front(frontier_points(rows, "max_writes"))}
     lines = [
-        "| point | seeds | online acc | max writes/cell | total writes | cells written per event "
-        "| aux memory (kbit) | max pulses/cell (LRT paper's metric) |",
+        f"| point | {'samples' if show_samples else 'seeds'} | online acc | max writes/cell | total writes "
+        "| cells written per event | aux memory (kbit) | max pulses/cell (LRT paper's metric) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for point, r in sorted(rows.items(), key=lambda kv: kv[1]["max_writes"]["mean"]):
         acc, mx, tot = r["online_accuracy"], r["max_writes"], r["total_writes"]
         lines.append(
-            f"| {point}{' *' if point in front else ''} | {r['seeds']} | {acc['mean']:.3f} ± {acc['std']:.3f} "
+            f"| {point}{' *' if point in front else ''} | {r['samples'] if show_samples else r['seeds']} "
+            f"| {acc['mean']:.3f} ± {acc['std']:.3f} "
             f"| {mx['mean']:.0f} ± {mx['std']:.0f} | {tot['mean']:.3g} | {r['written_per_event']['mean']:.1%} "
             f"| {r['aux_memory_bits'] / 1e3:.1f} "
             f"| {r['pulse_max_writes']['mean']:.0f} |"
@@ -381,68 +519,163 @@ def verdict(results: dict[str, Any]) -> str:
     return " ".join(sentences)
 
 
+def paper_verdict(results: dict[str, Any]) -> str:
+    """The issue's paper-scale target per drift: a LowRank point whose online accuracy is >= SR-SGD's
+    and >= the LRT paper's (``PAPER_ACCURACY``), with max writes <= 1/10 and total writes <= 1/3 of
+    SR-SGD's. Both runs are compared at the same number of samples (the shorter run's length, the
+    longer one read from its history); short of ``PAPER_SAMPLES`` the comparison is named partial and
+    gives no verdict (drift keeps acting, and the paper's figure is at 100k)."""
+    sentences = []
+    for drift, rows in results.items():
+        base = rows.get("sgd-sr")
+        if base is None:
+            continue
+        paper = PAPER_ACCURACY[drift]
+        for point, r in rows.items():
+            if r["rule"] != "lowrank":
+                continue
+            step = min(base["samples"], r["samples"])
+            b, x = at_step(base, step), at_step(r, step)
+            max_ratio = b["max_writes"] / max(x["max_writes"], 1)
+            total_ratio = b["total_writes"] / max(x["total_writes"], 1)
+            checks = {
+                f"accuracy >= SR-SGD's ({x['online_accuracy']:.3f} vs {b['online_accuracy']:.3f})": (
+                    x["online_accuracy"] >= b["online_accuracy"]
+                ),
+                f">= the paper's {paper} at 100k": x["online_accuracy"] >= paper,
+                f"max writes <= 1/10 ({x['max_writes']} vs {b['max_writes']}: {max_ratio:.1f}x fewer)": max_ratio >= 10,
+                f"total writes <= 1/3 ({x['total_writes']:.3g} vs {b['total_writes']:.3g}: {total_ratio:.1f}x fewer)": (
+                    total_ratio >= 3
+                ),
+            }
+            parts = "; ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in checks.items())
+            if step == PAPER_SAMPLES:
+                status = "target MET" if all(checks.values()) else "target NOT met"
+            else:
+                status = f"PARTIAL ({step} of {PAPER_SAMPLES} samples): no verdict"
+            sentences.append(f"{drift}, {point} vs SR-SGD after {step} samples: {parts}; {status}.")
+    return " ".join(sentences)
+
+
+def write_markdown() -> None:
+    """``writes.md``: the quick-scale fragment (``writes.json``), the paper-scale section
+    (``writes-paper.json``) and the exploration screens (``writes-n<samples>.json``)."""
+    quick = json.loads((RESULTS / "writes.json").read_text())
+    screens = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("writes-n*.json"))]
+    text = markdown(quick, screens)
+    layers_path = RESULTS / "writes-layers.json"
+    if layers_path.exists():
+        text += "\n" + "\n".join(layer_drift_markdown(json.loads(layers_path.read_text())))
+    paper_path = RESULTS / "writes-paper.json"
+    if paper_path.exists():
+        text += "\n" + paper_markdown(json.loads(paper_path.read_text()))
+    (RESULTS / "writes.md").write_text(text)
+
+
+def paper_markdown(data: dict[str, Any]) -> str:
+    """The paper-scale section: per drift one table (samples reached per run), the verdict, commands."""
+    lines = [
+        f"### Paper scale: {data['net']}, {PAPER_SAMPLES} samples, one seed",
+        "",
+        "The issue's target scale. Same columns as above; 'seeds' = 1 and the samples column says how far "
+        "each run got (a run stopped early is reported at that length, clearly partial). The governor keeps "
+        "the quick runs' rate, E / T = 0.01 writes per cell and sample (1000 per cell at 100k samples).",
+        "",
+    ]
+    for drift, rows in data["results"].items():
+        lines += [f"#### {drift}", "", *drift_table(rows, show_samples=True), ""]
+    lines += [data["verdict"], "", "```bash", *data["commands"], "```", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--scale", choices=("quick", "paper"), default="quick")
+    parser.add_argument("--samples", type=int, default=None, help=f"default {QUICK_SAMPLES}; paper {PAPER_SAMPLES}")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--points", default=",".join(POINTS))
     parser.add_argument("--drifts", default=",".join(DRIFTS))
-    parser.add_argument("--test-samples", type=int, default=500)
+    parser.add_argument("--test-samples", type=int, default=None, help="default: the scale's (500 / 1000)")
     parser.add_argument("--collect", action="store_true", help="only summarize the run logs on disk")
     parser.add_argument(
         "--mechanism",
         action="store_true",
         help="record every update event of --points (digital drift, seed 0); --collect then adds them",
     )
+    parser.add_argument(
+        "--layer-drift",
+        action="store_true",
+        help="inference-only runs with the drift of --drifts on single layer groups (writes-layers.json)",
+    )
+    parser.add_argument(
+        "--net",
+        default=None,
+        help="paper scale: a model file of the paper-width net to adapt (default: bench_lrt's paper-scale "
+        "pretrained net, trained on first use)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     command = " ".join([".venv/bin/python bench/bench_writes.py", *sys.argv[1:]])
+    scale = SCALES[args.scale]
+    samples = args.samples or (PAPER_SAMPLES if args.scale == "paper" else QUICK_SAMPLES)
     if args.mechanism:
         net, _ = pretrained("quick", SCALES["quick"])
         MECHANISMS.mkdir(parents=True, exist_ok=True)
         for point in args.points.split(","):
             target = MECHANISMS / f"{point}.json"
             if not target.exists():
-                write_json_atomic(target, {**mechanism(net, point, args.samples), "command": command})
+                write_json_atomic(target, {**mechanism(net, point, samples), "command": command})
+        return
+    net_note = f"LRT CNN {scale.spec}, pretrained as bench_lrt's {args.scale} scale"
+    if args.net:
+        net_note = f"LRT CNN {scale.spec}, from {args.net}"
+    if args.layer_drift:
+        net, _ = pretrained("quick", SCALES["quick"])
+        drift, seeds = args.drifts.split(",")[0], [int(k) for k in args.seeds.split(",")]
+        groups = layer_drift(net, drift, seeds, samples)
+        data = {"drift": drift, "seeds": seeds, "samples": samples, "groups": groups, "command": command}
+        write_json_atomic(RESULTS / "writes-layers.json", data)
+        write_markdown()
         return
     if not args.collect:
-        net, _ = pretrained("quick", SCALES["quick"])
+        net, meta = load_for_adaptation(args.net) if args.net else pretrained(args.scale, scale)
+        width = (net.weight_layers[0].shape2d[0], net.weight_layers[-2].shape2d[0])  # conv1 out, fc1 out
+        if width != (scale.spec["width"], scale.spec["hidden"]):
+            raise SystemExit(f"{args.net} has width/hidden {width}, not the {args.scale} scale's {scale.spec}")
         for seed in (int(s) for s in args.seeds.split(",")):
             for drift in args.drifts.split(","):
                 for point in args.points.split(","):
-                    run_point(net, drift, point, seed, args.samples, args.test_samples)
-    path = RESULTS / f"{results_stem(args.samples)}.json"
+                    run_point(net, drift, point, seed, samples, args.test_samples or scale.test_samples, args.scale)
+    path = RESULTS / ("writes-paper.json" if args.scale == "paper" else f"{results_stem(samples)}.json")
     previous = json.loads(path.read_text()) if path.exists() else {}
     commands = [c for c in previous.get("commands", []) if c != command] + [command]
-    quick = args.samples == QUICK_SAMPLES
+    quick = args.scale == "quick" and samples == QUICK_SAMPLES
     mechanisms = {p.stem: json.loads(p.read_text()) for p in sorted(MECHANISMS.glob("*.json"))} if quick else {}
-    results = collect(args.samples)
+    results = collect(samples, args.scale)
     data = {
         "recorded_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch threads {args.threads}",
-        "net": f"LRT CNN {SCALES['quick'].spec}",
-        "samples": args.samples,
+        "net": previous.get("net", net_note) if args.collect else net_note,
+        "samples": samples,
         "results": results,
-        "verdict": verdict(results),
+        "verdict": paper_verdict(results) if args.scale == "paper" else verdict(results),
         "commands": commands,
         "mechanism": mechanisms,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
-    if not quick:  # an exploration screen: JSON only, shown under the quick-scale table
-        print(data["verdict"], f"\nwrote {path}", flush=True)
-        return
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    for drift, rows in results.items():
-        plot_frontier(
-            {axis: frontier_points(rows, axis) for axis in ("max_writes", "total_writes")},
-            IMAGES / f"writes_{drift}.png",
-            f"{drift}, {args.samples} samples",
-        )
-    screens = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("writes-n*.json"))]
-    (RESULTS / "writes.md").write_text(markdown(data, screens))
-    print(f"wrote {path} and writes.md", flush=True)
+    if quick:
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        for drift, rows in results.items():
+            plot_frontier(
+                {axis: frontier_points(rows, axis) for axis in ("max_writes", "total_writes")},
+                IMAGES / f"writes_{drift}.png",
+                f"{drift}, {samples} samples",
+            )
+    if args.scale == "paper" or quick:
+        write_markdown()
+    print(data["verdict"], f"\nwrote {path}", flush=True)
 
 
 if __name__ == "__main__":
