@@ -139,9 +139,13 @@ def test_output_quantizer_is_skipped_only_where_it_is_the_identity() -> None:
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
-def test_fused_epilogue_is_bit_identical_with_rounding_ties_and_clipping(monkeypatch, activation: str) -> None:
+@pytest.mark.parametrize("acc_skipped", [False, True])
+def test_fused_epilogue_is_bit_identical_with_rounding_ties_and_clipping(
+    monkeypatch, activation: str, acc_skipped: bool
+) -> None:
     """q_out(act(q_acc(acc) + q_bias(b'))) as one kernel vs the unfused quantizers, with the accumulator
-    step two product steps (odd sums are exact ties) and thresholds small enough that both clip."""
+    step two product steps (odd sums are exact ties) and thresholds small enough that both clip; with
+    ``acc_skipped`` the layer takes q_acc as proven the identity (both paths then leave it out)."""
     x = torch.rand(6, 2, 7, 7, generator=torch.Generator().manual_seed(0))
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
     qmodel = quantize(model.eval(), x[:1], x, QuantConfig(activation_calibration="max"), mode="retrain").train()
@@ -157,17 +161,20 @@ def test_fused_epilogue_is_bit_identical_with_rounding_ties_and_clipping(monkeyp
     calls: list[bool] = []
     fusable = QCompute.epilogue_fusable
 
-    def recorded(self: QCompute, acc: torch.Tensor) -> bool:
-        calls.append(fusable(self, acc))
+    def recorded(self: QCompute, acc: torch.Tensor, quantize_acc: bool = True) -> bool:
+        calls.append(fusable(self, acc, quantize_acc))
         return calls[-1]
 
+    acc_range = (lambda *_: (0.0, 0.0)) if acc_skipped else (lambda *_: None)
     with monkeypatch.context() as patch:
         patch.setattr(QCompute, "epilogue_fusable", recorded)
-        patch.setattr(QCompute, "unchanged_accumulator_range", lambda *_: None)
+        patch.setattr(QCompute, "unchanged_accumulator_range", acc_range)
+        patch.setattr(QCompute, "output_unchanged", lambda *_: False)
         fast = qat_step(qmodel, x, labels)
     with monkeypatch.context() as patch:
         patch.setattr(QCompute, "fused_training", False)
-        patch.setattr(QCompute, "unchanged_accumulator_range", lambda *_: None)
+        patch.setattr(QCompute, "unchanged_accumulator_range", acc_range)
+        patch.setattr(QCompute, "output_unchanged", lambda *_: False)
         reference = qat_step(qmodel, x, labels)
     assert calls == [True]
     assert_bit_identical(fast, reference)

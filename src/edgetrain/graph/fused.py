@@ -127,21 +127,22 @@ class FusedLeakyReLU(torch.autograd.Function):
 
 
 @njit(cache=True)
-def _epilogue_forward(acc, bias, acc_grid, out_grid, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+def _epilogue_forward(acc, bias, quantize_acc, acc_grid, out_grid, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     """out = q_out(q_acc(acc) + b_c) over acc as (N, C, L) (channel c's bias b_c; ``out_grid``'s low is 0
-    for a fused ReLU)."""
+    for a fused ReLU; without ``quantize_acc``, q_acc is proven the identity and left out)."""
     a_low, a_high, a_magic = acc_grid[0], acc_grid[1], acc_grid[2]
     o_low, o_high, o_magic = out_grid[0], out_grid[1], out_grid[2]
     for n in range(acc.shape[0]):
         for c in range(acc.shape[1]):
             b = bias[c]
             for j in range(acc.shape[2]):
-                y = _quantize(acc[n, c, j], a_low, a_high, a_magic) + b
+                a = acc[n, c, j]
+                y = (_quantize(a, a_low, a_high, a_magic) if quantize_acc else a) + b
                 out[n, c, j] = _quantize(y, o_low, o_high, o_magic)
 
 
 @njit(cache=True)
-def _epilogue_backward(acc, bias, grad_out, acc_grid, out_grid, zero, acc_q, summed, grad_sum, grad_acc):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, E501, PLR0913
+def _epilogue_backward(acc, bias, grad_out, quantize_acc, acc_grid, out_grid, zero, acc_q, summed, grad_sum, grad_acc):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, E501, PLR0913
     """Recompute q_acc(acc) and y = q_acc(acc) + b; dL/dy = q_out's hardtanh_backward of dL/dout, dL/dacc =
     q_acc's hardtanh_backward of dL/dy (the add passes the gradient through)."""
     a_low, a_high, a_magic, a_glow, a_ghigh = acc_grid[0], acc_grid[1], acc_grid[2], acc_grid[3], acc_grid[4]
@@ -151,28 +152,29 @@ def _epilogue_backward(acc, bias, grad_out, acc_grid, out_grid, zero, acc_q, sum
             b = bias[c]
             for j in range(acc.shape[2]):
                 a = acc[n, c, j]
-                qa = _quantize(a, a_low, a_high, a_magic)
+                qa = _quantize(a, a_low, a_high, a_magic) if quantize_acc else a
                 y = qa + b
                 gy = zero if (y <= o_glow) | (y >= o_ghigh) else grad_out[n, c, j]
                 acc_q[n, c, j] = qa
                 summed[n, c, j] = y
                 grad_sum[n, c, j] = gy
-                grad_acc[n, c, j] = zero if (a <= a_glow) | (a >= a_ghigh) else gy
+                grad_acc[n, c, j] = zero if quantize_acc and ((a <= a_glow) | (a >= a_ghigh)) else gy
 
 
 class FusedEpilogue(torch.autograd.Function):
     """The conv / linear epilogue ``q_out(act(q_acc(acc) + q_bias(b')))`` (act: none or a ReLU fused into
-    q_out) in one pass forward and one backward, the same float32 operations as the unfused
-    ``acc_q``, add and ``out_q``; the threshold gradients use the same ``torch.dot`` reductions and the
-    bias gradient the same ``sum_to_size`` reduction autograd applies to a broadcast add, on the same
-    tensors, so values and gradients are identical bit for bit."""
+    q_out; ``acc_log2_t`` None: q_acc proven the identity and left out) in one pass forward and one
+    backward, the same float32 operations as the unfused ``acc_q``, add and ``out_q``; the threshold
+    gradients use the same ``torch.dot`` reductions and the bias gradient the same ``sum_to_size``
+    reduction autograd applies to a broadcast add, on the same tensors, so values and gradients are
+    identical bit for bit."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         acc: torch.Tensor,
         bias_view: torch.Tensor,
-        acc_log2_t: torch.Tensor,
+        acc_log2_t: torch.Tensor | None,
         out_log2_t: torch.Tensor,
         acc_grid: FastGrid,
         out_grid: FastGrid,
@@ -180,9 +182,10 @@ class FusedEpilogue(torch.autograd.Function):
         out = torch.empty_like(acc)
         grids = (_grid_array(acc_grid), _grid_array(out_grid))
         bias = bias_view.detach().reshape(-1).contiguous()
-        _epilogue_forward(_as_ncl(acc.detach()), bias.numpy(), *grids, _as_ncl(out))
+        quantize_acc = acc_log2_t is not None
+        _epilogue_forward(_as_ncl(acc.detach()), bias.numpy(), quantize_acc, *grids, _as_ncl(out))
         ctx.save_for_backward(acc, bias, out)
-        ctx.grids, ctx.bias_shape = grids, bias_view.shape
+        ctx.grids, ctx.bias_shape, ctx.quantize_acc = grids, bias_view.shape, quantize_acc
         return out
 
     @staticmethod
@@ -196,6 +199,7 @@ class FusedEpilogue(torch.autograd.Function):
             _as_ncl(acc),
             bias.numpy(),
             _as_ncl(grad_out),
+            ctx.quantize_acc,
             *ctx.grids,
             np.float32(0.0),
             *(_as_ncl(t) for t in (acc_q, summed, grad_sum, grad_acc)),

@@ -276,10 +276,11 @@ class QCompute(QuantModule):
 
     fused_training = True  # training runs FusedEpilogue where it applies (same values and gradients)
 
-    def epilogue_fusable(self, acc: torch.Tensor) -> bool:
-        """Whether training may run ``q_out(act(q_acc(acc) + q_bias(b')))`` as one :class:`FusedEpilogue`:
-        float32 on the CPU, every quantizer on the fast path, a ReLU (or a ReLU6 that q_out clips anyway)
-        or no activation; with none, only where q_out's step is coarser than the accumulator's (else
+    def epilogue_fusable(self, acc: torch.Tensor, quantize_acc: bool = True) -> bool:
+        """Whether training may run ``q_out(act(q_acc(acc) + q_bias(b')))`` (without q_acc when
+        ``quantize_acc`` is False: proven the identity) as one :class:`FusedEpilogue`: float32 on the CPU,
+        every quantizer on the fast path, a ReLU (or a ReLU6 that q_out clips anyway) or no activation;
+        with none, only where q_out's step is coarser than the accumulator's (else
         :meth:`output_unchanged` may skip q_out altogether)."""
         if not (self.fused_training and acc.dtype == torch.float32 and acc.device.type == "cpu"):
             return False
@@ -301,16 +302,16 @@ class QCompute(QuantModule):
             acc = self.acc_q(acc * correction)
         elif self.training:
             acc_range = self.unchanged_accumulator_range(acc, quantized_weight)
+            if self.epilogue_fusable(acc, acc_range is None):
+                return FusedEpilogue.apply(
+                    acc,
+                    channel_view(self.bias_q(bias), acc.dim()),
+                    self.acc_q.log2_t if acc_range is None else None,
+                    self.out_q.log2_t,
+                    fast_grid(self.acc_q.format, self.acc_q.exponent),
+                    fast_grid(self.out_q.format, self.out_q.exponent, relu=self.activation != "none"),
+                )
             if acc_range is None:
-                if self.epilogue_fusable(acc):
-                    return FusedEpilogue.apply(
-                        acc,
-                        channel_view(self.bias_q(bias), acc.dim()),
-                        self.acc_q.log2_t,
-                        self.out_q.log2_t,
-                        fast_grid(self.acc_q.format, self.acc_q.exponent),
-                        fast_grid(self.out_q.format, self.out_q.exponent, relu=self.activation != "none"),
-                    )
                 acc = self.acc_q(acc)
         else:
             acc = self.acc_q(acc)
