@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.fixedpoint import RELU6_CEILING
-from edgetrain.graph.fused import FusedEpilogue, FusedLeakyReLU
+from edgetrain.graph.fused import FusedLeakyReLU
 from edgetrain.tqt import TQTQuantizer
 from edgetrain.tqt.quantizer import fast_grid, has_fast_path, quantized_unchanged
 
@@ -274,25 +274,6 @@ class QCompute(QuantModule):
         low, high = torch.aminmax(y.detach())
         return low_limit <= float(low) and float(high) <= high_limit
 
-    fused_training = True  # training runs FusedEpilogue where it applies (same values and gradients)
-
-    def epilogue_fusable(self, acc: torch.Tensor, quantize_acc: bool = True) -> bool:
-        """Whether training may run ``q_out(act(q_acc(acc) + q_bias(b')))`` (without q_acc when
-        ``quantize_acc`` is False: proven the identity) as one :class:`FusedEpilogue`: float32 on the CPU,
-        every quantizer on the fast path, a ReLU (or a ReLU6 that q_out clips anyway) or no activation;
-        with none, only where q_out's step is coarser than the accumulator's (else
-        :meth:`output_unchanged` may skip q_out altogether)."""
-        if not (self.fused_training and acc.dtype == torch.float32 and acc.device.type == "cpu"):
-            return False
-        if not (acc.is_contiguous() and all(q.enabled for q in (self.acc_q, self.bias_q, self.out_q))):
-            return False
-        if not (has_fast_path(self.acc_q) and has_fast_path(self.out_q)):
-            return False
-        if self.activation == "none":
-            return self.out_q.exponent > self.acc_q.exponent
-        ceiling = (self.out_q.format.qmax + 0.5) * self.out_q.scale
-        return self.activation == "relu" or ceiling <= RELU6_CEILING
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, correction = self.folded(x)
         quantized_weight = self.weight_q(weight)
@@ -302,15 +283,6 @@ class QCompute(QuantModule):
             acc = self.acc_q(acc * correction)
         elif self.training:
             acc_range = self.unchanged_accumulator_range(acc, quantized_weight)
-            if self.epilogue_fusable(acc, acc_range is None):
-                return FusedEpilogue.apply(
-                    acc,
-                    channel_view(self.bias_q(bias), acc.dim()),
-                    self.acc_q.log2_t if acc_range is None else None,
-                    self.out_q.log2_t,
-                    fast_grid(self.acc_q.format, self.acc_q.exponent),
-                    fast_grid(self.out_q.format, self.out_q.exponent, relu=self.activation != "none"),
-                )
             if acc_range is None:
                 acc = self.acc_q(acc)
         else:
