@@ -12,8 +12,9 @@ runs with streaming BN and with the BNs frozen at their exported codes.
     python bench/bench_device.py --nets resnet-tiny --samples 300 --pretrain 2000   # quick
 
 Speed (``--speed``): samples/s of the online LowRank loop (``OnlineTrainer.run``, what ``edgetrain adapt``
-runs) on the LRT paper's net (128 channels, 512 hidden) along both paths, the ``--model`` path (``QNet``)
-and the ``--program`` path (``DeviceNet`` on the exported TQT INT8 program), at 1 and 2 torch threads,
+runs) on the LRT paper's net (128 channels, 512 hidden) along both paths, the ``--model`` path (``QNet``,
+autograd) and the ``--program`` path (``DeviceNet`` on the exported TQT INT8 program, stepped by the
+autograd-free ``adapt.executor.DeviceStep``, the trainer's default), at 1 and 2 torch threads,
 beside the authors' own NumPy/numba loop (github.com/agural/low-rank-training, MIT; their ``lr/`` package
 as shipped, timed in the same process on the same images) and a residual and a depthwise zoo net on the
 device. Every figure carries the 1-minute load average measured right after it::
@@ -140,6 +141,7 @@ def time_ours(net: torch.nn.Module, stream, warmup: int, samples: int, threads: 
         "samples_per_second": samples / seconds,
         "samples_per_cpu_second": samples / cpu,
         "online_accuracy": trainer.online_accuracy,
+        "executor": "DeviceStep" if trainer.step_executor is not None else "autograd",
         "load_average": os.getloadavg()[0],
     }
 
@@ -250,8 +252,9 @@ def render_speed(speed: dict) -> str:
         f"{speed['pretrain']['samples']} elastic digits (INT8 val {speed['pretrain']['int8_val_accuracy']:.3f}); "
         "digital-drift stream (authors' strength); default LowRank (rank 4, conv batch 10, FC batch 100, "
         f"max-norm); `OnlineTrainer.run`, the loop `edgetrain adapt` runs, timed after {speed['warmup']} "
-        "untimed samples. `--model` = the paper-format QNet of the float net; `--program` = DeviceNet on its "
-        "exported TQT INT8 program (bit-exact with the integer program). The authors' loop is their own "
+        "untimed samples. `--model` = the paper-format QNet of the float net (autograd); `--program` = DeviceNet "
+        "on its exported TQT INT8 program (bit-exact with the integer program), stepped without autograd by "
+        "`DeviceStep` (the trainer's default; identical trajectories). The authors' loop is their own "
         "`lr/` NumPy/numba code as shipped (config lrt-base, digital drift 10, their own initialisation), "
         f"on the same images in the same process. {speed['cpus']} CPUs; the 1-minute load average is "
         "given beside every figure: a figure taken at load > 1.5 on 2 cores is from a shared, loaded "

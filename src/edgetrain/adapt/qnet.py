@@ -371,7 +371,8 @@ def _sparse_input_gradient(
     dx = np.zeros(tuple(shape[1:]), np.float32)
     kernel = (int(weight.shape[2]), int(weight.shape[3]))
     stride, padding = _pair(layer.stride), _pair(layer.padding)
-    _col2im_add(dx, patches, pixels, grad.shape[2], kernel, stride, padding, _pair(getattr(layer, "dilation", 1)))
+    dilation = _pair(getattr(layer, "dilation", 1))
+    _window_walk(dx, patches, pixels, grad.shape[2], kernel, stride, padding, dilation, True)
     return torch.from_numpy(dx).view(shape)
 
 
@@ -393,8 +394,11 @@ def _kept_rows(flat):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
 
 
 @njit(cache=True)
-def _col2im_add(image, patches, pixels, out_width, kernel, stride, padding, dilation):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
-    """image (C x H x W) += each kept pixel's patch (columns in ``F.unfold`` order) at its window."""
+def _window_walk(image, rows, pixels, out_width, kernel, stride, padding, dilation, scatter):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """The im2col index map of the kept output ``pixels`` (flat indices, ``out_width`` per row) over
+    ``image`` (C x H x W, zero padding), columns in ``F.unfold`` order (channel, kernel row, kernel
+    column): gather (im2col) ``rows[r, col] = image[ch, iy, ix]`` or, with ``scatter``, its adjoint
+    (col2im) ``image[ch, iy, ix] += rows[r, col]``."""
     channels, h, w = image.shape
     kh, kw = kernel
     for r in range(pixels.shape[0]):
@@ -407,31 +411,11 @@ def _col2im_add(image, patches, pixels, out_width, kernel, stride, padding, dila
                 for kx in range(kw):
                     ix = ox * stride[1] - padding[1] + kx * dilation[1]
                     if 0 <= ix < w:
-                        image[ch, iy, ix] += patches[r, (ch * kh + ky) * kw + kx]
-
-
-@njit(cache=True)
-def _nonzero_patches(x, dz, kernel, stride, padding, dilation):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-    """(a, dz) float32 rows at the output pixels where some dz is non-zero: a = the input patch
-    (columns in ``F.unfold`` order: channel, kernel row, kernel column; zero padding), dz = that
-    pixel's output gradient. x: C x H x W, dz: n_out x Ho x Wo."""
-    n_out, ho, wo = dz.shape
-    channels, h, w = x.shape
-    kh, kw = kernel
-    pixels, rows = _kept_rows(dz.reshape(n_out, ho * wo))
-    a = np.zeros((pixels.shape[0], channels * kh * kw), np.float32)
-    for r in range(pixels.shape[0]):
-        oy, ox = pixels[r] // wo, pixels[r] % wo
-        for ch in range(channels):
-            for ky in range(kh):
-                iy = oy * stride[0] - padding[0] + ky * dilation[0]
-                if iy < 0 or iy >= h:
-                    continue
-                for kx in range(kw):
-                    ix = ox * stride[1] - padding[1] + kx * dilation[1]
-                    if 0 <= ix < w:
-                        a[r, (ch * kh + ky) * kw + kx] = x[ch, iy, ix]
-    return a, rows
+                        col = (ch * kh + ky) * kw + kx
+                        if scatter:
+                            image[ch, iy, ix] += rows[r, col]
+                        else:
+                            rows[r, col] = image[ch, iy, ix]
 
 
 def nonzero_im2col(
@@ -457,7 +441,9 @@ def nonzero_im2col(
         return x.flatten(1)[keep].float(), dz[keep].float()
     image = np.ascontiguousarray(x[0].detach().numpy())
     grad = np.ascontiguousarray(dz[0].detach().numpy())
-    a, rows = _nonzero_patches(image, grad, kernel, stride, padding, dilation)
+    pixels, rows = _kept_rows(grad.reshape(grad.shape[0], -1))
+    a = np.zeros((pixels.shape[0], image.shape[0] * kernel[0] * kernel[1]), np.float32)
+    _window_walk(image, a, pixels, grad.shape[2], kernel, stride, padding, dilation, False)
     return torch.from_numpy(a), torch.from_numpy(rows)
 
 
