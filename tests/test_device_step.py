@@ -9,8 +9,16 @@ import torch
 
 import edgetrain as et
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
-from edgetrain.adapt.executor import DeviceStep, batch1_executor, max_pool, max_pool_backward, unsupported_ops
-from edgetrain.adapt.qnet import PAPER_WIDE, Grid, grid_round
+from edgetrain.adapt.device import Requantizer
+from edgetrain.adapt.executor import (
+    DeviceStep,
+    _requantize_masked,
+    batch1_executor,
+    max_pool,
+    max_pool_backward,
+    unsupported_ops,
+)
+from edgetrain.adapt.qnet import PAPER_WIDE, ROUNDING_CODES, Grid, grid_round
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.models import LRTNet
 
@@ -142,3 +150,17 @@ def test_grid_round_and_descend_equal_the_torch_expressions(dtype):
     expected = PAPER_WIDE.quantize(param - PAPER_WIDE.quantize(0.013 * g))
     PAPER_WIDE.descend_(param, g, 0.013)
     assert torch.equal(param, expected)
+
+
+@pytest.mark.parametrize("rounding", ["half_even", "half_away", "floor"])
+def test_bn_fold_requantizer_equals_the_device_requantizer(rounding):
+    """The scalar requantizer of DeviceStep's BN fold = Requantizer.forward_masked (ties, clipping)."""
+    quantizer = Requantizer({"bits": 4, "signed": True, "exponent": -2, "rounding": rounding})
+    values = torch.cat([torch.arange(-12, 13) * 0.125, torch.tensor([-9.0, 9.0, 0.3, -0.3])]).double()
+    expected, mask = quantizer.forward_masked(values)
+    got = [
+        _requantize_masked(float(v), quantizer.step, quantizer.lo, quantizer.hi, ROUNDING_CODES[rounding])
+        for v in values
+    ]
+    assert torch.equal(torch.tensor([value for value, _ in got], dtype=torch.float64), expected)
+    assert torch.equal(torch.tensor([inside for _, inside in got]), mask)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from numba import njit
 
 from edgetrain.adapt.device import DeviceBatchNorm, DeviceLayer, DeviceNet
-from edgetrain.adapt.qnet import QuantChain, grid_round, input_gradient, layer_gradient
+from edgetrain.adapt.qnet import ROUNDING_CODES, QuantChain, grid_round, input_gradient, layer_gradient, round_code
 
 STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxpool", "avgpool", "add", "reshape"})
 
@@ -43,6 +43,42 @@ STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxp
 def unsupported_ops(net: DeviceNet) -> list[str]:
     """The program's op kinds that :class:`DeviceStep` does not run (empty: it runs them all)."""
     return sorted({op["op"] for op in net.program.ops} - STEP_OPS)
+
+
+@njit(cache=True)
+def _requantize_masked(v, step, lo, hi, mode):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """(clip(round(v / step), lo, hi) step, code inside [lo, hi]) for one value; NaN stays NaN."""
+    code = round_code(v / step, mode, 0.5)
+    inside = (code >= lo) & (code <= hi)
+    if code < lo:
+        code = lo
+    elif code > hi:
+        code = hi
+    return code * step, inside
+
+
+@njit(cache=True)
+def _bn_fold(mean_ema, msq_ema, mean, msq, observe, eta, rest, correction, eps, gamma, beta, quantizers, folded, masks):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """Per channel: EMAs m = m eta + (1 - eta) mean, sq likewise (when ``observe``); mu = m / c,
+    var = clip(sq / c - mu^2, 1e-8, 1e8), sigma = sqrt(var + eps); w = q_w(gamma / sigma),
+    b = q_b(beta - gamma mu / sigma) with their masks: ``DeviceBatchNorm.observe`` / ``statistics`` /
+    ``folded`` element for element (c = 1 - eta^step)."""
+    for ch in range(mean_ema.shape[0]):
+        if observe:
+            mean_ema[ch] = mean_ema[ch] * eta + rest * mean[ch]
+            msq_ema[ch] = msq_ema[ch] * eta + rest * msq[ch]
+        mu = mean_ema[ch] / correction
+        var = msq_ema[ch] / correction - mu * mu
+        if var < 1e-8:
+            var = 1e-8
+        elif var > 1e8:
+            var = 1e8
+        sigma = np.sqrt(var + eps)
+        w_step, w_lo, w_hi, w_mode = quantizers[0]
+        b_step, b_lo, b_hi, b_mode = quantizers[1]
+        folded[0, ch], masks[0, ch] = _requantize_masked(gamma[ch] / sigma, w_step, w_lo, w_hi, w_mode)
+        folded[1, ch], masks[1, ch] = _requantize_masked(beta[ch] - gamma[ch] * mu / sigma, b_step, b_lo, b_hi, b_mode)
+        folded[2, ch], folded[3, ch] = mu, sigma
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -206,14 +242,9 @@ class DeviceStep:
         return value
 
     def _bn_forward(self, bn: DeviceBatchNorm, v: torch.Tensor, out: str, requires: bool) -> torch.Tensor:
-        if bn.enabled and bn.training:
-            bn.observe(v)
-        if bn.enabled and bool(bn.refolded):
-            mu, sigma = bn.statistics()
-            gamma, beta = bn.gamma.detach(), bn.beta.detach()
-            w, w_mask = bn.weight_q.forward_masked(gamma / sigma)
-            b, b_mask = bn.bias_q.forward_masked(beta - gamma * mu / sigma)
-            params: tuple[Any, ...] | None = (mu, sigma, w_mask, b_mask)
+        observe = bn.enabled and bn.training
+        if observe or (bn.enabled and bool(bn.refolded)):
+            w, b, params = self._bn_fold(bn, v, observe)
         else:
             w, b, params = bn.weight, bn.bias, None
         self.requires[out] = requires or params is not None
@@ -221,6 +252,30 @@ class DeviceStep:
         value, (acc_mask, out_mask) = self.bn_chains[out](v * w.view(shape), b, np.float64)
         self.saved[out] = (v, w.view(shape), b.view(shape).shape, acc_mask, out_mask, params, requires)
         return value
+
+    @staticmethod
+    def _bn_fold(bn: DeviceBatchNorm, v: torch.Tensor, observe: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """``bn.observe(v)`` (when ``observe``), then ``bn.folded()`` with the masks of its two
+        requantizers: the channel moments in torch (its reduction order), the per-channel EMA, bias
+        correction and fold in one numba pass (the same float64 operations in the same order)."""
+        channels = bn.mean_ema.shape[0]
+        mean, msq = torch.empty(channels, dtype=torch.float64), torch.empty(channels, dtype=torch.float64)
+        if observe:
+            dims = [d for d in range(v.dim()) if d != 1]
+            mean, msq = v.mean(dims), (v * v).mean(dims)
+            bn.step += 1
+            bn.refolded.fill_(True)
+        correction = 1.0 - bn.eta ** max(int(bn.step), 1)
+        folded = torch.empty((4, channels), dtype=torch.float64)  # w, b, mu, sigma
+        masks = torch.empty((2, channels), dtype=torch.bool)
+        quantizers = [(q.step, q.lo, q.hi, ROUNDING_CODES[q.rounding]) for q in (bn.weight_q, bn.bias_q)]
+        _bn_fold(
+            bn.mean_ema.numpy(), bn.msq_ema.numpy(), mean.numpy(), msq.numpy(), observe, bn.eta, 1 - bn.eta,
+            correction, bn.eps, bn.gamma.detach().numpy(), bn.beta.detach().numpy(),
+            np.array(quantizers, dtype=np.float64), folded.numpy(), masks.numpy(),
+        )  # fmt: skip
+        w, b, mu, sigma = folded.unbind(0)
+        return w, b, (mu, sigma, masks[0], masks[1])
 
     # -- backward -------------------------------------------------------------------------------
     def backward(self, grad: torch.Tensor) -> None:

@@ -463,6 +463,17 @@ class QuantStage:
 
 
 @njit(cache=True)
+def round_code(x, mode, half):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    """``round_tensor``'s modes on one value (``ROUNDING_CODES``: 0 half-even, 1 half away from zero,
+    2 floor); ``half`` = 0.5 in x's dtype."""
+    if mode == 0:
+        return np.rint(x)
+    if mode == 1:
+        return np.sign(x) * np.floor(np.abs(x) + half)
+    return np.floor(x)
+
+
+@njit(cache=True)
 def _requantize_chain(z, bias, steps, inverses, limits, modes, relu, half, out, masks):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     """out = q_S(...q_1(q_0(z) + b)...) element-wise in z's dtype, masks[s] = code s did not clip
     (and, where relu[s], its input was > 0); z, out: N x C x P; bias: C. ``v * 2^-k`` is ``v / 2^k``
@@ -476,13 +487,7 @@ def _requantize_chain(z, bias, steps, inverses, limits, modes, relu, half, out, 
                 mode, positive, mask = modes[s], relu[s], masks[s, i, ch]
                 for k in range(buf.shape[0]):
                     v = buf[k]
-                    x = v * inv
-                    if mode == 0:
-                        code = np.rint(x)
-                    elif mode == 1:
-                        code = np.sign(x) * np.floor(np.abs(x) + half)
-                    else:
-                        code = np.floor(x)
+                    code = round_code(v * inv, mode, half)
                     mask[k] = (code >= lo) & (code <= hi) & ((not positive) | (v > 0))
                     buf[k] = min(max(code, lo), hi) * step
                 if s == 0:
