@@ -6,6 +6,8 @@
     .venv/bin/python bench/bench_writes.py --collect                           # JSON, table, plots from the logs
     .venv/bin/python bench/bench_writes.py --samples 2000 --points lowrank-gov-f5-ef   # an exploration screen
     .venv/bin/python bench/bench_writes.py --scale paper --drifts analog-drift --points sgd-sr  # 100k, resumable
+    .venv/bin/python bench/bench_writes.py --scale paper --collect   # paper-scale JSON and table, partial runs too
+    .venv/bin/python bench/bench_writes.py --layer-drift --drifts digital-drift --seeds 0  # where drift hurts
 
 The LRT paper's CNN at bench_lrt's quick scale (narrow net pretrained quantized-in-the-loop on elastic
 MNIST), predict-then-learn on the analog-drift and digital-drift streams; digital drift at the
@@ -20,7 +22,9 @@ Runs of another length than the quick scale's 4000 samples are exploration scree
 table in ``writes.md``. ``--scale paper``: the paper's full-width net (bench_lrt's paper scale, pretrained
 on first use) on 100k-sample streams, checkpointed every ``PAPER_CHECKPOINT`` samples and resumed from
 the checkpoint when restarted (logs under ``runs/writes-bench/paper/``); its summary goes to
-``writes-paper.json``, runs stopped early included with the sample count they reached.
+``writes-paper.json``, runs stopped early included with the sample count they reached (``--net``: adapt
+that model file instead). ``--layer-drift``: inference-only runs with the drift acting on one layer group
+alone (``DRIFTED_LAYERS``), to see which layers' damage learning has to repair (``writes-layers.json``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -150,6 +155,20 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lowrank-gov-f1.5-ffc5-lr0.02-blr0.01-Bconv3": (  # ~3x the conv events, ~a third of the cells each
         "lowrank",
         {**GOVERNOR, "write_fraction": 0.015, "write_fraction_fc": 0.05, "lr": 0.02, "bias_lr": 0.01, "batch_conv": 3},
+    ),
+    # paper width: SR-SGD's per-sample steps are further below an LSB, so it writes far less per cell than at
+    # quick width; the write bounds then need much sparser events and a tighter governor (0.004 writes per
+    # cell and sample: 20 by 5000 samples); rho_min must stay below the fraction
+    "lowrank-gov0.004-f0.4-lr0.02-blr0.01": (
+        "lowrank",
+        {
+            "endurance": 4e5,
+            "lifetime_samples": 1e8,
+            "write_fraction": 0.004,
+            "rho_min": 0.001,
+            "lr": 0.02,
+            "bias_lr": 0.01,
+        },
     ),
     # gradient-proportional steps: no max-norm, so the step follows the gradient sum (lr sqrt(B) G / lsb)
     "lowrank-nomax-sr": ("lowrank", {"max_norm": False, "rounding": "stochastic"}),
@@ -575,12 +594,16 @@ def write_markdown() -> None:
 def paper_markdown(data: dict[str, Any]) -> str:
     """The paper-scale section: per drift one table (samples reached per run), the verdict, commands."""
     lines = [
-        f"### Paper scale: {data['net']}, {PAPER_SAMPLES} samples, one seed",
+        f"### Paper scale: {data['net']}, target {PAPER_SAMPLES} samples, one seed",
         "",
-        "The issue's target scale. Same columns as above; 'seeds' = 1 and the samples column says how far "
-        "each run got (a run stopped early is reported at that length, clearly partial). The governor keeps "
-        "the quick runs' rate, E / T = 0.01 writes per cell and sample (1000 per cell at 100k samples).",
+        "The issue's target scale. Same columns as above, one seed; the samples column says how far each "
+        "run got (a run stopped early is reported at that length, clearly partial), and the verdict compares "
+        "two runs at the shorter one's length. `lowrank-gov-f7-lr0.02-blr0.01` is the quick scale's analog "
+        "winner with its governor rate unchanged (E / T = 0.01 writes per cell and sample: 1000 per cell at "
+        "100k samples); `lowrank-gov0.004-f0.4-lr0.02-blr0.01` is sized for the write bounds at this width "
+        "(0.004 writes per cell and sample, 0.4% of a layer's cells per event).",
         "",
+        *([data["net_note"], ""] if data.get("net_note") else []),
     ]
     for drift, rows in data["results"].items():
         lines += [f"#### {drift}", "", *drift_table(rows, show_samples=True), ""]
@@ -613,10 +636,11 @@ def main() -> None:
         help="paper scale: a model file of the paper-width net to adapt (default: bench_lrt's paper-scale "
         "pretrained net, trained on first use)",
     )
+    parser.add_argument("--net-note", default="", help="paper scale: a sentence on where --net comes from")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = " ".join([".venv/bin/python bench/bench_writes.py", *sys.argv[1:]])
+    command = shlex.join([".venv/bin/python", "bench/bench_writes.py", *sys.argv[1:]])
     scale = SCALES[args.scale]
     samples = args.samples or (PAPER_SAMPLES if args.scale == "paper" else QUICK_SAMPLES)
     if args.mechanism:
@@ -662,6 +686,7 @@ def main() -> None:
         "verdict": paper_verdict(results) if args.scale == "paper" else verdict(results),
         "commands": commands,
         "mechanism": mechanisms,
+        "net_note": args.net_note or previous.get("net_note", ""),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
