@@ -54,6 +54,7 @@ from edgetrain.adapt.qnet import (
     input_gradient,
     layer_gradient,
     nonzero_im2col,
+    pair,
 )
 from edgetrain.export.program import IntegerProgram
 from edgetrain.fixedpoint import RELU6_CEILING, FixedPointFormat, Rounding, round_tensor
@@ -226,10 +227,6 @@ class LookupTable:
         return _TableLookup.apply(v, self)
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 @njit(cache=True)
 def _load_codes(codes, unit, weight, weight32):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     """weight = codes unit (float64), weight32 = the same in float32 (exact: 8-bit codes times a power
@@ -292,8 +289,8 @@ class DeviceLayer(GradQuantMixin):
         self.register_buffer("weight", _values(codes, self.k_w))
         self.bias = nn.Parameter(_values(program.tensors[op["bias"]], self.bias_q.exponent))
         if self.is_conv:
-            self.stride, self.padding = _pair(op["stride"]), _pair(op["padding"])
-            self.dilation, self.groups = _pair(op["dilation"]), int(op["groups"])
+            self.stride, self.padding = pair(op["stride"]), pair(op["padding"])
+            self.dilation, self.groups = pair(op["dilation"]), int(op["groups"])
         else:
             self.groups = 1
         self.record = False

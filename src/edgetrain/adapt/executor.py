@@ -16,8 +16,10 @@ in reverse program order:
 - max-pool: the gradient goes to the window's arg-max (torch's index); avg-pool (window sums times
   the reciprocal code): torch's ``avg_pool2d_backward``; add: both inputs; reshape: reshaped back.
 
-Every step is the same tensor operation, in the same order, as the autograd path's backward
-(``DeviceNet.forward`` then ``Tensor.backward``), so the two give identical values bit for bit:
+Every step performs the same floating-point operations, in the same order, as the autograd path
+(``DeviceNet.forward`` then ``Tensor.backward``): the same torch ops, or numba passes that fuse a run
+of them (streaming BN's EMA / fold, max-pool, gradient quantization), tested equal to them. So the two
+give identical values bit for bit:
 logits, ``dz``, bias / gamma / beta gradients, and hence codes, writes and BN state
 (tests/test_device_step.py compares whole trajectories). The autograd path stays the reference,
 and the trainer falls back to it (``OnlineTrainer(..., executor=False)``, or a program with an op
@@ -35,7 +37,15 @@ import torch.nn.functional as F
 from numba import njit
 
 from edgetrain.adapt.device import DeviceBatchNorm, DeviceLayer, DeviceNet
-from edgetrain.adapt.qnet import ROUNDING_CODES, QuantChain, grid_round, input_gradient, layer_gradient, round_code
+from edgetrain.adapt.qnet import (
+    ROUNDING_CODES,
+    QuantChain,
+    grid_round,
+    input_gradient,
+    layer_gradient,
+    pair,
+    round_code,
+)
 
 STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxpool", "avgpool", "add", "reshape"})
 
@@ -81,10 +91,6 @@ def _bn_fold(mean_ema, msq_ema, mean, msq, observe, eta, rest, correction, eps, 
         folded[2, ch], folded[3, ch] = mu, sigma
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 @njit(cache=True)
 def _max_pool(x, kernel, stride, out, index):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     """out = the max of each window of x (C x H x W), index = the flat position y W + x of its first
@@ -115,7 +121,7 @@ def _max_pool_backward(grad, index, out):  # type: ignore[no-untyped-def]  # noq
 def _simple_pool(v: torch.Tensor, args: tuple[Any, ...]) -> bool:
     """Batch 1, no padding, no dilation, no ceil mode: the case :func:`_max_pool` runs."""
     kernel, _, padding, dilation, ceil_mode = args
-    return v.shape[0] == 1 and not ceil_mode and _pair(padding) == (0, 0) and _pair(dilation) == (1, 1)
+    return v.shape[0] == 1 and not ceil_mode and pair(padding) == (0, 0) and pair(dilation) == (1, 1)
 
 
 def max_pool(v: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +129,7 @@ def max_pool(v: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
     ceil_mode)`` (what autograd runs), in one numba pass for the plain batch-1 case."""
     if not _simple_pool(v, args):
         return torch.ops.aten.max_pool2d_with_indices(v, *args)
-    kernel, stride = _pair(args[0]), _pair(args[1])
+    kernel, stride = pair(args[0]), pair(args[1])
     channels, h, w = v.shape[1:]
     shape = (channels, (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1)
     x = v[0].contiguous().numpy()

@@ -327,7 +327,8 @@ class QWeight(GradQuantMixin):
 SPARSE_GRADIENT_SHARE = 3  # W^T dz pixel by pixel when at most 1/3 of the output pixels carry a gradient
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+def pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """(v, v) for an int, else the first two entries (a conv's stride, padding, dilation, kernel)."""
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -370,8 +371,8 @@ def _sparse_input_gradient(
     patches = (torch.from_numpy(rows) @ weight.reshape(weight.shape[0], -1)).numpy()
     dx = np.zeros(tuple(shape[1:]), np.float32)
     kernel = (int(weight.shape[2]), int(weight.shape[3]))
-    stride, padding = _pair(layer.stride), _pair(layer.padding)
-    dilation = _pair(getattr(layer, "dilation", 1))
+    stride, padding = pair(layer.stride), pair(layer.padding)
+    dilation = pair(getattr(layer, "dilation", 1))
     _window_walk(dx, patches, pixels, grad.shape[2], kernel, stride, padding, dilation, True)
     return torch.from_numpy(dx).view(shape)
 
