@@ -491,6 +491,24 @@ def test_cli_rejects_a_bad_config_in_one_line(tmp_path, capsys) -> None:
     assert main(["fleet", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "run")]) == 2
 
 
+def test_cli_flags_override_the_config_fields(tmp_path) -> None:
+    import argparse
+
+    from edgetrain.cli.fleet import config_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    config = tmp_path / "fleet.toml"
+    config.write_text("devices = 2\nwrite_fraction = 0.5\n")
+    args = parser.parse_args(
+        ["fleet", str(config), "--write-fraction", "0.05", "--test-classes", "all", "--gate-agree", "--out", "x"]
+    )
+    fleet = config_from_args(args)
+    assert (fleet.devices, fleet.write_fraction, fleet.test_classes, fleet.gate_agree) == (2, 0.05, "all", True)
+    kept = config_from_args(parser.parse_args(["fleet", str(config), "--out", "x"]))
+    assert (kept.write_fraction, kept.test_classes, kept.gate_agree) == (0.5, "device", False)
+
+
 def test_a_local_round_device_sends_nothing_and_writes_its_own_update(tiny_fleet, one_thread) -> None:
     """The ablation "local-round": federated low-rank's device without the fleet: nothing on the link,
     its own round update as the only candidate (ungated here: written as is)."""

@@ -28,11 +28,14 @@ FLAG_FIELDS = (  # flags whose dest is the FleetConfig field of the same name
     "fleet_lr",
     "gate_samples",
     "bn_refresh",
+    "write_fraction",
+    "test_classes",
+    "gate_agree",
 )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from edgetrain.fleet.config import ABLATIONS, ENGINES, SPLITS, STRATEGIES
+    from edgetrain.fleet.config import ABLATIONS, ENGINES, SPLITS, STRATEGIES, TEST_CLASSES
 
     p = subparsers.add_parser("fleet", help="federated low-rank adaptation of a fleet of devices (Flower)")
     p.add_argument("config", nargs="?", default=None, help="TOML fleet config (flags override its fields)")
@@ -66,6 +69,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="replay the gate's buffer for the batch-norm statistics of each option and of the written weights "
         "(default: on with the gate)",
+    )
+    p.add_argument(
+        "--write-fraction",
+        type=positive_float,
+        help="sparse fleet update events: per layer at most ceil(f n m) changed cells, the largest steps (1: off)",
+    )
+    p.add_argument(
+        "--test-classes",
+        choices=TEST_CLASSES,
+        help="held-out set per device: its stream's classes (device) or all ten (all)",
+    )
+    p.add_argument(
+        "--gate-agree",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gate candidate: own update plus the broadcast where their steps agree in sign (default off)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="run folder: fleet.json, report, device states")
