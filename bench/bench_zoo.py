@@ -260,7 +260,8 @@ def markdown(rows: list[dict[str, Any]], command: str, quick: bool, note: str = 
         "Verdicts: " + ". ".join(verdicts) + ".",
         "",
         "INT8 static: the default `auto` calibration (`kl_j` where marked: rows of an earlier run) on the first "
-        "512 training images (bench_calibration.py has 256 and 1024). "
+        "512 training images (bench_calibration.py has 256 and 1024). INT8-retrained cells marked 'earlier run' "
+        "come from that run, gap taken against its own FP32 start (same recipe and seed, trained separately). "
         "Retraining starts from the FP32 weights (TQT recipe: Adam, thresholds lr 1e-2 halved every 1000*24/B "
         "steps, weight lr larger than Graffitist's 1e-6, recorded in the JSON), so the retrained columns include "
         "extra training epochs the FP32 column did not get; for INT4 the FP32 net fine-tuned with the kept "
