@@ -288,24 +288,6 @@ def drifted(stream: Any, drift: str) -> Any:
     return stream
 
 
-class LayerDriftTrainer(OnlineTrainer):
-    """An online trainer whose drift acts on the named layers only (a diagnostic: the other layers
-    keep their codes; the drift draws of the named layers follow the same schedule and RNG)."""
-
-    def __init__(self, *args: Any, drifting: tuple[str, ...], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.drifting = drifting
-
-    def _drift(self, step: int) -> None:
-        spec = self.stream.drift
-        if spec is None or step % spec.period:
-            return
-        for layer in self.net.weight_layers:
-            array = self.arrays[layer.name]
-            if layer.name in self.drifting and spec.apply(array, step, self.drift_rng, layer.formats.weight.lsb):
-                layer.set_codes(array.codes)
-
-
 def layer_drift(net: Any, drift: str, seeds: list[int], samples: int) -> dict[str, Any]:
     """Inference-only online accuracy with ``drift`` on each group of ``DRIFTED_LAYERS`` alone, per seed:
     where the damage that learning must repair lies."""
@@ -314,8 +296,8 @@ def layer_drift(net: Any, drift: str, seeds: list[int], samples: int) -> dict[st
         accuracies = []
         for seed in seeds:
             stream = drifted(make_scenario(drift, "mnist", samples, seed=seed), drift)
-            trainer = LayerDriftTrainer(
-                copy.deepcopy(net), make_rule("inference"), stream, seed=seed, test_samples=100, drifting=names
+            trainer = OnlineTrainer(
+                copy.deepcopy(net), make_rule("inference"), stream, seed=seed, test_samples=100, drift_layers=names
             )
             accuracies.append(trainer.run(samples)["final"]["online_accuracy"])
             print(f"{drift}, drift on {group}, seed {seed}: online {accuracies[-1]:.3f}", flush=True)

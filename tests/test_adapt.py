@@ -253,3 +253,20 @@ def test_lowrank_beats_inference_under_digital_drift_and_writes_only_at_events(b
         lowrank["final"]["write_density"],
         lowrank["final"]["total_writes"] / sum(a.num_cells for a in lowrank_trainer.arrays.values()) / samples,
     )
+
+
+def test_drift_acts_only_on_the_drift_layers(base_net):
+    """``drift_layers``: the named layers drift exactly as in a full-drift run (same schedule, same RNG
+    draws in layer order), the others keep their exported codes."""
+    drift = DriftSpec("digital", p0=20)
+    start = {layer.name: layer.codes().copy() for layer in base_net.weight_layers}
+    names = [layer.name for layer in base_net.weight_layers]
+    full, _ = run(base_net, make_rule("inference"), 60, drift)
+    first, _ = run(base_net, make_rule("inference"), 60, drift, drift_layers=names[:1])
+    np.testing.assert_array_equal(first.arrays[names[0]].codes, full.arrays[names[0]].codes)
+    assert (first.arrays[names[0]].codes != start[names[0]]).any()
+    for name in names[1:]:
+        np.testing.assert_array_equal(first.arrays[name].codes, start[name])
+    every, _ = run(base_net, make_rule("inference"), 60, drift, drift_layers=names)
+    for name in names:
+        np.testing.assert_array_equal(every.arrays[name].codes, full.arrays[name].codes)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,7 +56,9 @@ class OnlineTrainer:
     The weight codes of every layer move into an ``NVMArray`` (``energy``, ``endurance``,
     ``stuck_fraction`` of cells stuck at codes drawn by ``stuck_model``); ``seed`` seeds the drift,
     the stuck cells and the rule's random draws. ``log_every``: history
-    resolution in samples; ``test_samples``: test images scored at each test point.
+    resolution in samples; ``test_samples``: test images scored at each test point. ``drift_layers``:
+    the weight layers the stream's drift acts on (None: all; the others keep their codes, a diagnostic
+    of where drift does its damage).
     """
 
     def __init__(
@@ -73,8 +76,10 @@ class OnlineTrainer:
         stuck_model: str = "uniform",
         fetch: int = 500,
         executor: bool = True,
+        drift_layers: Collection[str] | None = None,
     ) -> None:
         self.net, self.rule, self.stream = net, rule, stream
+        self.drift_layers = None if drift_layers is None else frozenset(drift_layers)
         self.seed = seed
         self.ema_beta = ema_beta
         self.log_every = log_every
@@ -114,6 +119,8 @@ class OnlineTrainer:
         if spec is None or step % spec.period:
             return
         for layer in self.net.weight_layers:
+            if self.drift_layers is not None and layer.name not in self.drift_layers:
+                continue
             array = self.arrays[layer.name]
             if spec.apply(array, step, self.drift_rng, layer.formats.weight.lsb):
                 layer.set_codes(array.codes)
