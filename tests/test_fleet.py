@@ -260,8 +260,15 @@ def broadcast_of(device, scale: float) -> dict[str, np.ndarray]:
     return update
 
 
-def test_the_fleet_step_is_eta_lr_sqrt_r_times_the_merged_product(tiny_fleet, one_thread) -> None:
+def broadcast_lsbs(layer, update, fleet_lr: float, lr: float) -> np.ndarray:
+    """The unrounded fleet step of one layer in LSBs, written out: x = eta lr sqrt(R) L R^T / lsb (R = 8)."""
     from edgetrain.fleet.merge import decode_factors
+
+    left, right = decode_factors(layer.name, update)
+    return fleet_lr * lr * math.sqrt(8) * (left @ right.T) / layer.formats.weight.lsb
+
+
+def test_the_fleet_step_is_eta_lr_sqrt_r_times_the_merged_product(tiny_fleet, one_thread) -> None:
 
     device = fleet_device(tiny_fleet, fleet_lr=0.5, lr=0.01, gate_samples=0)
     update = broadcast_of(device, 1.0)
@@ -270,8 +277,7 @@ def test_the_fleet_step_is_eta_lr_sqrt_r_times_the_merged_product(tiny_fleet, on
     changed = 0
     for layer in device.trainer.net.weight_layers:
         array = device.trainer.arrays[layer.name]
-        left, right = decode_factors(layer.name, update)
-        step = np.rint(0.5 * 0.01 * math.sqrt(8) * (left @ right.T) / layer.formats.weight.lsb)
+        step = np.rint(broadcast_lsbs(layer, update, fleet_lr=0.5, lr=0.01))
         expected = np.clip(before[layer.name] - step, array.fmt.qmin, array.fmt.qmax)
         np.testing.assert_array_equal(array.codes, expected)
         np.testing.assert_array_equal(layer.codes(), expected)  # the network computes with what was written
@@ -285,7 +291,6 @@ def test_a_sparse_fleet_event_keeps_the_ceil_f_n_m_largest_cells(tiny_fleet, one
     """write_fraction f: of the non-zero cells of dW_q = round(x), only the ceil(f n m) with the
     largest |x| are written, every other cell keeps its code."""
     from edgetrain.fleet.device import sparse_step
-    from edgetrain.fleet.merge import decode_factors
 
     x = np.array([[2.6, -1.4, 0.2], [2.4, 0.3, -3.9]])
     step = np.rint(x).astype(np.int64)
@@ -303,8 +308,7 @@ def test_a_sparse_fleet_event_keeps_the_ceil_f_n_m_largest_cells(tiny_fleet, one
     expected_writes = 0
     for layer in device.trainer.net.weight_layers:
         array = device.trainer.arrays[layer.name]
-        left, right = decode_factors(layer.name, update)
-        x = 0.5 * 0.01 * math.sqrt(8) * (left @ right.T) / layer.formats.weight.lsb
+        x = broadcast_lsbs(layer, update, fleet_lr=0.5, lr=0.01)
         dense = np.rint(x)
         keep = math.ceil(fraction * x.size)
         magnitudes = np.sort(np.abs(x[dense != 0]))[::-1]
