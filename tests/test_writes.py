@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edgetrain.adapt.qnet import PAPER_FORMATS
-from edgetrain.adapt.rules import SGD, SGDStochastic, pixel_activity, round_to_grid
+from edgetrain.adapt.rules import SGD, SGDStochastic, grid_codes, pixel_activity, round_to_grid
 from edgetrain.fixedpoint import FixedPointFormat
 from edgetrain.nvm import NVMArray
 from edgetrain.report.adaptation import render
@@ -110,6 +110,24 @@ def test_stochastic_rounding_is_unbiased_and_seeded() -> None:
     frac = x - np.floor(x)
     np.testing.assert_allclose(draws.mean(0), x, atol=float(5 * np.sqrt(frac * (1 - frac) / 4000).max()) + 1e-12)
     np.testing.assert_array_equal(round_to_grid(x), np.rint(x))  # without an rng: round to nearest
+
+
+def test_grid_codes_scales_then_rounds_like_numpy() -> None:
+    """grid_codes(v, s, lsb) is round(s * v / lsb) in float64, half-even or with the same uniform draws."""
+    values = np.random.default_rng(3).standard_normal((7, 5)).astype(np.float32) * 40
+    values[0, :3] = [1.5, 2.5, -0.5]  # half-way cases: half-even
+    x = 0.5 * values.astype(np.float64) / 0.25
+    np.testing.assert_array_equal(grid_codes(values, 0.5, 0.25), np.rint(x))
+    low = np.floor(x)
+    expected = low + (np.random.default_rng(9).random(x.shape) < x - low)
+    np.testing.assert_array_equal(grid_codes(values, 0.5, 0.25, np.random.default_rng(9)), expected)
+
+
+def test_pixel_activity_counts_pixels_where_both_are_nonzero() -> None:
+    a = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0], [4.0, 5.0, 0.0]])
+    dz = torch.tensor([[0.5, 0.0], [0.0, 0.0], [1.0, -2.0]])  # pixel 1 has no gradient
+    expected = np.array([[2, 1, 1], [1, 1, 0]])  # cell (i, j): pixels p with dz[p, i] != 0 and a[p, j] != 0
+    np.testing.assert_array_equal(pixel_activity(a, dz), expected)
 
 
 def sr_sgd_step(seed: int, layer: FakeLayer) -> np.ndarray:

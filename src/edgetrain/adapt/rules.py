@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 
 from edgetrain.lowrank import MaxNorm, StreamingKroneckerSum
 from edgetrain.nvm import NVMArray
@@ -172,19 +173,52 @@ def dense_accumulator_bits(n: int, m: int, bits: int = FACTOR_BITS) -> int:
     return n * m * bits
 
 
+@njit(cache=True)
+def _grid_codes(values, scale, lsb, uniforms, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """out = codes of x = scale * values / lsb in one pass: round-half-even when ``uniforms`` is empty,
+    else floor(x) + (u < x - floor(x)); returns whether any code is non-zero."""
+    x_flat, u_flat, o_flat = values.reshape(-1), uniforms.reshape(-1), out.reshape(-1)
+    stochastic = u_flat.size > 0
+    nonzero = False
+    for i in range(x_flat.size):
+        x = scale * np.float64(x_flat[i]) / lsb
+        if stochastic:
+            low = np.floor(x)
+            code = np.int64(low) + (1 if u_flat[i] < x - low else 0)
+        else:
+            code = np.int64(np.rint(x))
+        o_flat[i] = code
+        nonzero = nonzero or code != 0
+    return nonzero
+
+
+def grid_codes(
+    values: np.ndarray, scale: float = 1.0, lsb: float = 1.0, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """int64 codes of x = ``scale * values / lsb`` (in LSBs), in one compiled pass: round-half-even
+    when ``rng`` is None, else stochastic rounding ``floor(x) + Bernoulli(x - floor(x))`` (unbiased:
+    E = x; one uniform draw per element from ``rng``, in C order)."""
+    values = np.ascontiguousarray(values)
+    uniforms = rng.random(values.shape) if rng is not None else np.empty(0)
+    out = np.empty(values.shape, np.int64)
+    _grid_codes(values, float(scale), float(lsb), uniforms, out)
+    return out
+
+
 def round_to_grid(x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     """int64 codes of ``x`` (in LSBs): round-half-even when ``rng`` is None, else stochastic rounding
     ``floor(x) + Bernoulli(x - floor(x))`` (unbiased: E = x)."""
-    if rng is None:
-        return np.rint(x).astype(np.int64)
-    low = np.floor(x)
-    return (low + (rng.random(x.shape) < (x - low))).astype(np.int64)
+    return grid_codes(np.asarray(x, dtype=np.float64), rng=rng)
 
 
 def pixel_activity(a: torch.Tensor, dz: torch.Tensor) -> np.ndarray:
     """Per-pixel outer-product terms per cell: #pixels with dz_i != 0 and a_j != 0 (the LRT paper's
     SGD conv count: each pixel's update applied as its own pulse)."""
-    return ((dz != 0).T.float() @ (a != 0).float()).long().numpy()
+    active = dz != 0
+    rows = active.any(1)
+    if not bool(rows.all()):  # pixels without a gradient add nothing: skip them (exact)
+        active, a = active[rows], a[rows]
+    return (active.T.float() @ (a != 0).float()).long().numpy()
 
 
 def groups_of(layer: Any) -> int:
@@ -370,7 +404,7 @@ class SGD(UpdateRule):
                     pulses = pixel_activity(a, dz)
             else:
                 grad = layer.weight_grad()
-            step_codes = round_to_grid(self.lr * grad.double().numpy() / layer.formats.weight.lsb, rng)
+            step_codes = grid_codes(grad.numpy(), self.lr, layer.formats.weight.lsb, rng)
             if step_codes.any() or (pulses is not None and pulses.any()):
                 self.write(layer, step_codes, pulses)
         super().update(step)
@@ -405,7 +439,7 @@ class MinibatchSGD(UpdateRule):
             self.sums[layer.name] += layer.weight_grad().double().numpy()
             if (step + 1) % batch == 0:
                 lr_eff = self.lr * math.sqrt(batch)
-                step_codes = round_to_grid(lr_eff * self.sums[layer.name] / layer.formats.weight.lsb)
+                step_codes = grid_codes(self.sums[layer.name], lr_eff, layer.formats.weight.lsb)
                 if step_codes.any():
                     self.write(layer, step_codes)
                 self.sums[layer.name][:] = 0.0
