@@ -3,6 +3,7 @@ full weight deltas and FedAvg of per-sample SGD deltas, side by side on Flower's
 
     .venv/bin/python bench/bench_fleet.py                      # 8 devices x 4 rounds x 50 samples
     .venv/bin/python bench/bench_fleet.py --devices 16 --rounds 10 --samples-per-round 100
+    .venv/bin/python bench/bench_fleet.py --summary fleet fleet-seed1 fleet-seed2 --name fleet-summary
 
 Every device is the same exported integer program (the LRT net, float-trained on elastic digits,
 TQT 8-bit) on its own NVM with its own digital drift, seeing a new user: 5 of the 10 classes and
@@ -13,7 +14,10 @@ writing every B samples) and ``local-round`` (the fleet's own device procedure w
 the fair baseline for what federation adds); its uplink bytes per round are >= 20x fewer than FedAvg
 of full deltas at equal or better fleet accuracy; its devices write no more than local LowRank's
 (max and total per cell). Writes ``bench/results/fleet.json`` and ``fleet.md`` (``--name``); the run, plots
-and report under ``--out`` (default ``runs/fleet-bench/``).
+and report under ``--out`` (default ``runs/fleet-bench/``). ``--summary RUN ...`` only tabulates earlier
+runs (seeds): federated low-rank's paired per-device differences against both local baselines (mean,
+standard error, sign test), the writes against both, and the per-device curves. 1000 held-out images
+per device by default (200 before stop 19: one image was 0.005, the size of most per-device margins).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from edgetrain.fleet import FleetConfig, run_fleet, write_report  # noqa: E402
 from edgetrain.fleet.config import ABLATIONS, STRATEGIES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-GATE_ORDER = ("fleet", "own", "keep", "sum", "agree")  # the gate's choices as the tables count them
+GATE_ORDER = ("fleet", "own", "keep", "sum", "agree", "head")  # the gate's choices as the tables count them
 GATE_HEADER = "gate: " + " / ".join(GATE_ORDER)
 DEFAULT_STRATEGIES = STRATEGIES[:1] + ABLATIONS + STRATEGIES[1:]  # the four and the fair local baseline
 
@@ -127,20 +131,32 @@ def local_from(name: str, config: dict[str, Any]) -> dict[str, Any]:
     return earlier["strategies"]["local"]
 
 
-FEDERATED_ONLY = ("gate_sum", "gate_agree")  # config keys that change the federated low-rank devices only
+FEDERATED_ONLY = ("gate_sum", "gate_agree", "gate_head")  # config keys that change the federated low-rank devices only
+ROUND_ONLY = ("gate_fresh",)  # ... that change the round-update devices only (federated low-rank and local-round)
+
+
+def rerun_by_reuse(name: str, config: dict[str, Any]) -> tuple[str, ...]:
+    """The strategies a ``--reuse NAME`` run reruns: federated low-rank, and local-round too when the
+    configs differ in a :data:`ROUND_ONLY` key."""
+    earlier = json.loads((RESULTS / f"{name}.json").read_text())["config"]
+    defaults = json.loads(FleetConfig().to_json())
+    rounds = any(earlier.get(k, defaults[k]) != config[k] for k in ROUND_ONLY)
+    return ("local-round", "federated-lowrank") if rounds else ("federated-lowrank",)
 
 
 def reused_strategies(name: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Every strategy but federated low-rank from an earlier run (bench/results/NAME.json) of the
-    same fleet: the configs may differ only in :data:`FEDERATED_ONLY` keys (and the strategies run),
-    which no other strategy reads."""
+    """Every strategy but those :func:`rerun_by_reuse` reruns from an earlier run
+    (bench/results/NAME.json) of the same fleet: the configs may differ only in
+    :data:`FEDERATED_ONLY` and :data:`ROUND_ONLY` keys (and the strategies run), which no reused
+    strategy reads."""
     earlier = json.loads((RESULTS / f"{name}.json").read_text())
     defaults = json.loads(FleetConfig().to_json())
-    ignored = {"strategies", *FEDERATED_ONLY}
+    ignored = {"strategies", *FEDERATED_ONLY, *ROUND_ONLY}
     differs = [k for k in defaults if k not in ignored and earlier["config"].get(k, defaults[k]) != config[k]]
     if differs:
         raise SystemExit(f"--reuse {name}: a different fleet (config differs in {differs}); run those strategies")
-    return {k: {**v, "from": name} for k, v in earlier["strategies"].items() if k != "federated-lowrank"}
+    rerun = rerun_by_reuse(name, config)
+    return {k: {**v, "from": name} for k, v in earlier["strategies"].items() if k not in rerun}
 
 
 def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
@@ -219,16 +235,23 @@ def variant_name(result: dict[str, Any]) -> str:
     parts.append("dense fleet events" if fraction >= 1.0 else f"sparse fleet events f = {fraction:g}")
     if config.get("test_classes", "device") == "all":
         parts.append("held-out on all ten classes")
+    if config.get("test_samples", 200) != 200:  # 200 until stop 18
+        parts.append(f"{config['test_samples']} held-out per device")
     if config.get("gate_sum"):
         parts.append("gate sum")
     if config.get("gate_agree"):
         parts.append("gate agree")
+    if config.get("gate_head"):
+        parts.append("gate head")
+    if config.get("gate_fresh"):
+        parts.append("fresh gate samples")
     if tuple(config["strategies"]) not in (STRATEGIES, DEFAULT_STRATEGIES):
         parts.append("ran " + " + ".join(config["strategies"]))
     local = result["strategies"].get("local", {})
     reused = sorted({f["from"] for name, f in result["strategies"].items() if name != "local" and "from" in f})
     if reused:
-        parts.append(f"all but federated-lowrank from {', '.join(reused)}")
+        ran = [name for name, f in result["strategies"].items() if "from" not in f]
+        parts.append(f"all but {' + '.join(ran)} from {', '.join(reused)}")
     elif "from" in local:
         parts.append(f"local from {local['from']}")
     return "".join(f", {part}" for part in parts)
@@ -315,12 +338,148 @@ def markdown(result: dict[str, Any], checks: dict[str, Any], command: str, secon
     return "\n".join(lines)
 
 
+def paired(fed: dict[str, Any], base: dict[str, Any]) -> list[tuple[int, float, float, float]]:
+    """(device, federated low-rank's final held-out accuracy, the baseline's, their difference)."""
+    base_acc = {d["device"]: d["test_accuracy"] for d in base["devices"]}
+    return [
+        (d["device"], d["test_accuracy"], base_acc[d["device"]], d["test_accuracy"] - base_acc[d["device"]])
+        for d in fed["devices"]
+        if d["device"] in base_acc
+    ]
+
+
+def sign_test(diffs: list[float]) -> tuple[int, int, int, float]:
+    """Wins, losses, ties and the two-sided sign-test p value (ties dropped; exact binomial, p = 1/2)."""
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    n, k = wins + losses, min(wins, losses)
+    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n)
+    return wins, losses, len(diffs) - n, p
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n))."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+
+
+def comparisons(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a run's federated low-rank is compared with: both local baselines and, for a ``--reuse``
+    run whose source ran its round-update devices differently (a :data:`ROUND_ONLY` key), the source's
+    local-round and federated low-rank ("... of the reused run")."""
+    out = {name: run["strategies"][name] for name in LOCAL_BASELINES if name in run["strategies"]}
+    sources = {f["from"] for f in run["strategies"].values() if "from" in f}
+    for source in sorted(sources):
+        earlier = json.loads((RESULTS / f"{source}.json").read_text())
+        defaults = json.loads(FleetConfig().to_json())
+        if any(earlier["config"].get(k, defaults[k]) != run["config"].get(k, defaults[k]) for k in ROUND_ONLY):
+            for name in ("local-round", "federated-lowrank"):
+                if name in earlier["strategies"]:
+                    out[f"{name} of the reused run"] = {**earlier["strategies"][name], "from": source}
+    return out
+
+
+def summary_markdown(names: list[str]) -> str:
+    """Federated low-rank against both local baselines over several runs (seeds) of one fleet: the
+    paired per-device differences of final held-out accuracy per run and pooled (mean, standard
+    error, sign test), the held-out noise of one device's difference, and the writes against both
+    baselines."""
+    runs = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in names}
+    lines = [f"## Fleet summary over {len(names)} run{'s' if len(names) > 1 else ''}: {', '.join(names)}", ""]
+    for name, run in runs.items():
+        c = run["config"]
+        lines.append(
+            f"- {name}: seed {c['seed']}, {c['devices']} devices x {c['rounds']} rounds x {c['samples_per_round']} "
+            f"samples, {c['test_samples']} held-out per device"
+            + variant_name(run).replace(f", {c['test_samples']} held-out per device", "")
+            + f"; `{run['command']}`"
+        )
+    bases = {name: comparisons(run) for name, run in runs.items()}
+    labels = list(dict.fromkeys(label for b in bases.values() for label in b))
+    for base_name in labels:
+        pooled: list[float] = []
+        lines += ["", f"### Federated low-rank - {base_name}, final held-out accuracy per device", "",
+                  "| run | " + " | ".join(f"dev {d}" for d in range(max(r['config']['devices'] for r in runs.values())))
+                  + " | mean +- SE | wins / losses / ties | sign-test p | held-out noise (1 SE) |",
+                  "|---|" + "---|" * (max(r["config"]["devices"] for r in runs.values()) + 4)]  # fmt: skip
+        for name, run in runs.items():
+            base = bases[name].get(base_name)
+            if base is None:
+                continue
+            rows = paired(run["strategies"]["federated-lowrank"], base)
+            diffs = [d for *_, d in rows]
+            pooled += diffs
+            mean, se = mean_se(diffs)
+            wins, losses, ties, p = sign_test(diffs)
+            n = run["config"]["test_samples"]
+            noise = np.mean([math.sqrt((a * (1 - a) + b * (1 - b)) / n) for _, a, b, _ in rows])
+            lines.append(
+                f"| {name} | " + " | ".join(f"{d:+.3f}" for d in diffs)
+                + f" | {mean:+.4f} +- {se:.4f} | {wins} / {losses} / {ties} | {p:.3f} | {noise:.3f} |"
+            )  # fmt: skip
+        mean, se = mean_se(pooled)
+        wins, losses, ties, p = sign_test(pooled)
+        lines.append(
+            f"| pooled ({len(pooled)} device-runs) | " + " | ".join("" for _ in range(max(
+                r["config"]["devices"] for r in runs.values()))) + f" | {mean:+.4f} +- {se:.4f} | "
+            f"{wins} / {losses} / {ties} | {p:.3g} | |"
+        )  # fmt: skip
+    lines += ["", "Held-out noise: the standard error of one device's difference if the two strategies' errors on its "
+              "held-out images were independent, sqrt((a(1 - a) + b(1 - b)) / n), averaged over the devices; a paired "
+              "difference on the same images has a smaller one.", "",
+              "### Writes per cell (max over the fleet; total over every cell of every device)", "",
+              "| run | local max / total | local-round max / total | federated-lowrank max / total | "
+              "fed / local total | fed / local-round total |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, run in runs.items():
+        st = run["strategies"]
+        loc, rnd, fed = st["local"], st["local-round"], st["federated-lowrank"]
+        lines.append(
+            f"| {name} | {loc['max_writes']} / {loc['total_writes']} | {rnd['max_writes']} / {rnd['total_writes']} | "
+            f"{fed['max_writes']} / {fed['total_writes']} | {fed['total_writes'] / max(loc['total_writes'], 1):.3f} | "
+            f"{fed['total_writes'] / max(rnd['total_writes'], 1):.3f} |"
+        )
+    lines += ["", "### Uplink and fleet accuracy", "",
+              "| run | local | local-round | federated-lowrank | fedavg | fedavg B/round over federated-lowrank's | "
+              "20x at equal or better accuracy |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, run in runs.items():
+        st, checks = run["strategies"], verdicts(run["strategies"])
+        acc = " | ".join(
+            f"{st[k]['test_accuracy']:.4f}" if k in st else "-"
+            for k in (*LOCAL_BASELINES, "federated-lowrank", "fedavg")
+        )
+        ratio = checks["uplink_ratio_fedavg_over_federated"]
+        lines.append(
+            f"| {name} | {acc} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
+            f"{'met' if checks['uplink_20x_at_equal_or_better_accuracy'] else 'NOT met'} |"
+        )
+    lines += ["", "### Per-device curves: held-out accuracy after each round's learning (before the next fleet "
+              "update), then at the end; the gate's choice at each update (f fleet, o own, k keep, s sum, "
+              "a agree, h head)",
+              "", "| run | device | federated-lowrank | gate | local-round | gate | local |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, run in runs.items():
+        st = run["strategies"]
+        curves = {k: {d["device"]: d for d in st[k]["devices"]} for k in ("federated-lowrank", "local-round", "local")}
+        for device in sorted(curves["federated-lowrank"]):
+            cells = []
+            for k in ("federated-lowrank", "local-round", "local"):
+                d = curves[k].get(device)
+                if d is None:
+                    cells += ["-"] if k == "local" else ["-", "-"]
+                    continue
+                cells.append(" ".join(f"{a:.3f}" for _, a in d["test_accuracy_per_round"]))
+                if k != "local":
+                    cells.append("".join((e["gate_choice"] or "-")[0] for e in d["fleet_update_per_round"]))
+            lines.append(f"| {name} | {device} | " + " | ".join(cells) + " |")
+    lines += ["", "Command: `python bench/bench_fleet.py --summary " + " ".join(names) + "`", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--samples-per-round", type=int, default=50)
-    parser.add_argument("--test-samples", type=int, default=200)
+    parser.add_argument("--test-samples", type=int, default=1000, help="held-out samples per device")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--drift-scale", type=float, default=1.0)
@@ -343,6 +502,14 @@ def main() -> None:
         "--gate-agree", action="store_true", help="the gate also tries own + broadcast where their signs agree"
     )
     parser.add_argument(
+        "--gate-head", action="store_true", help="the gate also tries the broadcast with the own classifier update"
+    )
+    parser.add_argument(
+        "--gate-fresh",
+        action="store_true",
+        help="round updates close their report gate-samples samples early; the gate scores on those fresh samples",
+    )
+    parser.add_argument(
         "--write-fraction",
         type=float,
         default=0.05,
@@ -362,7 +529,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the devices' streams, drift and held-out sets")
     parser.add_argument("--name", default="fleet", help="results file stem: bench/results/NAME.json and NAME.md")
     parser.add_argument("--render", action="store_true", help="only rewrite NAME.md from bench/results/NAME.json")
+    parser.add_argument(
+        "--summary",
+        nargs="+",
+        metavar="RUN",
+        help="only write bench/results/NAME.md: federated low-rank against both local baselines over these runs",
+    )
     args = parser.parse_args()
+    if args.summary:
+        text = summary_markdown(args.summary)
+        atomic_write(RESULTS / f"{args.name}.md", lambda tmp: tmp.write_text(text))
+        print(text)
+        return
     if args.render:
         summary = json.loads((RESULTS / f"{args.name}.json").read_text())
         summary["targets"] = verdicts(summary["strategies"])
@@ -385,6 +563,8 @@ def main() -> None:
         bn_refresh=args.bn_refresh,
         gate_sum=args.gate_sum,
         gate_agree=args.gate_agree,
+        gate_fresh=args.gate_fresh,
+        gate_head=args.gate_head,
         write_fraction=args.write_fraction,
         test_classes=args.test_classes,
         strategies=tuple(args.strategy) if args.strategy else DEFAULT_STRATEGIES,
@@ -397,14 +577,16 @@ def main() -> None:
     program = {"model": str((Path(args.out) / "program").resolve())}  # the device the run will prepare or reuse
     reused = reused_strategies(args.reuse, {**json.loads(config.to_json()), **program}) if args.reuse else {}
     if reused:
-        config = replace(config, strategies=("federated-lowrank",))
+        rerun = rerun_by_reuse(args.reuse, {**json.loads(config.to_json()), **program})
+        config = replace(config, strategies=tuple(s for s in DEFAULT_STRATEGIES if s in rerun))
     t0 = time.perf_counter()
     result = run_fleet(config, args.out)
     seconds = time.perf_counter() - t0
     if local is not None:
         result["strategies"] = {"local": {**local, "from": args.local_from}, **result["strategies"]}
     if reused:
-        result["strategies"] = {**reused, **result["strategies"]}
+        merged = {**reused, **result["strategies"]}
+        result["strategies"] = {k: merged[k] for k in (*DEFAULT_STRATEGIES, *merged) if k in merged}
     write_report(result, args.out)
     checks = verdicts(result["strategies"])
     command = "python bench/bench_fleet.py " + " ".join(sys.argv[1:])

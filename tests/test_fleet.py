@@ -535,9 +535,11 @@ def test_a_local_round_device_sends_nothing_and_writes_its_own_update(tiny_fleet
 
 
 PERSONAL_CANDIDATES = {
-    # own + broadcast in one event; own + broadcast on the cells where the two steps agree in sign
-    "sum": lambda own, fleet: own + fleet,
-    "agree": lambda own, fleet: own + np.where(np.sign(fleet) == np.sign(own), fleet, 0),
+    # own + broadcast in one event; own + broadcast on the cells where the two steps agree in sign;
+    # the broadcast with the own update on the classifier (the last weight layer)
+    "sum": lambda own, fleet, last: own + fleet,
+    "agree": lambda own, fleet, last: own + np.where(np.sign(fleet) == np.sign(own), fleet, 0),
+    "head": lambda own, fleet, last: own if last else fleet,
 }
 
 
@@ -551,7 +553,8 @@ def test_a_personalised_candidate_writes_own_update_and_broadcast_in_one_event(
 
     assert gate_choice(0.5, {"fleet": 0.5, "own": 0.5, personal: 0.75}) == personal
     assert gate_choice(0.5, {"fleet": 0.75, "own": 0.5, personal: 0.75}) == "fleet"  # ties: the broadcast first
-    assert gate_choice(0.5, {"fleet": 0.5, "own": 0.75, personal: 0.75}) == "own"
+    tie = personal if personal == "head" else "own"  # the tie order: fleet, head, own, sum, agree
+    assert gate_choice(0.5, {"fleet": 0.5, "own": 0.75, personal: 0.75}) == tie
     device = fleet_device(tiny_fleet, gate_samples=8, fleet_lr=4.0, **{f"gate_{personal}": True})
     device.learn(8)
     device.report()
@@ -570,7 +573,8 @@ def test_a_personalised_candidate_writes_own_update_and_broadcast_in_one_event(
     written = device.apply(update)
     assert set(tried) == {"fleet", "own", personal} and device.gate["choice"] == personal
     assert written == device.fleet_writes > 0 and device.own_writes == 0
-    steps = {name: PERSONAL_CANDIDATES[personal](own[name], fleet[name]) for name in own}
+    last = device.trainer.net.weight_layers[-1].name
+    steps = {name: PERSONAL_CANDIDATES[personal](own[name], fleet[name], name == last) for name in own}
     assert any(not np.array_equal(steps[name], own[name]) for name in own)  # the broadcast took part
     for layer in device.trainer.net.weight_layers:
         array = device.trainer.arrays[layer.name]
@@ -598,3 +602,37 @@ def test_a_fedavg_array_tracks_every_update_event_once() -> None:
     assert DriftSpec("digital", p0=1000.0).apply(array, 10, np.random.default_rng(0)) > 0  # drift: not a write
     assert not np.array_equal(array.codes, before)
     np.testing.assert_array_equal(array.written, np.full((3, 4), 4))
+
+
+def test_fresh_gate_samples_are_in_no_report_until_the_next_one(tiny_fleet, one_thread) -> None:
+    """gate_fresh: a round's report closes gate_samples = G samples before the round ends, so the gate
+    scores on G samples in neither the own update nor the broadcast; those G samples open the next
+    report. Against a device that learns the same stream and closes its sums at the written-out steps
+    (S - G and 2S - G): the same factors in both reports, and the gate's buffer is exactly the G
+    samples after the first report closed."""
+    from edgetrain.fleet.device import pending_factors
+
+    device = fleet_device(tiny_fleet, gate_samples=3, gate_fresh=True)
+    twin = fleet_device(tiny_fleet, gate_samples=3)
+    sums = []
+    for stop in (8 - 3, 16 - 3):
+        twin.learn_samples(stop)
+        sums.append({name: pending_factors(state, 4) for name, state in twin.trainer.rule.layers.items()})
+    device.learn(8)
+    assert device.trainer.step_count == 8 and len(device.test_history) == 1
+    first = device.report()
+    images, _ = device.recent_samples()
+    torch.testing.assert_close(images, device.stream.batch(5, 8)[0])  # the gate's buffer: the fresh samples
+    # a zero broadcast: it ties with the current weights and ties go to it, so nothing is written and
+    # the twin (which writes nothing) stays comparable; the gate still scored the own update
+    assert device.apply(broadcast_of(device, 0.0)) == 0
+    assert device.gate is not None and device.gate["choice"] == "fleet" and "own" in device.gate
+    device.learn(8)
+    second = device.report()
+    for report, want in zip((first, second), sums, strict=True):
+        for name, (left, right) in want.items():
+            got = (report[f"{name}.L"].astype(np.float64), report[f"{name}.R"].astype(np.float64))
+            got = (got[0] * report[f"{name}.scale"][0], got[1] * report[f"{name}.scale"][1])
+            np.testing.assert_allclose(got[0] @ got[1].T, left @ right.T, atol=2e-3 * np.abs(left @ right.T).max())
+    with pytest.raises(ValueError, match="gate_fresh"):
+        FleetConfig(gate_fresh=True, gate_samples=50, samples_per_round=50)

@@ -31,6 +31,8 @@ FLAG_FIELDS = (  # flags whose dest is the FleetConfig field of the same name
     "write_fraction",
     "test_classes",
     "gate_agree",
+    "gate_fresh",
+    "gate_head",
 )
 
 
@@ -85,6 +87,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="gate candidate: own update plus the broadcast where their steps agree in sign (default off)",
+    )
+    p.add_argument(
+        "--gate-fresh",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="round updates: close the report gate-samples samples early and gate on those fresh samples (default off)",
+    )
+    p.add_argument(
+        "--gate-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gate candidate: the broadcast with the device's own update on the classifier (default off)",
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="run folder: fleet.json, report, device states")

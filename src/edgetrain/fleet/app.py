@@ -178,6 +178,7 @@ def update_record(round_index: int, metrics: dict[str, Any]) -> dict[str, Any]:
         "gate_own_accuracy": number("gate_own_accuracy"),
         "gate_sum_accuracy": number("gate_sum_accuracy"),
         "gate_agree_accuracy": number("gate_agree_accuracy"),
+        "gate_head_accuracy": number("gate_head_accuracy"),
         "gate_choice": None if choice < 0 else GATE_CHOICES[choice],
         "step_fro_lsb": number("update_step_fro_lsb"),  # of the broadcast as offered, all layers
         "step_max_lsb": number("update_step_max_lsb"),

@@ -62,6 +62,11 @@ class FleetConfig:
     written weights after a write. ``write_fraction`` f < 1 makes every fleet update event (the
     broadcast, the device's own round update, any strategy) sparse as LowRank's ``write_fraction``
     does: per layer only the ceil(f n m) changed cells with the largest unrounded step are written.
+    ``gate_head`` adds a personal-head candidate for federated low-rank: the broadcast on every weight
+    layer but the classifier (the last), the device's own update there.
+    ``gate_fresh`` (federated low-rank and local-round) makes the gate's samples fresh: a device
+    closes its round's report ``gate_samples`` samples before the round ends, so the samples the gate
+    scores on are in neither its own update nor the broadcast (they go into the next round's report).
     ``test_classes = "all"`` scores each device on all ten classes (rotated like its stream) while
     its stream shows it only its class subset.
     """
@@ -91,6 +96,8 @@ class FleetConfig:
     gate_samples: int = 32  # a broadcast is written only if it predicts the last N samples at least as well (0: off)
     gate_sum: bool = False  # federated low-rank: the gate also tries own update + broadcast (one event)
     gate_agree: bool = False  # ... and own + broadcast on the cells where their steps agree in sign
+    gate_head: bool = False  # ... and the broadcast with the device's own update on its classifier (last layer)
+    gate_fresh: bool = False  # round updates: the report closes gate_samples samples early; the gate scores on those
     write_fraction: float = 1.0  # sparse fleet update events: at most ceil(f n m) cells per layer (1: off)
     bn_refresh: bool | None = None  # replay the gate's buffer for BN statistics (None: on with the gate)
     batch_fc: int = 100
@@ -115,6 +122,11 @@ class FleetConfig:
             raise ValueError(f"fleet_lr must be > 0, got {self.fleet_lr}")
         if int(self.gate_samples) < 0:
             raise ValueError(f"gate_samples must be >= 0 (0 turns the gate off), got {self.gate_samples}")
+        if self.gate_fresh and not 0 < int(self.gate_samples) < int(self.samples_per_round):
+            raise ValueError(
+                "gate_fresh holds the last gate_samples samples of a round out of its report: it needs "
+                f"0 < gate_samples < samples_per_round, got {self.gate_samples} and {self.samples_per_round}"
+            )
         if self.bn_refresh is True and not int(self.gate_samples):
             raise ValueError("bn_refresh replays the gate's sample buffer: set gate_samples > 0 or bn_refresh = false")
         if self.factor_bits not in (16, 32):

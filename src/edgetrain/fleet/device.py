@@ -25,11 +25,22 @@ server's merge, written with the same step (what the device would write alone, o
 with ``gate_sum`` also their sum (the own update and the broadcast in one event), with
 ``gate_agree`` the own update reinforced where the fleet agrees: own + fleet on the cells where the
 two steps have the same sign, own alone elsewhere (a personalised candidate that writes no cell the
-own update does not: the fleet only confirms the device's own direction). The device
+own update does not: the fleet only confirms the device's own direction), with ``gate_head`` a
+personal head: the broadcast on every weight layer but the classifier (the last), the device's own
+update on the classifier (the fleet averages classifiers of devices with other classes). The device
 writes the candidate that gets the most of the N samples right (ties: the broadcast first) if it
 does at least as well as the current weights, else it writes nothing (the broadcast is declined).
 A device can do this because its stream is labelled (it learns from those labels). A device that
 has just rejoined after losing power has an empty buffer and writes the broadcast ungated.
+
+Fresh gate samples (``gate_fresh``, federated low-rank and local-round): without it the gate's buffer
+holds the last N samples of the round, which are in the device's own update (and, at 1/K, in the
+broadcast), so the gate scores its own update in-sample and prefers it. With it the device closes
+its report N samples before the round ends (the accumulator's factors taken and reset); the last N
+samples of the round are learnt into the next round's report, and the gate scores every candidate
+on those N samples, which no candidate has learnt from (still only samples the device has seen).
+Every report but the first (N fewer samples) covers ``samples_per_round`` samples; the last N
+samples of the run are never written.
 
 BN refresh (``bn_refresh``, on by default with the gate): the streaming batch-norm statistics describe the
 activations of the weights they were gathered under, so before scoring each option (the current
@@ -51,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -58,6 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.ndimage import rotate
+from threadpoolctl import threadpool_limits
 
 from edgetrain.adapt import OnlineTrainer, make_rule
 from edgetrain.adapt.checkpoint import load_state, save_state
@@ -184,7 +197,7 @@ def load_device_net(source: str | Path) -> torch.nn.Module:
     return load_model(path)[0]
 
 
-GATE_CHOICES = ("keep", "fleet", "own", "sum", "agree")
+GATE_CHOICES = ("keep", "fleet", "head", "own", "sum", "agree")  # the gate's tie order after "keep"
 
 
 def sparse_step(step: np.ndarray, x: np.ndarray, fraction: float) -> np.ndarray:
@@ -197,7 +210,7 @@ def sparse_step(step: np.ndarray, x: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def gate_choice(current: float, scores: dict[str, float]) -> str:
-    """The acceptance gate's decision: the candidate ("fleet", then "own", "sum", "agree") with the
+    """The acceptance gate's decision: the candidate ("fleet", then "head", "own", "sum", "agree") with the
     highest accuracy on the buffer if it is at least the current weights' (ties go to the fleet),
     else "keep"."""
     best = max(scores.values())
@@ -263,6 +276,7 @@ class FleetDevice:
         self.declined = 0  # broadcasts the acceptance gate declined without writing anything
         self.own_writes = 0  # update events where the gate wrote the device's own update instead
         self.own: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the factors of the last report (RAM)
+        self.closed: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # gate_fresh: the report closed early (RAM)
         self.own_norms = FactorNorms()  # RAM too: a device that rejoins starts them afresh
         self.gate: dict[str, Any] | None = None  # the last gate's accuracies and choice
         self.gate_bits = 0  # the broadcast and own factors kept for the gate's window (bits, the most)
@@ -388,6 +402,9 @@ class FleetDevice:
             if self.config.gate_sum and fleet is not None:  # personalised: own update and broadcast, one event
                 summed = {name: own[name] + fleet[name] for name in own}
                 candidates["sum"] = {name: sparse_step(s, s, self.config.write_fraction) for name, s in summed.items()}
+            if self.config.gate_head and fleet is not None:  # personal head: the fleet's body, own classifier
+                last = self.trainer.net.weight_layers[-1].name
+                candidates["head"] = {name: own[name] if name == last else fleet[name] for name in own}
             if self.config.gate_agree and fleet is not None:  # personalised: the fleet where it agrees with own
                 candidates["agree"] = {
                     name: own[name] + np.where(np.sign(fleet[name]) == np.sign(own[name]), fleet[name], 0)
@@ -420,9 +437,31 @@ class FleetDevice:
         return written
 
     def learn(self, samples: int) -> None:
-        """Predict-then-learn on the next ``samples`` samples of the stream, then score the held-out set."""
-        self.trainer.run(self.trainer.step_count + samples)
+        """Predict-then-learn on the next ``samples`` samples of the stream, then score the held-out set.
+        With ``gate_fresh`` (round updates) the round's report closes ``gate_samples`` samples before
+        the end (:meth:`close_report`); the samples after it start the next report."""
+        stop = self.trainer.step_count + samples
+        fresh = self.config.gate_fresh and self.strategy in ROUND_UPDATES
+        if fresh and samples > self.config.gate_samples:
+            self.learn_samples(stop - self.config.gate_samples)
+            self.closed = self.close_report()
+        self.trainer.run(stop)
         self.test_history.append(self.trainer.tests[-1]["accuracy"])
+
+    def learn_samples(self, stop: int) -> None:
+        """Predict-then-learn up to sample ``stop`` of the stream, without scoring the held-out set."""
+        images, labels = self.stream.batch(self.trainer.step_count, stop)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with threadpool_limits(1, user_api="blas"):  # as the trainer's loop: batch-1 products stay on one core
+            for image, label in zip(images, labels.tolist(), strict=True):
+                self.trainer.learn_sample(image, label)
+        self.trainer.seconds += time.perf_counter() - t0
+        self.trainer.cpu_seconds += time.process_time() - c0
+
+    def close_report(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A round-update device's pending gradient sums as rank-r factors per layer, its accumulators
+        reset (what :meth:`report` sends and keeps as its own update)."""
+        return {name: pending_factors(state, self.config.rank) for name, state in self.trainer.rule.layers.items()}
 
     def score(self) -> None:
         """Score the held-out set as the device stands (after the last fleet update)."""
@@ -433,8 +472,9 @@ class FleetDevice:
         (local, local-round: it keeps its factors for its own update event)."""
         payload: dict[str, np.ndarray] = {}
         if self.strategy in ROUND_UPDATES:
-            for name, state in self.trainer.rule.layers.items():
-                factors = pending_factors(state, self.config.rank)
+            closed = self.closed or self.close_report()  # gate_fresh: closed before the round's last samples
+            self.closed = {}
+            for name, factors in closed.items():
                 if self.strategy == "federated-lowrank":
                     payload.update(encode_factors(name, factors, self.config.factor_bits))
                 if self.config.gate_samples or self.strategy == "local-round":
