@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from edgetrain.graph import QuantConfig, quantize
+from edgetrain.graph.fused import release_scratch, scratch
 from edgetrain.graph.modules import QCompute, QLeakyReLU
 from edgetrain.models import create_model
 from edgetrain.tqt import TQTQuantizer
@@ -59,6 +60,38 @@ def test_fused_leaky_relu_is_bit_identical_to_the_unfused_modules(slope: float) 
         x.view(-1)[20:24] = torch.tensor([0.0, -0.0, 1e4, -1e4])  # zeros and clipped values
         grad = torch.randn(x.shape, generator=generator)
         assert module.fusable(x)
+        assert_bit_identical(leaky_step(module, x, grad, True), leaky_step(module, x, grad, False))
+
+
+def test_fused_leaky_relu_scratch_reuse_keeps_bits() -> None:
+    """The backward's scratch rows are reused across calls of every size (grown, then sliced) and start
+    64-byte aligned (torch.dot's MKL sum order depends on the alignment): still bit-identical to unfused."""
+    generator = torch.Generator().manual_seed(1)
+    module = QLeakyReLU(
+        0.1, TQTQuantizer(16, log2_t=-3.3).freeze(), TQTQuantizer(16, log2_t=1.0), TQTQuantizer(8, log2_t=0.5)
+    ).train()
+    release_scratch()
+    for shape in [(3, 5, 7, 11), (64, 17, 9, 9), (2, 3, 5, 7), (64, 17, 9, 9), (1, 1, 1, 13)]:  # none a multiple of 16
+        x = torch.randn(shape, generator=generator) * 2.0
+        grad = torch.randn(shape, generator=generator)
+        assert_bit_identical(leaky_step(module, x, grad, True), leaky_step(module, x, grad, False))
+        rows = scratch(6, x.numel())
+        assert all(row.data_ptr() % 64 == 0 for row in rows)
+    release_scratch()
+
+
+def test_fused_leaky_relu_follows_a_changed_alpha_threshold() -> None:
+    """The fused path caches alpha_q(alpha); a new threshold or slope recomputes it (still bit-identical)."""
+    generator = torch.Generator().manual_seed(2)
+    module = QLeakyReLU(
+        0.1, TQTQuantizer(16, log2_t=-3.3).freeze(), TQTQuantizer(16, log2_t=1.0), TQTQuantizer(8, log2_t=0.5)
+    ).train()
+    x = torch.randn(2, 3, 4, 5, generator=generator)
+    grad = torch.randn(x.shape, generator=generator)
+    for alpha_log2_t, slope in [(-3.3, 0.1), (-1.2, 0.1), (-1.2, 0.3)]:
+        module.alpha_q.set_log2_t(alpha_log2_t)
+        module.alpha.fill_(slope)
+        assert module.quantized_alpha() == float(module.alpha_q(module.alpha))
         assert_bit_identical(leaky_step(module, x, grad, True), leaky_step(module, x, grad, False))
 
 

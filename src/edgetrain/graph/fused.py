@@ -15,6 +15,9 @@ identical bit for bit (tests/test_graph_fused.py checks this against the unfused
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numpy as np
 import torch
 from numba import njit
@@ -75,7 +78,30 @@ def _leaky_backward(
         grad_y[i] = ga + gp * alpha
 
 
+_WORKSPACE = threading.local()
+ROW_ALIGN = 16  # float32 elements in 64 bytes, the alignment of torch's CPU allocator
+
+
+def scratch(count: int, numel: int) -> torch.Tensor:
+    """A (count, numel) float32 scratch tensor for intermediates that live inside one backward call only:
+    one buffer per thread, grown as needed and reused by every later call (a fresh multi-megabyte tensor
+    per call costs a page fault per 4 KiB page on first touch, more than the kernel's pass over it). Each row
+    starts 64-byte aligned like a fresh tensor, so that BLAS reductions over it sum in the same order."""
+    stride = -(-numel // ROW_ALIGN) * ROW_ALIGN  # rows 64-byte aligned, as torch's own allocations
+    buffer = getattr(_WORKSPACE, "buffer", None)
+    if buffer is None or buffer.numel() < count * stride:
+        buffer = _WORKSPACE.buffer = torch.empty(count * stride)
+    return buffer[: count * stride].view(count, stride)[:, :numel]
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffer (it holds 6 x the largest fused activation after a QAT step)."""
+    _WORKSPACE.buffer = None
+
+
+@functools.lru_cache(maxsize=1024)
 def _grid_array(grid: FastGrid) -> np.ndarray:
+    """The grid's five constants as a float32 array for the kernels (cached per grid; read-only)."""
     return np.array([grid.low, grid.high, grid.magic, grid.grad_low, grid.grad_high], dtype=np.float32)
 
 
@@ -107,15 +133,15 @@ class FusedLeakyReLU(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         y, out = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        buffers = [torch.empty_like(y) for _ in range(7)]
-        product, prod_q, maxed, grad_max, grad_prod, grad_pin, grad_y = (b.reshape(-1) for b in buffers)
+        grad_y = torch.empty_like(y)  # returned; the six others are consumed by the dot products below
+        product, prod_q, maxed, grad_max, grad_prod, grad_pin = scratch(6, y.numel())
         _leaky_backward(
             y.reshape(-1).numpy(),
             grad_out.reshape(-1).numpy(),
             ctx.alpha,
             *ctx.grids,
             np.float32(0.5),
-            *(b.numpy() for b in (product, prod_q, maxed, grad_max, grad_prod, grad_pin, grad_y)),
+            *(b.numpy() for b in (product, prod_q, maxed, grad_max, grad_prod, grad_pin, grad_y.reshape(-1))),
         )
         grad_prod_t = grad_out_t = None
         if ctx.needs_input_grad[1]:  # q16's threshold: ln2 (sum g q - sum g_x x), as _FastTQTQuantizeFunction
@@ -123,4 +149,4 @@ class FusedLeakyReLU(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_out_t = (torch.dot(grad_out.reshape(-1), out.reshape(-1)) - torch.dot(grad_max, maxed)).mul(LN2)
             grad_out_t = grad_out_t.reshape(())
-        return buffers[6], grad_prod_t, grad_out_t, None, None, None
+        return grad_y, grad_prod_t, grad_out_t, None, None, None

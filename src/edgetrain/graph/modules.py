@@ -23,6 +23,7 @@ from edgetrain.tqt import TQTQuantizer
 from edgetrain.tqt.quantizer import fast_grid, has_fast_path, quantized_unchanged
 
 ACTIVATIONS = ("none", "relu", "relu6")
+BN_STATISTICS = ("float", "quantized")  # QCompute.set_bn_statistics
 EXACT_FLOAT32_SUM = 1 << 24  # float32 adds integers of magnitude below 2^24 exactly
 
 
@@ -134,7 +135,9 @@ class QCompute(QuantModule):
     Training before ``freeze_bn()``: c = sqrt(var_mv + eps) / sqrt(var_B + eps) and
     b' = beta + gamma (b - mean_B) / sqrt(var_B + eps) with the batch statistics of the float
     conv (un-Bessel-corrected variance); gradients flow through mean_B and var_B by autograd; the
-    moving statistics are updated as BatchNorm does. ``kind="scale"`` is a batch norm with no
+    moving statistics are updated as BatchNorm does (``set_bn_statistics("quantized")``, opt-in with other
+    numerics: the statistics of acc / f, the layer's own quantized-weight convolution over the fold factor
+    f = gamma / sigma_mv, instead of the float conv). ``kind="scale"`` is a batch norm with no
     conv/linear before it: w = 1 per channel, i.e. a 1x1 depthwise conv holding gamma/sigma.
     Training speed: the batch statistics come from :class:`BatchMoments` (equal up to float rounding); with
     c = 1 ``q_acc`` is skipped where :meth:`unchanged_accumulator_range` proves it the identity, and with no
@@ -142,6 +145,7 @@ class QCompute(QuantModule):
     """
 
     roles = {"weight_q": "weight", "acc_q": "accumulator", "bias_q": "bias", "out_q": "activation"}
+    bn_statistics = "float"  # class default (modules pickled before the option existed); set_bn_statistics
 
     def __init__(
         self,
@@ -172,6 +176,7 @@ class QCompute(QuantModule):
         self.bias_q.log2_t = self.acc_q.log2_t  # one shared int16 scale for accumulator and bias
         self.out_q = quantizers["out_q"]
         self.register_buffer("bn_frozen", torch.tensor(bool(bn_frozen)))
+        self.bn_statistics = "float"  # or "quantized": see set_bn_statistics
         self.input_grid: tuple[TQTQuantizer, ...] = ()  # (the quantizer whose grid the input is on,) if known
 
     def freeze_bn(self) -> None:
@@ -180,6 +185,14 @@ class QCompute(QuantModule):
 
     def unfreeze_bn(self) -> None:
         self.bn_frozen.fill_(False)
+
+    def set_bn_statistics(self, source: str) -> None:
+        """Where training before ``freeze_bn()`` takes the batch statistics: ``"float"`` (default; the TQT /
+        Graffitist / Jacob et al. definition: a second, float convolution sum w x) or ``"quantized"`` (one
+        convolution: the statistics of acc / f, acc = sum q_w(w f) x; changed numerics, docs/quantization.md)."""
+        if source not in BN_STATISTICS:
+            raise ValueError(f"bn_statistics must be one of {BN_STATISTICS}, got {source!r}")
+        self.bn_statistics = source
 
     def raw(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """sum w x: the convolution, matrix product or per-channel product (no bias)."""
@@ -206,13 +219,32 @@ class QCompute(QuantModule):
             return weight, beta + gamma * (bias - bn.running_mean) * inv_mv, None
         if x is None:
             raise ValueError("training-time BN folding needs the layer input")
-        raw = self.raw(x, self.weight)
+        if self.bn_statistics == "quantized":
+            return weight, bias, None  # forward() takes the statistics from its own convolution
+        return (weight, *self._batch_fold(self.raw(x, self.weight), bias, gamma, beta))
+
+    def _batch_fold(
+        self, raw: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b', correction) from the batch statistics of ``raw`` (= sum w x, no bias); moving statistics updated."""
+        bn = self.bn
         raw_mean, var = BatchMoments.apply(raw)
         mean = raw_mean + bias  # the statistics of y = raw + bias: the bias shifts the mean only
         inv_b = torch.rsqrt(var + bn.eps)
         correction = channel_view((bn.running_var + bn.eps).sqrt() * inv_b, raw.dim())
         self._update_running_stats(mean.detach(), var.detach(), raw.numel() // raw.shape[1])
-        return weight, beta + gamma * (bias - mean) * inv_b, correction
+        return beta + gamma * (bias - mean) * inv_b, correction
+
+    def quantized_batch_fold(self, acc: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``bn_statistics="quantized"``: (b', correction) from the batch statistics of acc / f, the layer's own
+        quantized-weight convolution acc = sum q_w(w f) x divided by the fold factor f = gamma / sigma_mv,
+        instead of the float convolution sum w x (a channel with f = 0 has acc = 0 and takes 0)."""
+        bn = self.bn
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
+        factor = gamma * torch.rsqrt(bn.running_var + bn.eps)
+        factor = torch.where(factor == 0, torch.ones_like(factor), factor)
+        return self._batch_fold(acc / channel_view(factor, acc.dim()), bias, gamma, beta)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
@@ -278,6 +310,8 @@ class QCompute(QuantModule):
         weight, bias, correction = self.folded(x)
         quantized_weight = self.weight_q(weight)
         acc = self.raw(self.exact(x), self.exact(quantized_weight))
+        if self.bn_statistics == "quantized" and self.bn is not None and self.training and not bool(self.bn_frozen):
+            bias, correction = self.quantized_batch_fold(acc, bias)
         acc_range = None
         if correction is not None:
             acc = self.acc_q(acc * correction)
@@ -386,9 +420,18 @@ class QLeakyReLU(QuantModule):
             and has_fast_path(self.out_q)
         )
 
+    def quantized_alpha(self) -> float:
+        """float(alpha_q(alpha)), recomputed only when alpha, alpha_q's threshold or its format change (alpha_q
+        is frozen on the fused path, so this is a constant of the training run, not a pass per step)."""
+        key = (float(self.alpha), float(self.alpha_q.log2_t), self.alpha_q.format, self.alpha_q.rounding)
+        cached = self.__dict__.get("_alpha_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_alpha_cache"] = (key, float(self.alpha_q(self.alpha)))
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fusable(x):
-            alpha_q = float(self.alpha_q(self.alpha))
+            alpha_q = self.quantized_alpha()
             prod_grid = fast_grid(self.prod_q.format, self.prod_q.exponent)
             out_grid = fast_grid(self.out_q.format, self.out_q.exponent)
             return FusedLeakyReLU.apply(x, self.prod_q.log2_t, self.out_q.log2_t, alpha_q, prod_grid, out_grid)

@@ -8,7 +8,7 @@ from edgetrain.tqt.calibration import (
     choose_threshold,
 )
 from edgetrain.tqt.quantizer import TQTQuantizer, tqt_quantize
-from edgetrain.tqt.retrain import RetrainConfig, ThresholdHistory, retrain, split_parameters
+from edgetrain.tqt.retrain import RetrainConfig, ThresholdHistory, retrain, set_bn_statistics, split_parameters
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -20,6 +20,7 @@ __all__ = [
     "calibrate",
     "choose_threshold",
     "retrain",
+    "set_bn_statistics",
     "split_parameters",
     "tqt_quantize",
 ]

@@ -171,7 +171,7 @@ def _fake_quantize(
     x: torch.Tensor, log2_t: torch.Tensor, fmt: FixedPointFormat, rounding: Rounding, relu: bool = False
 ) -> torch.Tensor:
     """q(x), or q(relu(x)) with ``relu``, with the TQT gradients; the fused path where it applies."""
-    exponent = fmt.exponent(float(log2_t.detach()))
+    exponent = fmt.exponent(log2_t.item())
     fast = x.dtype == torch.float32 and rounding is Rounding.HALF_EVEN
     if fast and MIN_FAST_EXPONENT <= exponent <= MAX_FAST_EXPONENT:
         return _FastTQTQuantizeFunction.apply(x, log2_t, fmt, exponent, relu)
@@ -254,7 +254,7 @@ class TQTQuantizer(nn.Module):
     @property
     def exponent(self) -> int:
         """k with scale s = 2^k: ceil(log2_t) - (b-1) signed, ceil(log2_t) - b unsigned."""
-        return self.format.exponent(float(self.log2_t.detach()))
+        return self.format.exponent(self.log2_t.item())
 
     @property
     def scale(self) -> float:

@@ -6,6 +6,8 @@
   does not depend on them).
 - Batch norm uses batch statistics for the first ``bn_stat_epochs`` epoch(s), then is frozen: every
   submodule with a ``freeze_bn()`` method is told so, plain ``BatchNorm`` modules go to eval mode.
+  ``bn_statistics="quantized"`` (opt-in, other numerics) takes those statistics from each layer's own
+  quantized-weight convolution instead of a second, float one (:func:`set_bn_statistics`).
 - Optional incremental threshold freezing: after ``freeze_start*(24/B)`` steps, every 50 steps,
   freeze the not-yet-frozen threshold with the smallest mean |grad| over those steps whose
   ceil(log2_t) equals ceil of its EMA (decay 0.9999).
@@ -32,6 +34,7 @@ from edgetrain.distributed import close_distributed, init_distributed
 from edgetrain.training import Trainer, TrainHook, TrainResult, staircase
 
 REFERENCE_BATCH = 24  # Graffitist's decay periods are given for batch size 24
+BN_STATISTICS = ("float", "quantized")  # RetrainConfig.bn_statistics
 
 
 @dataclass
@@ -49,6 +52,7 @@ class RetrainConfig:
     weight_decay: float = 0.0
     train_thresholds: bool = True
     bn_stat_epochs: int = 1
+    bn_statistics: str = "float"  # "float" (exact definition) | "quantized" (one conv; changed numerics)
     freeze_thresholds: bool = False
     freeze_start: int = 1000
     freeze_every: int = 50
@@ -56,6 +60,10 @@ class RetrainConfig:
     eval_every: int | None = None
     seed: int = 0
     device: str = "cpu"  # "cpu" | "cuda" (cuda:LOCAL_RANK under torchrun)
+
+    def __post_init__(self) -> None:
+        if self.bn_statistics not in BN_STATISTICS:
+            raise ValueError(f"bn_statistics must be one of {BN_STATISTICS}, got {self.bn_statistics!r}")
 
     def scaled(self, period: int) -> int:
         """A period given at batch 24, scaled by 24/B."""
@@ -71,6 +79,18 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     for name, parameter in model.named_parameters():  # named_parameters() yields shared objects once
         (thresholds if name.endswith("log2_t") else weights).append(parameter)
     return weights, thresholds
+
+
+def set_bn_statistics(model: nn.Module, source: str) -> None:
+    """Where every folded batch norm of ``model`` takes its batch statistics before ``freeze_bn()``:
+    ``"float"`` (the default: a second, float convolution, as TQT / Graffitist / Jacob et al. define it) or
+    ``"quantized"`` (the layer's own quantized-weight convolution divided by the fold factor: one convolution
+    per layer instead of two, with other numerics; docs/quantization.md)."""
+    if source not in BN_STATISTICS:
+        raise ValueError(f"bn_statistics must be one of {BN_STATISTICS}, got {source!r}")
+    for module in model.modules():
+        if hasattr(module, "set_bn_statistics"):
+            module.set_bn_statistics(source)
 
 
 class FreezeBatchNorm(TrainHook):
@@ -181,6 +201,7 @@ def _retrain(
     hooks: Sequence[TrainHook],
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
+    set_bn_statistics(model, cfg.bn_statistics)
     weights, thresholds = split_parameters(model)
     if not cfg.train_thresholds:
         for t in thresholds:
