@@ -3,6 +3,9 @@ autograd path bit for bit, and its numba kernels equal the torch operations they
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +21,14 @@ from edgetrain.adapt.executor import (
     max_pool_backward,
     unsupported_ops,
 )
-from edgetrain.adapt.qnet import PAPER_WIDE, ROUNDING_CODES, Grid, grid_round
+from edgetrain.adapt.qnet import (
+    PAPER_WIDE,
+    ROUNDING_CODES,
+    Grid,
+    _scattered_input_gradient,
+    grid_round,
+    input_gradient,
+)
 from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.models import LRTNet
 
@@ -164,3 +174,73 @@ def test_bn_fold_requantizer_equals_the_device_requantizer(rounding):
     ]
     assert torch.equal(torch.tensor([value for value, _ in got], dtype=torch.float64), expected)
     assert torch.equal(torch.tensor([inside for _, inside in got]), mask)
+
+
+def _scatter_case(seed: int) -> tuple:
+    """A random conv (groups, stride, padding, dilation, kernel) with an 8-bit dz ~5% non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi, n=1: torch.randint(lo, hi, (n,), generator=gen).tolist()  # noqa: E731
+    groups = [1, 1, 2, 4][rand(0, 4)[0]]
+    c_in, c_out = groups * rand(1, 5)[0], groups * rand(1, 5)[0]
+    kernel, stride, padding, dilation = rand(1, 4, 2), rand(1, 3, 2), rand(0, 2, 2), rand(1, 3, 2)
+    height, width = rand(7, 12, 2)
+    layer = SimpleNamespace(is_conv=True, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    weight = torch.randint(-127, 128, (c_out, c_in // groups, *kernel), generator=gen).float() / 128
+    shape = torch.Size((1, c_in, height, width))
+    out_hw = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip((height, width), padding, dilation, kernel, stride, strict=True)
+    ]
+    dz = torch.randint(-127, 128, (1, c_out, *out_hw), generator=gen).float() / 128
+    dz = dz * (torch.rand(dz.shape, generator=gen) < 0.05)
+    dz.view(-1)[0] = 0.5  # at least one entry
+    return layer, weight, shape, dz
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_scattered_input_gradient_equals_conv2d_input(seed):
+    """W^T dz entry by entry (any groups, stride, padding, dilation) = conv2d_input bit for bit."""
+    layer, weight, shape, dz = _scatter_case(seed)
+    dense = torch.nn.grad.conv2d_input(shape, weight, dz, layer.stride, layer.padding, layer.dilation, layer.groups)
+    scattered = _scattered_input_gradient(shape, weight, dz, layer, (1 / 128, 1 / 128))
+    assert scattered is not None and torch.equal(scattered, dense)
+    assert torch.equal(input_gradient(shape, weight, dz, layer, (1 / 128, 1 / 128)), dense)
+
+
+def test_scattered_input_gradient_declines_where_it_could_be_inexact_or_dense():
+    layer, weight, shape, dz = _scatter_case(0)
+    units = (1 / 128, 1 / 128)
+    assert _scattered_input_gradient(shape, weight, dz + 2.0**-12 * (dz != 0), layer, units) is None  # off grid
+    assert _scattered_input_gradient(shape, weight * 2**20, dz, layer, units) is None  # above 2^24
+    assert _scattered_input_gradient(shape, weight, dz.double(), layer, units) is None  # float64: dense kernel
+    dense_dz = torch.randint(1, 128, dz.shape).float() / 128
+    assert _scattered_input_gradient(shape, weight, dense_dz, layer, units) is None  # too many entries
+
+
+def test_scattered_input_gradient_format_bound_and_linear():
+    """With a weight format the column sums are bounded from it first; where that bound is too loose
+    the weights' own column sums decide (the result is still exact). Linear layers scatter rows."""
+    layer, weight, shape, dz = _scatter_case(3)
+    layer.formats = SimpleNamespace(weight=SimpleNamespace(bits=30))  # format bound far above 2^24
+    dense = torch.nn.grad.conv2d_input(shape, weight, dz, layer.stride, layer.padding, layer.dilation, layer.groups)
+    assert torch.equal(_scattered_input_gradient(shape, weight, dz, layer, (1 / 128, 1 / 128)), dense)
+    linear = SimpleNamespace(is_conv=False, formats=SimpleNamespace(weight=SimpleNamespace(bits=8)))
+    w = torch.randint(-127, 128, (300, 260)).float() / 128
+    g = torch.randint(-127, 128, (1, 300)).float() / 128 * (torch.rand(1, 300) < 0.1)
+    assert torch.equal(_scattered_input_gradient(torch.Size((1, 260)), w, g, linear, (1 / 128, 1 / 128)), g @ w)
+    assert torch.equal(input_gradient(torch.Size((1, 260)), w, g, linear, (1 / 128, 1 / 128)), g @ w)
+
+
+def test_scatter_weights_follow_set_codes(stream):
+    """The scatter's laid-out weights are dropped when the codes change (a write or drift)."""
+    net = DeviceNet.from_program(_program("lrt-cnn", stream.batch(0, 64)[0]))
+    layer = next(layer for layer in net.weight_layers if layer.is_conv and layer.shape2d[1] > 9)
+    x_shape = torch.Size((1, layer.weight_shape[1], 10, 10))
+    dz = torch.zeros(1, layer.weight_shape[0], 8, 8)
+    dz[0, 1, 2, 3], dz[0, 0, 5, 5] = 2.0**-6, -(2.0**-7)
+    units = (2.0**-7, math.ldexp(1.0, layer.k_w))
+    for codes in (layer.codes(), -layer.codes()):
+        layer.set_codes(codes)
+        expected = torch.nn.grad.conv2d_input(x_shape, layer.weight32(), dz)
+        got = _scattered_input_gradient(x_shape, layer.weight32(), dz, layer, units)
+        assert got is not None and torch.equal(got, expected)

@@ -403,6 +403,7 @@ class DeviceLayer(GradQuantMixin):
         weight = self.weight.detach().view(self.shape2d).numpy()
         row_l1 = _load_codes(codes2d, math.ldexp(1.0, self.k_w), weight, self._weight32.view(self.shape2d).numpy())
         self._exact32 = self.float32_units and row_l1 * self.input_code_max <= FLOAT32_EXACT_BOUND
+        self._input_grad_cache = None  # input_gradient's laid-out weights are stale
 
     def weight32(self) -> torch.Tensor:
         """The weights in float32 (exact: 8-bit codes times 2^k_w), cached until the codes change."""

@@ -318,6 +318,7 @@ class QWeight(GradQuantMixin):
         with torch.no_grad():
             self.weight.copy_(values.view_as(self.weight))
         self._frozen_wq = None
+        self._input_grad_cache = None
 
     def codes(self) -> np.ndarray:
         """Current stored codes as an (n_out x n_in) int64 matrix."""
@@ -343,6 +344,10 @@ def input_gradient(
     added back into the image, col2im) whenever the float32 sums are provably exact: every dx entry
     sums terms of magnitude <= max|dz| |W[:, c]|_1, so max|dz / u_dz| max_c |W[:, c] / u_w|_1 <= 2^24
     makes the result the same in any order, the dense kernel's included."""
+    if units is not None and dz.shape[0] == 1 and (layer.is_conv or weight.numel() >= SCATTER_MIN_LINEAR):
+        dx = _scattered_input_gradient(shape, weight, dz, layer, units)
+        if dx is not None:
+            return dx
     if not layer.is_conv:
         return (dz @ weight).view(shape)
     dilation, groups = getattr(layer, "dilation", 1), getattr(layer, "groups", 1)
@@ -351,6 +356,124 @@ def input_gradient(
         if dx is not None:
             return dx
     return torch.nn.grad.conv2d_input(shape, weight, dz, layer.stride, layer.padding, dilation, groups)
+
+
+SCATTER_GRADIENT_SHARE = 4  # W^T dz entry by entry when at most 1/4 of dz's entries are non-zero
+SCATTER_MIN_LINEAR = 2**16  # smaller linear layers: the dense product costs less than the call
+
+
+def _laid_weights(layer: Any, weight: torch.Tensor) -> np.ndarray:
+    """W laid out for the scatter (n_out x kh x kw x c_in/groups; a linear layer's n_out x 1 x 1 x n_in),
+    float32; a conv's copy is cached on the layer until ``weight`` is another tensor or the layer's codes
+    change (``set_codes`` drops the cache)."""
+    values = weight.detach()
+    if not layer.is_conv:
+        return values.contiguous().numpy().reshape(values.shape[0], 1, 1, -1)
+    cache = getattr(layer, "_input_grad_cache", None)
+    if cache is None or cache[0] is not weight:
+        cache = (weight, np.ascontiguousarray(values.permute(0, 2, 3, 1).numpy()))
+        layer._input_grad_cache = cache
+    return cache[1]
+
+
+def _scattered_input_gradient(
+    shape: torch.Size, weight: torch.Tensor, dz: torch.Tensor, layer: Any, units: tuple[float, float]
+) -> torch.Tensor | None:
+    """:func:`input_gradient` as a scatter of dz's non-zero entries (``dx[c, window] += dz[o, pixel]
+    W[o, c, window]``), any groups; None where it would not pay (more than 1/SCATTER_GRADIENT_SHARE of
+    the entries non-zero) or could be inexact. Exact under the same bound as :func:`_sparse_input_gradient`
+    (dz on its grid, ``max|dz / u_dz| max_c |W[:, c] / u_w|_1 <= 2^24``), so it equals the dense kernel
+    bit for bit: every partial sum of every dx entry is an integer multiple of u_dz u_w below 2^24 of
+    them, exact in float32 in any order. The column sum is first bounded from the weight format alone
+    (``n_out kh kw 2^(bits-1)``) and computed only when that bound is not enough."""
+    if dz.dtype != torch.float32 or weight.dtype != torch.float32 or math.log2(units[0] * units[1]) < -100:
+        return None
+    grad = dz[0].detach().contiguous().numpy()
+    laid = _laid_weights(layer, weight)
+    if layer.is_conv:
+        flat = grad.reshape(grad.shape[0], -1)
+        kernel = (laid.shape[1], laid.shape[2])
+        stride, padding = pair(layer.stride), pair(layer.padding)
+        dilation = pair(getattr(layer, "dilation", 1))
+        out = np.empty((shape[2], shape[3], shape[1]), np.float32)  # H x W x C: the scatter runs along C
+        out_width = grad.shape[2]
+    else:
+        flat = grad.reshape(-1, 1)  # n_out x 1 "pixel"
+        kernel, stride, padding, dilation = (1, 1), (1, 1), (0, 0), (1, 1)
+        out = np.empty((1, 1, laid.shape[3]), np.float32)
+        out_width = 1
+    formats = getattr(layer, "formats", None)
+    column_bound = math.inf
+    if formats is not None:
+        column_bound = float(laid.shape[0] * laid.shape[1] * laid.shape[2]) * 2.0 ** (formats.weight.bits - 1)
+    args = (flat, laid, out, out_width, kernel, stride, padding, dilation, int(getattr(layer, "groups", 1)))
+    inverse = np.float32(1.0 / units[0])
+    status = _scatter_gradient(*args, inverse, column_bound, float(FLOAT32_EXACT), SCATTER_GRADIENT_SHARE)
+    if status == SCATTER_OVER_BOUND:  # the format's bound is not enough: the weights' own column sums
+        values = weight.detach()
+        column_l1 = float(values.abs().sum([d for d in range(values.dim()) if d != 1]).max()) / units[1]
+        status = _scatter_gradient(*args, inverse, column_l1, float(FLOAT32_EXACT), SCATTER_GRADIENT_SHARE)
+    if status != SCATTER_DONE:
+        return None
+    if not layer.is_conv:
+        return torch.from_numpy(out.reshape(-1)).view(shape)
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).view(shape)
+
+
+SCATTER_DONE, SCATTER_DECLINED, SCATTER_OVER_BOUND = 0, 1, 2
+FLOAT32_EXACT = 2**24  # every integer of magnitude <= 2^24 is a float32
+
+
+@njit(cache=True)
+def _scatter_gradient(
+    grad, weight, out, out_width, kernel, stride, padding, dilation, groups, inverse, column_l1, bound, share
+):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """out (H x W x C_in, zero-filled here) = sum over the non-zero grad[o, p] (n_out x P, P = pixels
+    of ``out_width`` per row) of grad[o, p] weight[o, ky, kx, :] at the window's input pixels (zero
+    padding outside), input channels of o's group; returns 0, or, writing nothing, 1 when more than
+    1/share of the entries are non-zero or an entry is not an integer multiple of 1 / ``inverse``, 2
+    when max|grad| ``inverse`` ``column_l1`` exceeds ``bound``."""
+    n_out, pixels = grad.shape
+    largest = 0.0
+    count = 0
+    for o in range(n_out):
+        for p in range(pixels):
+            v = grad[o, p]
+            if v != 0:
+                code = v * inverse
+                if code != np.rint(code):
+                    return 1
+                largest = max(largest, abs(code))
+                count += 1
+    if share * count > n_out * pixels:
+        return 1
+    if largest * column_l1 > bound:
+        return 2
+    out[:] = 0.0
+    h, w, channels = out.shape
+    per_group = channels // groups
+    out_per_group = n_out // groups
+    kh, kw = kernel
+    for o in range(n_out):
+        base = (o // out_per_group) * per_group
+        for p in range(pixels):
+            v = grad[o, p]
+            if v == 0:
+                continue
+            oy, ox = p // out_width, p % out_width
+            for ky in range(kh):
+                iy = oy * stride[0] - padding[0] + ky * dilation[0]
+                if iy < 0 or iy >= h:
+                    continue
+                for kx in range(kw):
+                    ix = ox * stride[1] - padding[1] + kx * dilation[1]
+                    if ix < 0 or ix >= w:
+                        continue
+                    row = weight[o, ky, kx]
+                    target = out[iy, ix, base : base + per_group]  # a view: the loop vectorizes
+                    for c in range(per_group):
+                        target[c] += v * row[c]
+    return 0
 
 
 def _sparse_input_gradient(
