@@ -17,9 +17,23 @@ from pathlib import Path
 import pytest
 
 from edgetrain.fleet import run_fleet
+from edgetrain.fleet.engine import ProcessGroups, alive, carriers, descendants
 
 ENGINE_PROCESSES = ("ray::", "raylet", "gcs_server", "flower-superlink", "flower-supernode", "flower-superexec",
                     "flwr-serverapp", "flwr-clientapp")  # fmt: skip
+
+
+@pytest.fixture
+def fleet_token():
+    """A token for this test's processes (in their environment); whatever still carries it when the
+    test ends, passed or failed, is killed, so a failed run leaves nothing behind either."""
+    token = uuid.uuid4().hex
+    yield token
+    for pid in carriers(f"EDGETRAIN_FLEET_TEST={token}"):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def engine_processes(token: str) -> set[tuple[int, str]]:
@@ -45,8 +59,8 @@ def engine_processes(token: str) -> set[tuple[int, str]]:
 
 
 @pytest.mark.slow
-def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_lrt_model_file) -> None:
-    token = uuid.uuid4().hex
+def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_lrt_model_file, fleet_token) -> None:
+    token = fleet_token
     out = tmp_path / "fleet"
     argv = [str(Path(sys.executable).parent / "edgetrain"), "fleet", "--devices", "3", "--rounds", "2", "--strategy",
             "federated-lowrank", "--samples-per-round", "8", "--test-samples", "20", "--model", tiny_lrt_model_file,
@@ -79,8 +93,8 @@ def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_lrt_mo
 
 
 @pytest.mark.slow
-def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_fleet, monkeypatch) -> None:
-    token = uuid.uuid4().hex
+def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_fleet, monkeypatch, fleet_token) -> None:
+    token = fleet_token
     monkeypatch.setenv("EDGETRAIN_FLEET_TEST", token)  # inherited by every process the engine starts
     config = tiny_fleet(
         rounds=1,
@@ -109,3 +123,27 @@ def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_fl
     assert any("flower-superlink" in args for _, args in seen), "the SuperLink was not found while the fleet ran"
     assert sum("flower-supernode" in args for _, args in seen) == 2, "the 2 SuperNodes were not found while it ran"
     assert not engine_processes(token), "a SuperLink, SuperNode or SuperExec outlived the run"
+
+
+def test_process_groups_stop_reaches_a_reparented_process(tmp_path) -> None:
+    """A child that starts a grandchild in a new session and exits: the grandchild is re-parented to
+    init (no descendant of anything started, outside every started group) and must still be stopped."""
+    groups = ProcessGroups(tmp_path / "logs")
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess; p = subprocess.Popen(['sleep', '300'], start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))"
+    )
+    child = groups.start("parent", [sys.executable, "-c", script], dict(os.environ))
+    child.wait(timeout=60)
+    grandchild = int(pid_file.read_text())
+    try:
+        assert Path(f"/proc/{grandchild}").exists() and grandchild not in descendants({child.pid})
+        groups.stop(grace=2.0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alive(grandchild):
+            time.sleep(0.1)
+        assert not alive(grandchild), "the re-parented grandchild outlived ProcessGroups.stop"
+    finally:
+        if alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -166,16 +167,23 @@ def wait_for_port(port: int, seconds: float) -> None:
 
 
 class ProcessGroups:
-    """Processes started in their own process groups; :meth:`stop` ends every group (children too)."""
+    """Processes started in their own process groups; :meth:`stop` ends every group, every descendant,
+    and every process that carries this run's token (``EDGETRAIN_FLEET_RUN`` in its environment,
+    inherited by all it starts): a Ray or Flower process whose parent died is re-parented to init
+    and is no descendant any more, but it still carries the token."""
+
+    TOKEN_VARIABLE = "EDGETRAIN_FLEET_RUN"
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.token = uuid.uuid4().hex
 
     def start(
         self, name: str, argv: list[str], env: dict[str, str], inherit_output: bool = False
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` in a new process group, its output in logs/NAME.log (or this process's)."""
+        env = {**env, self.TOKEN_VARIABLE: self.token}
         if inherit_output:
             proc = subprocess.Popen(argv, env=env, start_new_session=True)
         else:
@@ -188,7 +196,7 @@ class ProcessGroups:
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL, to every group and every descendant (some start their own session)."""
         family = {proc.pid for proc in self.procs}
-        family |= descendants(family)
+        family |= descendants(family) | carriers(f"{self.TOKEN_VARIABLE}={self.token}")
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in family:
                 for kill in (os.killpg, os.kill):
@@ -197,7 +205,7 @@ class ProcessGroups:
                     except (ProcessLookupError, PermissionError):
                         pass
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+            while time.monotonic() < deadline and any(alive(pid) for pid in family):
                 for proc in self.procs:
                     proc.poll()
                 time.sleep(0.1)
@@ -205,12 +213,27 @@ class ProcessGroups:
             proc.wait(timeout=grace)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, already dead, counts as gone)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def carriers(marker: str) -> set[int]:
+    """Every live process whose environment holds the entry ``marker`` (``NAME=value``; from /proc,
+    Linux; processes of other users are not readable and not ours)."""
+    wanted = marker.encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
+                    found.add(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile, or not ours
+    return found
 
 
 def descendants(roots: set[int]) -> set[int]:
