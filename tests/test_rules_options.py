@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from edgetrain.adapt.rules import (
 )
 from edgetrain.cli import CLIError, build_parser
 from edgetrain.cli.adapt import rule_options
+from edgetrain.nvm import NVMArray
 
 
 def test_options_are_validated_with_one_line_errors() -> None:
@@ -163,6 +165,55 @@ def test_endurance_governor_never_exceeds_the_budget() -> None:
     assert free_arrays["fc"].max_writes == samples
     aux = rule.aux_memory_bits()["fc"]
     assert aux == free.aux_memory_bits()["fc"] + 16 * math.ceil(math.log2(endurance + 1))  # per-cell counters
+
+
+def governed_writes(burst: int | None, idle: int = 20, active: int = 20) -> list[int]:
+    """Cumulative writes of a 1 x 2 layer under the governor E = 5, T = 20 (a write per 4 samples):
+    ``idle`` samples with a zero update, then ``active`` samples that each want to change every cell
+    (x = +-5 LSB, alternating); the rule's own step codes are written each sample."""
+    layer = FakeLayer("fc", 1, 2)
+    rule, arrays = lowrank(layer, endurance=5.0, lifetime_samples=20.0, governor_burst=burst)
+    counts = []
+    for sample in range(1, idle + active + 1):
+        x = np.zeros((1, 2)) if sample <= idle else np.full((1, 2), 5.0 if sample % 2 else -5.0)
+        rule.write(layer, rule.step_codes(layer, x, samples=sample))
+        assert arrays["fc"].write_counts.max() <= math.floor(5.0 * sample / 20.0)  # never past the budget
+        counts.append(int(arrays["fc"].write_counts[0, 0]))
+    return counts
+
+
+def test_token_governor_caps_saved_up_writes_in_few_bits() -> None:
+    lifetime, tokens = governed_writes(None), governed_writes(2)
+    # lifetime counter: the 5 writes saved while idle are spent at once, then one per 4 samples (budget floor(s/4))
+    assert lifetime[20:] == [min(s - 20, s // 4) for s in range(21, 41)]
+    # burst 2: only 2 saved-up writes, then a token each time the budget grows (samples 24, 28, ...)
+    assert tokens[20:] == [min(s - 20, 2) + (s - 20) // 4 for s in range(21, 41)]
+    assert governed_writes(5) == lifetime == governed_writes(50)  # C >= E: the lifetime governor exactly
+    layer = FakeLayer("fc", 3, 4)
+    rule, _ = lowrank(layer, rank=1, endurance=1e6, lifetime_samples=1e8, governor_burst=4)
+    free, _ = lowrank(FakeLayer("fc", 3, 4), rank=1)
+    assert rule.aux_memory_bits()["fc"] == free.aux_memory_bits()["fc"] + 12 * 3  # ceil(log2(5)) = 3 bits per cell
+    with pytest.raises(ValueError, match="governor_burst needs the governor"):
+        LowRankOptions(governor_burst=4)
+
+
+def test_token_governor_pays_for_writes_it_did_not_make_and_resumes() -> None:
+    layer = FakeLayer("fc", 1, 2)
+    rule, arrays = lowrank(layer, endurance=1.0, lifetime_samples=1.0, governor_burst=2)
+    x = np.full((1, 2), 3.0)
+    np.testing.assert_array_equal(rule.step_codes(layer, x, samples=2), [[3, 3]])  # 2 tokens each
+    assert arrays["fc"].apply_update(np.array([[1, 0]])) == 1  # a write the rule did not gate (a fleet step)
+    assert arrays["fc"].apply_update(np.array([[1, 0]])) == 1
+    # cell 0 paid both its tokens; the budget does not grow at the same sample: cell 1 alone may write
+    np.testing.assert_array_equal(rule.step_codes(layer, x, samples=2), [[0, 3]])
+    resumed = make_rule("lowrank", rule.options)
+    restored = {"fc": NVMArray.from_state_dict(arrays["fc"].state_dict())}  # a resume restores the NVM too
+    resumed.bind(SimpleNamespace(weight_layers=[FakeLayer("fc", 1, 2)], bn_layers=[]), restored, 0)
+    resumed.load_state_dict(rule.state_dict())
+    for governor in (rule, resumed):  # one sample later each cell gains one token, cell 1 keeps its cap of 2
+        np.testing.assert_array_equal(governor.layers["fc"].tokens.tokens, [[0, 2]])
+        np.testing.assert_array_equal(governor.step_codes(layer, x, samples=3), [[3, 3]])
+        np.testing.assert_array_equal(governor.layers["fc"].tokens.tokens, [[1, 2]])
 
 
 def test_sparse_events_write_the_largest_cells_inside_the_budget() -> None:

@@ -153,11 +153,19 @@ class LowRankOptions(RuleOptions):
     )
     endurance: float | None = option(None, "governor: cell endurance in writes (with lifetime_samples)", above=0.0)
     lifetime_samples: float | None = option(None, "governor: target lifetime in samples (with endurance)", above=0.0)
+    governor_burst: int | None = option(
+        None,
+        "governor: most unused writes a cell may save up, a saturating per-cell token counter of "
+        "ceil(log2(burst + 1)) bits (default: a lifetime write counter of ceil(log2(endurance + 1)) bits)",
+        low=1,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.endurance is None) != (self.lifetime_samples is None):
             raise ValueError("lowrank options endurance and lifetime_samples go together: set both or neither")
+        if self.governor_burst is not None and self.endurance is None:
+            raise ValueError("lowrank option governor_burst needs the governor: set endurance and lifetime_samples")
         for name in ("write_fraction", "write_fraction_fc"):
             fraction = getattr(self, name)
             if fraction is not None and fraction < 1.0 and fraction <= self.rho_min:
@@ -468,6 +476,40 @@ class _LowRankLayer:
     mult: float = 0.0
     norm_l: MaxNorm | None = None
     norm_r: MaxNorm | None = None
+    tokens: TokenGovernor | None = None
+
+
+@dataclass
+class TokenGovernor:
+    """The endurance governor's per-cell write tokens with a burst cap C (``governor_burst``): at each
+    update event at sample t, every cell gains the budget's growth floor(E t / T) - floor(E t' / T)
+    since the last event t' (capped at C) and pays one token per code-change write since then (floor
+    0); only cells holding a token may be written. Tokens only ever come from the budget, so a cell's
+    writes never exceed floor(E t / T); with C >= E it is the lifetime-counter governor exactly.
+    ``seen`` (the array's write counters at the last event) is the simulator's way to find the writes
+    since then; a device decrements the token when it writes the cell."""
+
+    burst: int
+    tokens: np.ndarray
+    seen: np.ndarray
+    budget: int = 0
+
+    def refresh(self, budget: int, write_counts: np.ndarray) -> np.ndarray:
+        """Accrue to ``budget``, pay for the writes since the last event; returns who may write."""
+        gained = budget - self.budget
+        np.minimum(self.tokens + gained, self.burst, out=self.tokens)
+        np.maximum(self.tokens - (write_counts - self.seen), 0, out=self.tokens)
+        self.seen[:] = write_counts
+        self.budget = budget
+        return self.tokens >= 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens.copy(), "seen": self.seen.copy(), "budget": self.budget}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens[:] = state["tokens"]
+        self.seen[:] = state["seen"]
+        self.budget = int(state["budget"])
 
 
 class LowRank(UpdateRule):
@@ -487,7 +529,9 @@ class LowRank(UpdateRule):
     ``error_feedback``, from the unwritten remainder (:meth:`feedback`); else it keeps accumulating.
 
     Endurance governor (``endurance`` E, ``lifetime_samples`` T): after t samples a cell may hold at
-    most floor(E t / T) code-change writes, so no cell reaches E before T samples.
+    most floor(E t / T) code-change writes, so no cell reaches E before T samples; kept with a
+    lifetime write counter per cell, or (``governor_burst`` C) with a C-capped token counter
+    (:class:`TokenGovernor`), which holds the same bound in ceil(log2(C + 1)) bits per cell.
     """
 
     name = "lowrank"
@@ -516,7 +560,11 @@ class LowRank(UpdateRule):
                 dense = np.zeros((n, m))
             norms = (MaxNorm(), MaxNorm()) if o.max_norm else (None, None)
             batch = o.batch_conv if layer.is_conv else o.batch_fc
-            self.layers[layer.name] = _LowRankLayer(acc, dense, batch, 0.0, *norms)
+            tokens = None
+            if o.governor_burst is not None:
+                counts = arrays[layer.name].write_counts
+                tokens = TokenGovernor(o.governor_burst, np.zeros(counts.shape, dtype=np.int64), counts.copy())
+            self.layers[layer.name] = _LowRankLayer(acc, dense, batch, 0.0, *norms, tokens)
         self.update_events = {name: 0 for name in self.layers}
 
     @torch.no_grad()
@@ -569,7 +617,11 @@ class LowRank(UpdateRule):
         if o.write_threshold > 0:
             step_codes[np.abs(x) < o.write_threshold] = 0
         budget = self.allowed_writes(samples)
-        if budget is not None:
+        tokens = self.layers[layer.name].tokens
+        if tokens is not None:
+            assert budget is not None
+            step_codes[~tokens.refresh(budget, self.arrays[layer.name].write_counts)] = 0
+        elif budget is not None:
             step_codes[self.arrays[layer.name].write_counts >= budget] = 0
         fraction = o.write_fraction if layer.is_conv or o.write_fraction_fc is None else o.write_fraction_fc
         if fraction < 1.0:
@@ -612,16 +664,18 @@ class LowRank(UpdateRule):
 
     def aux_memory_bits(self) -> dict[str, int]:
         """Accumulator bits (``kronecker_sum_aux_bits``, or n m 16 for a dense grouped-conv sum), plus
-        a per-cell write counter of ceil(log2(E + 1)) bits when the endurance governor is on."""
+        per cell, when the endurance governor is on, a write counter of ceil(log2(E + 1)) bits or a
+        token counter of ceil(log2(C + 1)) bits (``governor_burst`` C)."""
         assert self.net is not None
         out = {}
-        endurance = self.options.endurance
+        o = self.options
+        counter_max = o.governor_burst if o.governor_burst is not None else o.endurance
         for layer in self.net.weight_layers:
             state = self.layers[layer.name]
             n, m = layer.shape2d
             bits = state.acc.aux_memory_bits() if state.acc is not None else dense_accumulator_bits(n, m)
-            if endurance is not None:
-                bits += n * m * math.ceil(math.log2(endurance + 1))
+            if counter_max is not None:
+                bits += n * m * math.ceil(math.log2(counter_max + 1))
             out[layer.name] = bits
         return out
 
@@ -635,6 +689,8 @@ class LowRank(UpdateRule):
                 entry["dense"] = s.dense.copy()
             if s.norm_l is not None and s.norm_r is not None:
                 entry["norm_l"], entry["norm_r"] = norm_state(s.norm_l), norm_state(s.norm_r)
+            if s.tokens is not None:
+                entry["tokens"] = s.tokens.state_dict()
             layers[name] = entry
         return {**super().state_dict(), "layers": layers, "update_events": dict(self.update_events)}
 
@@ -650,6 +706,8 @@ class LowRank(UpdateRule):
             if s.norm_l is not None and s.norm_r is not None:
                 load_norm_state(s.norm_l, entry["norm_l"])
                 load_norm_state(s.norm_r, entry["norm_r"])
+            if s.tokens is not None:
+                s.tokens.load_state_dict(entry["tokens"])
         self.update_events = {k: int(v) for k, v in state["update_events"].items()}
 
 
