@@ -84,3 +84,35 @@ def test_cli_errors_are_reported_without_traceback(tmp_path, capsys) -> None:
     assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt")]) == 1  # a failure, not a usage error
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "corrupt" in err[0]
+
+
+def test_quantize_bn_statistics_flag_reaches_retrain_and_the_model_file(tmp_path, capsys, monkeypatch) -> None:
+    """``--bn-statistics``: float by default, passed to RetrainConfig, printed and recorded in the model file
+    (``recipe``); a value outside float | quantized is a usage error naming both."""
+    import pytest
+
+    import edgetrain.cli.quantize as quantize_cli
+    from edgetrain.cli import build_parser
+    from edgetrain.modelfile import read_model_file
+
+    args = ["quantize", "--float", "f.pt", "--mode", "retrain", "--out", "q.pt"]
+    assert quantize_cli.recipe_from_args(build_parser().parse_args(args)).bn_statistics == "float"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*args, "--bn-statistics", "approximate"])
+    err = capsys.readouterr().err
+    assert "--bn-statistics: invalid choice: 'approximate'" in err and "float" in err and "quantized" in err
+    f, q = str(tmp_path / "float.pt"), str(tmp_path / "int8.pt")
+    common = ["--threads", "1", "--train-samples", "64"]
+    assert main(["train", "--model", "mnistnet", "--data", "digits", "--epochs", "1", *common, "--out", f]) == 0
+    seen, real = [], quantize_cli.retrain
+
+    def spy(qmodel, train, val, recipe, **kwargs):
+        seen.append(recipe)
+        return real(qmodel, train, val, recipe, progress=False, **kwargs)
+
+    monkeypatch.setattr(quantize_cli, "retrain", spy)
+    flags = ["--mode", "retrain", "--bn-statistics", "quantized", "--calib", "32", "--batch-size", "32"]
+    assert main(["quantize", "--float", f, *flags, *common, "--out", q]) == 0
+    assert [recipe.bn_statistics for recipe in seen] == ["quantized"]
+    assert "(BN statistics: quantized)" in capsys.readouterr().out
+    assert read_model_file(q, "quantized")["recipe"]["bn_statistics"] == "quantized"

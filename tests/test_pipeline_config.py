@@ -132,3 +132,37 @@ def test_the_demo_config_is_valid_and_its_digits_fallback_scores_the_whole_test_
     assert config.adapt.rules == ["lowrank", "sgd-sr", "bias-only", "inference"]  # fair SGD and no-adaptation baselines
     fallback = validate_config(fallback_to_digits(demo_config("runs/x")))
     assert (fallback.data.dataset, fallback.data.test_samples, fallback.adapt.rules) == ("digits", 0, [])
+
+
+def test_bn_statistics_key_is_validated_and_reaches_the_retrain_recipe(tmp_path: Path, monkeypatch) -> None:
+    """``[quantize] bn_statistics``: checked by name, passed to RetrainConfig by the quantize stage and
+    recorded in the stage's inputs (stage.json) and summary (the recipe)."""
+    from edgetrain.pipeline import run as pipeline_run
+    from edgetrain.pipeline.models import build_model, retrain_settings
+    from edgetrain.pipeline.stages import StageResult
+
+    assert PipelineConfig().quantize.bn_statistics == "float"
+    unknown = r"\[quantize\] bn_statistics = 'quantised' is unknown \(did you mean 'quantized'\?\); valid: float, quant"
+    with pytest.raises(ConfigError, match=unknown):
+        validate_config(config_from_dict({"quantize": {"bn_statistics": "quantised"}}))
+    assert retrain_settings(PipelineConfig().quantize).bn_statistics == "float"
+    raw = {
+        "data": {"dataset": "digits", "train_samples": 64, "test_samples": 32},
+        "quantize": {"calibration_samples": 32, "batch_size": 32, "bn_statistics": "quantized"},
+    }
+    config = validate_config(config_from_dict(raw))
+    data = pipeline_run.load_pipeline_data(config)
+    (tmp_path / "pretrain").mkdir()
+    pipeline_run.save_state(config, "float", build_model(config.model, data.train), tmp_path / "pretrain" / "model.pt")
+    pretrained = StageResult("pretrain", "0" * 16, {}, tmp_path / "pretrain", False)
+    seen, real = [], pipeline_run.retrain
+
+    def spy(qmodel, train, val, recipe, **kwargs):
+        seen.append(recipe)
+        return real(qmodel, train, val, recipe, progress=False, **kwargs)
+
+    monkeypatch.setattr(pipeline_run, "retrain", spy)
+    result = pipeline_run.quantize_stage(config, data, tmp_path, pretrained, lambda _: None)
+    assert [recipe.bn_statistics for recipe in seen] == ["quantized"]
+    assert result.summary["recipe"]["bn_statistics"] == "quantized"
+    assert json.loads((tmp_path / "quantize" / "stage.json").read_text())["inputs"]["bn_statistics"] == "quantized"

@@ -34,7 +34,7 @@ from edgetrain.models import MODELS
 from edgetrain.pipeline.config import QuantizeSection
 from edgetrain.pipeline.models import model_from_spec, quant_settings
 from edgetrain.tqt import CALIBRATION_METHODS
-from edgetrain.tqt.retrain import RetrainConfig, retrain
+from edgetrain.tqt.retrain import BN_STATISTICS, RetrainConfig, retrain
 from edgetrain.training import evaluate, train_float
 
 
@@ -118,6 +118,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipe_from_args(args: argparse.Namespace) -> RetrainConfig:
+    """``edgetrain quantize --mode retrain``'s flags as the TQT recipe's :class:`RetrainConfig`."""
+    return RetrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        weight_lr=args.weight_lr,
+        bn_statistics=args.bn_statistics,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model, meta = load_float(args.float)
@@ -138,22 +150,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     calib = train.images[: args.calib]
     qmodel = quantize(model, calib[:1], calib, config, mode=args.mode)
+    extra: dict[str, Any] = {}
     if args.mode == "retrain":
-        recipe = RetrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, weight_lr=args.weight_lr, seed=args.seed, device=args.device
-        )
+        recipe = recipe_from_args(args)
         retrain(qmodel, train, val, recipe, checkpoint=args.out + ".resume")
         if not is_main_process():  # under torchrun: rank 0 reports and writes the model file
             return 0
+        extra["recipe"] = recipe.as_dict()  # recorded in the model file (bn_statistics among them)
+    statistics = f" (BN statistics: {args.bn_statistics})" if args.mode == "retrain" else ""
     print(
-        f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}: val top-1 "
+        f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}{statistics}: val top-1 "
         f"{100 * evaluate(qmodel, val):.2f}% (float {100 * evaluate(model, val):.2f}%)"
     )
     if args.table:
         print(qmodel.quantizer_table())
     if args.analyze:
         _print_analysis(qmodel, calib, val, args.analyze)
-    _finish(args.out, "quantized", meta, qmodel.state_dict(), config=config.as_dict(), mode=args.mode)
+    _finish(args.out, "quantized", meta, qmodel.state_dict(), config=config.as_dict(), mode=args.mode, **extra)
     print(f"-> {args.out}")
     return 0
 
@@ -337,6 +350,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, default=1, help="retraining epochs")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--weight-lr", type=positive_float, default=1e-4)
+    p.add_argument(
+        "--bn-statistics",
+        default="float",
+        choices=BN_STATISTICS,
+        help="where retraining's BN-statistics phase (before BN is frozen) takes the batch mean/variance: "
+        "float = a second, float convolution (the TQT / Jacob et al. definition; default), quantized = the "
+        "layer's own quantized-weight convolution (one conv instead of two; other numerics, opt-in)",
+    )
     p.add_argument("--train-samples", type=positive_int, default=None)
     p.add_argument("--table", action="store_true", help="print every quantizer")
     p.add_argument(

@@ -83,6 +83,7 @@ class QuantizeSection:
     batch_size: int = 64
     weight_lr: float = 1e-4
     threshold_lr: float = 1e-2
+    bn_statistics: str = "float"  # retraining's BN-statistics phase: float conv (TQT definition) | quantized (one conv)
     calibration: str = "auto"  # activation thresholds: auto (least quantization error) | kl_j | max | 3sd | ...
     weight_calibration: str = ""  # "": max (static) / 3sd (retrain)
     allow_float: bool = False  # leave ops the quantizer does not cover in float
@@ -238,6 +239,7 @@ def _name_problems(config: PipelineConfig, rule_options_in_range: bool = True) -
     from edgetrain.data.images import COLORS
     from edgetrain.models import MODELS
     from edgetrain.tqt import CALIBRATION_METHODS
+    from edgetrain.tqt.retrain import BN_STATISTICS
 
     problems: list[str] = []
 
@@ -260,6 +262,7 @@ def _name_problems(config: PipelineConfig, rule_options_in_range: bool = True) -
     known("data", "color", config.data.color, COLORS)
     known("quantize", "calibration", config.quantize.calibration, CALIBRATION_METHODS)
     known("quantize", "weight_calibration", config.quantize.weight_calibration, ("", *CALIBRATION_METHODS))
+    known("quantize", "bn_statistics", config.quantize.bn_statistics, BN_STATISTICS)
     if config.data.dataset == "folder" and not config.data.root:
         problems.append('[data] dataset = "folder" needs root = "<folder with the image files>"')
     adapt = config.adapt

@@ -1,5 +1,5 @@
 """What the config names, built: the float model (a zoo name, or the user's own nn.Module from an import
-path), the data source (dataset, root, preprocessing) and the quantizer settings.
+path), the data source (dataset, root, preprocessing), the quantizer settings and the retraining recipe.
 
 Shared by ``edgetrain run`` and ``edgetrain train | quantize``, so a model and data spec means the same
 thing everywhere.
@@ -22,6 +22,7 @@ from edgetrain.fixedpoint import Rounding
 from edgetrain.graph import QuantConfig
 from edgetrain.models import MODELS, create_model
 from edgetrain.pipeline.config import DataSection, ModelSection, QuantizeSection
+from edgetrain.tqt.retrain import RetrainConfig
 
 
 def _import_file(path: Path) -> object:
@@ -126,4 +127,15 @@ def quant_settings(section: QuantizeSection) -> QuantConfig:
         activation_calibration=section.calibration,
         rounding=Rounding.parse(section.rounding),
         allow_float=section.allow_float,
+    )
+
+
+def retrain_settings(section: QuantizeSection) -> RetrainConfig:
+    """The ``[quantize]`` section's retraining keys as the TQT recipe's :class:`RetrainConfig`."""
+    return RetrainConfig(
+        epochs=section.retrain_epochs,
+        batch_size=section.batch_size,
+        weight_lr=section.weight_lr,
+        threshold_lr=section.threshold_lr,
+        bn_statistics=section.bn_statistics,
     )

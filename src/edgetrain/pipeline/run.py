@@ -27,7 +27,7 @@ from edgetrain.graph import QuantizedModel, build_quantized_model, quantize
 from edgetrain.modelfile import MODEL_FORMAT, read_model_file, save_model_file
 from edgetrain.nvm import DriftSpec
 from edgetrain.pipeline.config import ConfigError, PipelineConfig, preflight, rule_options, validate_config
-from edgetrain.pipeline.models import build_model, data_source, quant_settings
+from edgetrain.pipeline.models import build_model, data_source, quant_settings, retrain_settings
 from edgetrain.pipeline.report import write_report
 from edgetrain.pipeline.stages import (
     STATUS_FILE,
@@ -40,7 +40,7 @@ from edgetrain.pipeline.stages import (
     write_status_report,
 )
 from edgetrain.pipeline.steps import CHECKPOINT_NAME, adapt_device, verify_program
-from edgetrain.tqt import RetrainConfig, ThresholdHistory, retrain
+from edgetrain.tqt import ThresholdHistory, retrain
 from edgetrain.training import evaluate, train_float
 
 STAGE_NAMES = ("pretrain", "quantize", "export", "adapt")
@@ -132,12 +132,7 @@ def quantize_stage(
         log(f"[quantize] static INT{section.weight_bits} test accuracy {summary['static_accuracy']:.4f}")
         final, mode = static, "static"
         if section.retrain_epochs > 0:
-            recipe = RetrainConfig(
-                epochs=section.retrain_epochs,
-                batch_size=section.batch_size,
-                weight_lr=section.weight_lr,
-                threshold_lr=section.threshold_lr,
-            )
+            recipe = retrain_settings(section)
             train = data.train.subset(section.retrain_samples) if section.retrain_samples else data.train
             qmodel = quantize(model, calib[:1], calib, quant_settings(config.quantize), mode="retrain")
             history = ThresholdHistory(qmodel, every=5)
