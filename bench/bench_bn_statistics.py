@@ -24,30 +24,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from bench_zoo import float_start  # bench/ is the script's directory
 
 from edgetrain.data import load_dataset
 from edgetrain.graph import QuantConfig, quantize
-from edgetrain.models import create_model
 from edgetrain.tqt import RetrainConfig, retrain
-from edgetrain.training import evaluate, train_float
+from edgetrain.training import evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("float", "quantized")
 
 
 def run_net(name: str, data: dict, args: argparse.Namespace) -> dict:
-    torch.manual_seed(args.seed)
-    model = create_model(name)
-    train_float(
-        model,
-        data["train"].subset(args.float_samples) if args.float_samples else data["train"],
-        data["val"],
-        epochs=args.float_epochs,
-        lr=1e-3,
-        batch_size=128,
-        seed=args.seed,
-        progress=False,
-    )
+    train = data["train"].subset(args.float_samples) if args.float_samples else data["train"]
+    model, _ = float_start(name, train, data["val"], args.float_epochs, args.seed, cache=None)  # bench_zoo's recipe
     row: dict = {"fp32": evaluate(model, data["test"])}
     calib = data["train"].images[:256]
     subset = data["train"].subset(args.retrain_samples)

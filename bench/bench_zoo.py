@@ -72,28 +72,22 @@ def deployment_checks(qmodel: QuantizedModel, test: Dataset) -> dict[str, Any]:
     }
 
 
-def float_start(name: str, data: dict[str, Dataset], args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    """The FP32 net: 2 float epochs (lr 1e-3, batch 128, seed), loaded from --cache when a run with the same
-    recipe and training split left it there (bench_calibration.py writes the same files)."""
-    torch.manual_seed(args.seed)
+def float_start(
+    name: str, train: Dataset, val: Dataset, epochs: int, seed: int, cache: Path | None
+) -> tuple[torch.nn.Module, dict]:
+    """The FP32 net: ``epochs`` float epochs (lr 1e-3, batch 128, ``seed``), loaded from ``cache`` (a folder;
+    None: no cache) when a run with the same recipe and training-split size left it there
+    (bench_calibration.py writes the same files; bench_bn_statistics.py trains its start here, uncached)."""
+    torch.manual_seed(seed)
     model = create_model(name)
-    cached = Path(args.cache) / f"{name}-{args.float_epochs}ep-{len(data['train'])}.pt"
-    info: dict[str, Any] = {"epochs": args.float_epochs, "cache": str(cached)}
-    if cached.exists() and not args.quick:
+    cached = cache / f"{name}-{epochs}ep-{len(train)}.pt" if cache is not None else None
+    info: dict[str, Any] = {"epochs": epochs, "cache": str(cached) if cached is not None else None}
+    if cached is not None and cached.exists():
         model.load_state_dict(load_checkpoint(cached))
         return model, info | {"loaded": True}
     start = time.perf_counter()
-    result = train_float(
-        model,
-        data["train"],
-        data["val"],
-        epochs=args.float_epochs,
-        lr=1e-3,
-        batch_size=128,
-        seed=args.seed,
-        progress=False,
-    )
-    if not args.quick:
+    result = train_float(model, train, val, epochs=epochs, lr=1e-3, batch_size=128, seed=seed, progress=False)
+    if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), cached)
     return model, info | {"best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - start, 1)}
@@ -173,7 +167,8 @@ def int8_retrained_row(
 
 
 def run_net(name: str, data: dict[str, Dataset], args: argparse.Namespace) -> dict[str, Any]:
-    model, fp32_info = float_start(name, data, args)
+    cache = None if args.quick else Path(args.cache)
+    model, fp32_info = float_start(name, data["train"], data["val"], args.float_epochs, args.seed, cache)
     row: dict[str, Any] = {"model": name, "fp32": {"accuracy": evaluate(model, data["test"]), **fp32_info}}
     example, calib = data["train"].images[:1], data["train"].images[: args.calib]
     start = time.perf_counter()
