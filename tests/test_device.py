@@ -17,7 +17,7 @@ from edgetrain.adapt.qnet import (
     Grid,
     QuantChain,
     QuantStage,
-    _sparse_input_gradient,
+    _scattered_input_gradient,
     input_gradient,
     layer_gradient,
     nonzero_im2col,
@@ -140,9 +140,12 @@ def test_nonzero_im2col_is_the_unfold_rows_with_nonzero_gradient(stride, padding
 
 
 @pytest.mark.parametrize(("stride", "padding", "dilation"), [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (2, 1))])
-def test_sparse_input_gradient_equals_conv2d_input_and_falls_back_when_it_could_be_inexact(stride, padding, dilation):
-    """W^T dz at the few pixels with a gradient (rows times W, col2im) = conv2d_input exactly; off the
-    dz grid or above the 2^24 bound the sparse path declines (None) and the dense kernel runs."""
+def test_input_gradient_at_few_pixels_equals_conv2d_input_and_falls_back_when_it_could_be_inexact(
+    stride, padding, dilation
+):
+    """W^T dz with the gradient at few pixels (one pixel's full dz column and one more entry) is the
+    entry scatter, = conv2d_input exactly; off the dz grid, above the 2^24 bound or with more than a
+    quarter of the entries non-zero the scatter declines (None) and the dense kernel runs."""
     layer = SimpleNamespace(is_conv=True, stride=stride, padding=padding, dilation=dilation, groups=1)
     gen = torch.Generator().manual_seed(2)
     weight = torch.randint(-127, 128, (6, 3, 3, 2), generator=gen).float() / 128
@@ -154,12 +157,25 @@ def test_sparse_input_gradient_equals_conv2d_input_and_falls_back_when_it_could_
     dz = torch.zeros(1, 6, *out_hw)
     dz[0, :, 1, 2] = torch.randint(-127, 128, (6,), generator=gen).float() / 128
     dz[0, 2, -1, 0] = -0.5
-    dense = torch.nn.grad.conv2d_input(shape, weight, dz, stride, padding, dilation)
-    sparse = _sparse_input_gradient(shape, weight, dz, layer, (1 / 128, 1 / 128))
-    assert sparse is not None and torch.equal(sparse, dense)
-    assert torch.equal(input_gradient(shape, weight, dz, layer, (1 / 128, 1 / 128)), dense)
-    assert _sparse_input_gradient(shape, weight, dz + 2.0**-12 * (dz != 0), layer, (1 / 128, 1 / 128)) is None
-    assert _sparse_input_gradient(shape, weight * 2**20, dz, layer, (1 / 128, 1 / 128)) is None
+    units = (1 / 128, 1 / 128)
+
+    def dense(grad: torch.Tensor, w: torch.Tensor = weight) -> torch.Tensor:
+        return torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation)
+
+    scattered = _scattered_input_gradient(shape, weight, dz, layer, units)
+    assert scattered is not None and torch.equal(scattered, dense(dz))
+    assert torch.equal(input_gradient(shape, weight, dz, layer, units), dense(dz))
+    off_grid = dz + 2.0**-12 * (dz != 0)
+    assert _scattered_input_gradient(shape, weight, off_grid, layer, units) is None
+    assert torch.equal(input_gradient(shape, weight, off_grid, layer, units), dense(off_grid))
+    assert _scattered_input_gradient(shape, weight * 2**20, dz, layer, units) is None
+    assert torch.equal(input_gradient(shape, weight * 2**20, dz, layer, units), dense(dz, weight * 2**20))
+    crowded = torch.zeros_like(dz)  # a third of the pixels, every channel: over a quarter of the entries
+    pixels = crowded.shape[2] * crowded.shape[3]
+    columns = torch.randperm(pixels, generator=gen)[: pixels // 3]
+    crowded.view(6, -1)[:, columns] = torch.randint(1, 128, (6, len(columns)), generator=gen).float() / 128
+    assert _scattered_input_gradient(shape, weight, crowded, layer, units) is None
+    assert torch.equal(input_gradient(shape, weight, crowded, layer, units), dense(crowded))
 
 
 @pytest.mark.parametrize("quantize", [True, False])

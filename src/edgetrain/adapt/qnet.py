@@ -325,9 +325,6 @@ class QWeight(GradQuantMixin):
         return self.formats.weight.codes(self.weight.detach().reshape(self.shape2d).numpy())
 
 
-SPARSE_GRADIENT_SHARE = 3  # W^T dz pixel by pixel when at most 1/3 of the output pixels carry a gradient
-
-
 def pair(v: int | Sequence[int]) -> tuple[int, int]:
     """(v, v) for an int, else the first two entries (a conv's stride, padding, dilation, kernel)."""
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -339,11 +336,11 @@ def input_gradient(
     """dL/dx = W^T dL/dz of a conv (``torch.nn.grad.conv2d_input`` with the layer's stride, padding,
     dilation, groups) or a linear layer (QNet and DeviceNet layers), float32.
 
-    ``units`` = (u_dz, u_w): when dz and W are integer multiples of them, an ungrouped conv whose
-    gradient is non-zero at few output pixels is computed at those pixels only (rows of dz times W,
-    added back into the image, col2im) whenever the float32 sums are provably exact: every dx entry
-    sums terms of magnitude <= max|dz| |W[:, c]|_1, so max|dz / u_dz| max_c |W[:, c] / u_w|_1 <= 2^24
-    makes the result the same in any order, the dense kernel's included."""
+    ``units`` = (u_dz, u_w): when dz and W are integer multiples of them, a sample whose dz has few
+    non-zero entries is computed entry by entry (:func:`_scattered_input_gradient`) whenever the float32
+    sums are provably exact: every dx entry sums terms of magnitude <= max|dz| |W[:, c]|_1, so
+    max|dz / u_dz| max_c |W[:, c] / u_w|_1 <= 2^24 makes the result the same in any order, the dense
+    kernel's included."""
     if units is not None and dz.shape[0] == 1 and (layer.is_conv or weight.numel() >= SCATTER_MIN_LINEAR):
         dx = _scattered_input_gradient(shape, weight, dz, layer, units)
         if dx is not None:
@@ -351,10 +348,6 @@ def input_gradient(
     if not layer.is_conv:
         return (dz @ weight).view(shape)
     dilation, groups = getattr(layer, "dilation", 1), getattr(layer, "groups", 1)
-    if units is not None and groups == 1 and dz.shape[0] == 1:
-        dx = _sparse_input_gradient(shape, weight, dz, layer, units)
-        if dx is not None:
-            return dx
     return torch.nn.grad.conv2d_input(shape, weight, dz, layer.stride, layer.padding, dilation, groups)
 
 
@@ -381,7 +374,7 @@ def _scattered_input_gradient(
 ) -> torch.Tensor | None:
     """:func:`input_gradient` as a scatter of dz's non-zero entries (``dx[c, window] += dz[o, pixel]
     W[o, c, window]``), any groups; None where it would not pay (more than 1/SCATTER_GRADIENT_SHARE of
-    the entries non-zero) or could be inexact. Exact under the same bound as :func:`_sparse_input_gradient`
+    the entries non-zero) or could be inexact. Exact under the bound of :func:`input_gradient`
     (dz on its grid, ``max|dz / u_dz| max_c |W[:, c] / u_w|_1 <= 2^24``), so it equals the dense kernel
     bit for bit: every partial sum of every dx entry is an integer multiple of u_dz u_w below 2^24 of
     them, exact in float32 in any order. The column sum is first bounded from the weight format alone
@@ -476,30 +469,6 @@ def _scatter_gradient(
     return 0
 
 
-def _sparse_input_gradient(
-    shape: torch.Size, weight: torch.Tensor, dz: torch.Tensor, layer: Any, units: tuple[float, float]
-) -> torch.Tensor | None:
-    """:func:`input_gradient` at the pixels with non-zero dz, or None where it would not pay or
-    could be inexact."""
-    grad = np.ascontiguousarray(dz[0].detach().numpy(), dtype=np.float32)
-    pixels, rows = _kept_rows(grad.reshape(grad.shape[0], -1))
-    if SPARSE_GRADIENT_SHARE * len(pixels) > grad.shape[1] * grad.shape[2] or math.log2(units[0] * units[1]) < -100:
-        return None
-    codes = rows / np.float32(units[0])
-    if not np.array_equal(codes, np.rint(codes)):
-        return None
-    column_l1 = float(weight.abs().sum((0, 2, 3)).max()) / units[1]
-    if float(np.abs(codes).max(initial=0.0)) * column_l1 > 2**24:
-        return None
-    patches = (torch.from_numpy(rows) @ weight.reshape(weight.shape[0], -1)).numpy()
-    dx = np.zeros(tuple(shape[1:]), np.float32)
-    kernel = (int(weight.shape[2]), int(weight.shape[3]))
-    stride, padding = pair(layer.stride), pair(layer.padding)
-    dilation = pair(getattr(layer, "dilation", 1))
-    _window_walk(dx, patches, pixels, grad.shape[2], kernel, stride, padding, dilation, True)
-    return torch.from_numpy(dx).view(shape)
-
-
 @njit(cache=True)
 def _kept_rows(flat):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     """(pixels, rows): the columns of ``flat`` (n_out x P) holding a non-zero, and those columns as
@@ -518,11 +487,10 @@ def _kept_rows(flat):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
 
 
 @njit(cache=True)
-def _window_walk(image, rows, pixels, out_width, kernel, stride, padding, dilation, scatter):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
-    """The im2col index map of the kept output ``pixels`` (flat indices, ``out_width`` per row) over
-    ``image`` (C x H x W, zero padding), columns in ``F.unfold`` order (channel, kernel row, kernel
-    column): gather (im2col) ``rows[r, col] = image[ch, iy, ix]`` or, with ``scatter``, its adjoint
-    (col2im) ``image[ch, iy, ix] += rows[r, col]``."""
+def _window_walk(image, rows, pixels, out_width, kernel, stride, padding, dilation):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """im2col at the kept output ``pixels`` (flat indices, ``out_width`` per row) of ``image``
+    (C x H x W, zero padding): ``rows[r, col] = image[ch, iy, ix]``, columns in ``F.unfold`` order
+    (channel, kernel row, kernel column); entries outside the image are left as they are."""
     channels, h, w = image.shape
     kh, kw = kernel
     for r in range(pixels.shape[0]):
@@ -535,11 +503,7 @@ def _window_walk(image, rows, pixels, out_width, kernel, stride, padding, dilati
                 for kx in range(kw):
                     ix = ox * stride[1] - padding[1] + kx * dilation[1]
                     if 0 <= ix < w:
-                        col = (ch * kh + ky) * kw + kx
-                        if scatter:
-                            image[ch, iy, ix] += rows[r, col]
-                        else:
-                            rows[r, col] = image[ch, iy, ix]
+                        rows[r, (ch * kh + ky) * kw + kx] = image[ch, iy, ix]
 
 
 def nonzero_im2col(
@@ -567,7 +531,7 @@ def nonzero_im2col(
     grad = np.ascontiguousarray(dz[0].detach().numpy())
     pixels, rows = _kept_rows(grad.reshape(grad.shape[0], -1))
     a = np.zeros((pixels.shape[0], image.shape[0] * kernel[0] * kernel[1]), np.float32)
-    _window_walk(image, a, pixels, grad.shape[2], kernel, stride, padding, dilation, False)
+    _window_walk(image, a, pixels, grad.shape[2], kernel, stride, padding, dilation)
     return torch.from_numpy(a), torch.from_numpy(rows)
 
 
