@@ -152,6 +152,18 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
         "lowrank",
         {**GOVERNOR, "write_fraction": 0.025, "write_fraction_fc": 0.05, "lr": 0.02, "bias_lr": 0.01, "batch_conv": 5},
     ),
+    "lowrank-gov-f2.5-ffc5-lr0.02-blr0.01-Bconv5-burst15": (  # the same with 4-bit token counters (governor_burst)
+        "lowrank",
+        {
+            **GOVERNOR,
+            "write_fraction": 0.025,
+            "write_fraction_fc": 0.05,
+            "lr": 0.02,
+            "bias_lr": 0.01,
+            "batch_conv": 5,
+            "governor_burst": 15,
+        },
+    ),
     "lowrank-gov-f1.5-ffc5-lr0.02-blr0.01-Bconv3": (  # ~3x the conv events, ~a third of the cells each
         "lowrank",
         {**GOVERNOR, "write_fraction": 0.015, "write_fraction_fc": 0.05, "lr": 0.02, "bias_lr": 0.01, "batch_conv": 3},
