@@ -214,6 +214,13 @@ def test_token_governor_pays_for_writes_it_did_not_make_and_resumes() -> None:
         np.testing.assert_array_equal(governor.layers["fc"].tokens.tokens, [[0, 2]])
         np.testing.assert_array_equal(governor.step_codes(layer, x, samples=3), [[3, 3]])
         np.testing.assert_array_equal(governor.layers["fc"].tokens.tokens, [[1, 2]])
+    # a full cell that writes and then gains: it pays first (2 -> 1), then refills to its cap (-> 2)
+    governor, governed = lowrank(FakeLayer("fc", 1, 1), endurance=1.0, lifetime_samples=1.0, governor_burst=2)
+    cell = governor.net.weight_layers[0]
+    governor.write(cell, governor.step_codes(cell, np.full((1, 1), 3.0), samples=2))
+    assert governed["fc"].write_counts[0, 0] == 1
+    governor.step_codes(cell, np.zeros((1, 1)), samples=3)
+    np.testing.assert_array_equal(governor.layers["fc"].tokens.tokens, [[2]])
 
 
 def test_sparse_events_write_the_largest_cells_inside_the_budget() -> None:

@@ -482,10 +482,11 @@ class _LowRankLayer:
 @dataclass
 class TokenGovernor:
     """The endurance governor's per-cell write tokens with a burst cap C (``governor_burst``): at each
-    update event at sample t, every cell gains the budget's growth floor(E t / T) - floor(E t' / T)
-    since the last event t' (capped at C) and pays one token per code-change write since then (floor
-    0); only cells holding a token may be written. Tokens only ever come from the budget, so a cell's
-    writes never exceed floor(E t / T); with C >= E it is the lifetime-counter governor exactly.
+    update event at sample t, every cell first pays one token per code-change write since the last
+    event t' (floor 0: those writes came before this accrual), then gains the budget's growth
+    floor(E t / T) - floor(E t' / T) (capped at C); only cells holding a token may be written.
+    Tokens only ever come from the budget, so a cell's writes never exceed floor(E t / T); with
+    C >= E it is the lifetime-counter governor exactly.
     ``seen`` (the array's write counters at the last event) is the simulator's way to find the writes
     since then; a device decrements the token when it writes the cell."""
 
@@ -495,10 +496,9 @@ class TokenGovernor:
     budget: int = 0
 
     def refresh(self, budget: int, write_counts: np.ndarray) -> np.ndarray:
-        """Accrue to ``budget``, pay for the writes since the last event; returns who may write."""
-        gained = budget - self.budget
-        np.minimum(self.tokens + gained, self.burst, out=self.tokens)
+        """Pay for the writes since the last event, accrue to ``budget``; returns who may write."""
         np.maximum(self.tokens - (write_counts - self.seen), 0, out=self.tokens)
+        np.minimum(self.tokens + (budget - self.budget), self.burst, out=self.tokens)
         self.seen[:] = write_counts
         self.budget = budget
         return self.tokens >= 1
