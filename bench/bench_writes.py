@@ -182,6 +182,20 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
             "bias_lr": 0.01,
         },
     ),
+    # the same with the governor's 4-bit token counters (governor_burst = 15) instead of 19-bit lifetime
+    # counters: ~6 instead of 29 Mbit of auxiliary memory at paper width
+    "lowrank-gov0.004-f0.4-lr0.02-blr0.01-burst15": (
+        "lowrank",
+        {
+            "endurance": 4e5,
+            "lifetime_samples": 1e8,
+            "write_fraction": 0.004,
+            "rho_min": 0.001,
+            "lr": 0.02,
+            "bias_lr": 0.01,
+            "governor_burst": 15,
+        },
+    ),
     # sized after the paper-scale digital runs' first 5000 samples (seed 0): SR-SGD wrote ~0.02 per cell and
     # sample at its most-written cell and 2.4M cells in all; f0.4 wrote 1.0M (its fraction binds every conv
     # event) with its max at the governor's 20: a tenth of SR-SGD's max and a third of its total need about half
@@ -358,37 +372,78 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def collect(samples: int, scale: str = "quick") -> dict[str, Any]:
-    """Mean +- std over the seeds on disk of every (drift, point) run at ``samples`` samples; at paper
-    scale also runs stopped early (``samples`` then says how far each got)."""
+FIGURES = ("online_accuracy", "max_writes", "total_writes", "pulse_max_writes", "written_per_event")
+
+
+def seed_figures(log: dict[str, Any]) -> dict[str, float]:
+    """One run's figures as the summary keeps them per seed."""
+    final = log["final"]
+    return {
+        **{key: final[key] for key in FIGURES[:-1]},
+        "written_per_event": written_per_event(final),
+        "aux_memory_bits": sum(final["aux_memory_bits"].values()),
+        "samples": final["samples"],
+        "samples_per_second": log["timing"]["samples_per_second"],
+    }
+
+
+def recorded_seeds(row: dict[str, Any]) -> dict[str, dict[str, float]] | None:
+    """A summary row's per-seed figures; a one-seed row written before they were kept is seed 0 (the
+    default ``--seeds``); None for an older row of several seeds (it cannot be merged seed by seed)."""
+    if "per_seed" in row:
+        return row["per_seed"]
+    if row["seeds"] != 1:
+        return None
+    figures = {key: row[key]["mean"] for key in FIGURES}
+    return {
+        "0": {
+            **figures,
+            "aux_memory_bits": row["aux_memory_bits"],
+            "samples": row["samples"],
+            "samples_per_second": row["samples_per_second"],
+        }
+    }
+
+
+def collect(samples: int, scale: str = "quick", previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mean +- std over the seeds of every (drift, point) run at ``samples`` samples; at paper scale also
+    runs stopped early (``samples`` then says how far each got). A seed whose log is on disk is read from
+    it; the seeds of ``previous`` (the summary written before) that are not on disk are kept, so a
+    summary grows seed by seed across machines and sessions; a previous row that cannot be merged seed by
+    seed is kept whole unless the disk has at least as many seeds of it."""
     results: dict[str, Any] = {}
     for drift in DRIFTS:
         for point in POINTS:
-            logs = []
+            logs = {}
             folders = run_dir(scale, drift, point).glob(f"{run_folder('*', samples, scale)}/log.json")
             for path in sorted(folders):
                 log = json.loads(path.read_text())
                 if log["final"]["samples"] == samples or scale == "paper":
-                    logs.append(log)
-            if not logs:
+                    logs[path.parent.name.removeprefix("seed").split("-")[0]] = log
+            old = (previous or {}).get(drift, {}).get(point)
+            per_seed = {seed: seed_figures(log) for seed, log in logs.items()}
+            kept = recorded_seeds(old) if old else None
+            if old and kept is None and len(per_seed) < old["seeds"]:
+                results.setdefault(drift, {})[point] = old
                 continue
-            finals = [log["final"] for log in logs]
-            results.setdefault(drift, {})[point] = {
+            per_seed = {**(kept or {}), **per_seed}
+            if not per_seed:
+                continue
+            runs = [per_seed[seed] for seed in sorted(per_seed, key=int)]
+            row = {
                 "rule": POINTS[point][0],
                 "options": POINTS[point][1],
-                "seeds": len(logs),
-                "samples": min(f["samples"] for f in finals),
-                "online_accuracy": spread([f["online_accuracy"] for f in finals]),
-                "max_writes": spread([f["max_writes"] for f in finals]),
-                "total_writes": spread([f["total_writes"] for f in finals]),
-                "pulse_max_writes": spread([f["pulse_max_writes"] for f in finals]),
-                "written_per_event": spread([written_per_event(f) for f in finals]),
-                "aux_memory_bits": sum(finals[0]["aux_memory_bits"].values()),
-                "samples_per_second": statistics.median(log["timing"]["samples_per_second"] for log in logs),
+                "seeds": len(runs),
+                "samples": min(run["samples"] for run in runs),
+                **{key: spread([run[key] for run in runs]) for key in FIGURES},
+                "aux_memory_bits": runs[0]["aux_memory_bits"],
+                "samples_per_second": statistics.median(run["samples_per_second"] for run in runs),
+                "per_seed": {seed: per_seed[seed] for seed in sorted(per_seed, key=int)},
             }
+            results.setdefault(drift, {})[point] = row
             if scale == "paper":  # one seed: its curve, to compare runs that stopped at different lengths
-                history = logs[0]["history"]
-                results[drift][point]["history"] = {key: history[key] for key in HISTORY}
+                history = next(iter(logs.values()))["history"] if logs else old["history"]
+                row["history"] = {key: history[key] for key in HISTORY}
     return results
 
 
@@ -683,8 +738,11 @@ def main() -> None:
     previous = json.loads(path.read_text()) if path.exists() else {}
     commands = [c for c in previous.get("commands", []) if c != command] + [command]
     quick = args.scale == "quick" and samples == QUICK_SAMPLES
-    mechanisms = {p.stem: json.loads(p.read_text()) for p in sorted(MECHANISMS.glob("*.json"))} if quick else {}
-    results = collect(samples, args.scale)
+    mechanisms = {}
+    if quick:  # the recorded events of earlier runs are kept beside those on disk
+        on_disk = {p.stem: json.loads(p.read_text()) for p in sorted(MECHANISMS.glob("*.json"))}
+        mechanisms = {**previous.get("mechanism", {}), **on_disk}
+    results = collect(samples, args.scale, previous.get("results"))
     data = {
         "recorded_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch threads {args.threads}",
