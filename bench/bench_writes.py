@@ -76,6 +76,15 @@ PAPER_SAMPLES = 100_000  # the paper scale (the LRT paper's Fig. 1 streams)
 DRIFTS = {"analog-drift": {}, "digital-drift": {"flip_draw": "binomial2"}}
 # budget floor(E t / T) = 0.01 writes per cell after t samples: 40 at 4000, 1000 at the paper's 100k
 GOVERNOR = {"endurance": 1e6, "lifetime_samples": 1e8}
+# the paper-scale LowRank point, sized for the write bounds before any paper-scale run (see POINTS)
+PAPER_GOVERNOR = {
+    "endurance": 4e5,
+    "lifetime_samples": 1e8,
+    "write_fraction": 0.004,
+    "rho_min": 0.001,
+    "lr": 0.02,
+    "bias_lr": 0.01,
+}
 PAPER_CHECKPOINT = 5000  # samples between checkpoints (and partial logs) of a paper-scale run
 PAPER_ACCURACY = {"analog-drift": 0.722, "digital-drift": 0.850}  # the LRT paper's Fig. 1 at 100k samples
 # point name -> (rule, options); the knobs of issue 11 beside the fair baselines
@@ -171,31 +180,10 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
     # paper width: SR-SGD's per-sample steps are further below an LSB, so it writes far less per cell than at
     # quick width; the write bounds then need much sparser events and a tighter governor (0.004 writes per
     # cell and sample: 20 by 5000 samples); rho_min must stay below the fraction
-    "lowrank-gov0.004-f0.4-lr0.02-blr0.01": (
-        "lowrank",
-        {
-            "endurance": 4e5,
-            "lifetime_samples": 1e8,
-            "write_fraction": 0.004,
-            "rho_min": 0.001,
-            "lr": 0.02,
-            "bias_lr": 0.01,
-        },
-    ),
+    "lowrank-gov0.004-f0.4-lr0.02-blr0.01": ("lowrank", PAPER_GOVERNOR),
     # the same with the governor's 4-bit token counters (governor_burst = 15) instead of 19-bit lifetime
     # counters: ~6 instead of 29 Mbit of auxiliary memory at paper width
-    "lowrank-gov0.004-f0.4-lr0.02-blr0.01-burst15": (
-        "lowrank",
-        {
-            "endurance": 4e5,
-            "lifetime_samples": 1e8,
-            "write_fraction": 0.004,
-            "rho_min": 0.001,
-            "lr": 0.02,
-            "bias_lr": 0.01,
-            "governor_burst": 15,
-        },
-    ),
+    "lowrank-gov0.004-f0.4-lr0.02-blr0.01-burst15": ("lowrank", {**PAPER_GOVERNOR, "governor_burst": 15}),
     # sized after the paper-scale digital runs' first 5000 samples (seed 0): SR-SGD wrote ~0.02 per cell and
     # sample at its most-written cell and 2.4M cells in all; f0.4 wrote 1.0M (its fraction binds every conv
     # event) with its max at the governor's 20: a tenth of SR-SGD's max and a third of its total need about half
