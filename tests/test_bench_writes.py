@@ -4,6 +4,7 @@ is summarised with the sample count it reached."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -59,3 +60,35 @@ def test_paper_verdict_compares_both_runs_at_the_shorter_runs_length() -> None:
     assert "target MET" in text  # 0.73 >= 0.70 and >= 0.722, 11.7x and 4.5x fewer writes
     done["p"] = row("lowrank", [100_000], [0.71], [60], [20000])
     assert "target NOT met" in bench_writes.paper_verdict({"analog-drift": done})  # below the paper's 0.722
+
+
+def quick_log(accuracy: float, max_writes: int, total: int) -> dict:
+    layers = {"fc": {"update_events": 10, "shape": [10, 100]}}
+    final = {"samples": 40, "online_accuracy": accuracy, "max_writes": max_writes, "total_writes": total}
+    final |= {"pulse_max_writes": 2 * max_writes, "aux_memory_bits": {"fc": 64}, "layers": layers}
+    return {"final": final, "timing": {"samples_per_second": 5.0}}
+
+
+def test_collect_merges_the_summarys_seeds_with_those_on_disk(tmp_path: Path, monkeypatch) -> None:
+    """Seeds on disk are read, the summary's other seeds kept; a one-seed row without per-seed figures is
+    seed 0; an old several-seed row is kept whole unless the disk has as many seeds of it."""
+    monkeypatch.setattr(bench_writes, "RUNS", tmp_path)
+    monkeypatch.setattr(bench_writes, "QUICK_SAMPLES", 40)
+    seed1 = tmp_path / "digital-drift" / "sgd-sr" / "seed1" / "log.json"
+    seed1.parent.mkdir(parents=True)
+    seed1.write_text(json.dumps(quick_log(0.8, 30, 3000)))
+    one = {"seeds": 1, "samples": 40, "aux_memory_bits": 64, "samples_per_second": 4.0}
+    one |= {
+        key: {"mean": value, "std": 0.0}
+        for key, value in zip(bench_writes.FIGURES, (0.6, 10, 1000, 20, 0.1), strict=True)
+    }
+    several = {**one, "seeds": 3}
+    previous = {"digital-drift": {"sgd-sr": one, "lowrank": several}}
+    results = bench_writes.collect(40, "quick", previous)["digital-drift"]
+    merged = results["sgd-sr"]
+    assert merged["seeds"] == 2 and sorted(merged["per_seed"]) == ["0", "1"]
+    assert merged["online_accuracy"]["mean"] == pytest.approx(0.7) and merged["max_writes"]["mean"] == 20
+    assert merged["total_writes"]["mean"] == 2000 and merged["per_seed"]["1"]["written_per_event"] == 0.3
+    assert results["lowrank"] is several  # no per-seed figures and nothing of it on disk: kept whole
+    again = bench_writes.collect(40, "quick", {"digital-drift": results})["digital-drift"]["sgd-sr"]
+    assert again == merged  # merging a merged summary with the same disk changes nothing
