@@ -652,7 +652,10 @@ def paper_markdown(data: dict[str, Any]) -> str:
         "two runs at the shorter one's length. `lowrank-gov0.004-f0.4-lr0.02-blr0.01` was sized for the write "
         "bounds at this width before these runs (0.004 writes per cell and sample, 0.4% of a layer's cells per "
         "event); `lowrank-gov0.0015-f0.2-lr0.02-blr0.01` was sized after the first 5000 samples of this stream's "
-        "SR-SGD and f0.4 runs (same seed): it is tuned to the baseline's write rate, and labelled so.",
+        "SR-SGD and f0.4 runs (same seed): it is tuned to the baseline's write rate, and labelled so. "
+        "`lowrank-gov0.004-f0.4-lr0.02-blr0.01-burst15` is the f0.4 point with 4-bit governor counters "
+        "(`governor_burst = 15`), run after the others to measure the counters' cost at this width; the two "
+        "track each other within +-0.03 at every checkpoint, so their gap at 100k is run-to-run spread.",
         "",
         *([data["net_note"], ""] if data.get("net_note") else []),
     ]
