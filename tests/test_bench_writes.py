@@ -36,6 +36,7 @@ def test_paper_scale_run_resumes_from_its_checkpoint(
         run(tiny_lrt_model_file, 50)
     partial = bench_writes.collect(50, "paper")["digital-drift"][POINT]
     assert partial["samples"] == 20 and partial["seeds"] == 1  # the partial log, at the length it reached
+    assert partial["history_seed"] == "0"  # the curve the verdict reads is this seed's
     interrupt_adaptation_at(None)
     resumed = run(tiny_lrt_model_file, 50)
     for key in ("samples", "online_accuracy", "max_writes", "total_writes"):
