@@ -36,7 +36,7 @@ from torch import nn
 from edgetrain.data import Dataset, epoch_batches, load_dataset, num_batches
 from edgetrain.graph import quantize
 from edgetrain.models import create_model
-from edgetrain.training import evaluate, train_float
+from edgetrain.training import adam, evaluate, train_float
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WEIGHT_LR, SCALE_LR = 1e-4, 1e-2
@@ -80,11 +80,11 @@ def torch_ao_qat(float_model: nn.Module, example: torch.Tensor) -> nn.Module:
         return prepare_qat_fx(copy.deepcopy(float_model).train(), get_default_qat_qconfig_mapping("x86"), (example,))
 
 
-def adam(model: nn.Module, is_scale: Any) -> torch.optim.Optimizer:
+def grouped_adam(model: nn.Module, is_scale: Any) -> torch.optim.Optimizer:
     weights = [p for n, p in model.named_parameters() if not is_scale(n)]
     scales = [p for n, p in model.named_parameters() if is_scale(n)]
     groups = [{"params": weights, "lr": WEIGHT_LR}] + ([{"params": scales, "lr": SCALE_LR}] if scales else [])
-    return torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
+    return adam(groups, betas=(0.9, 0.999), eps=1e-8)  # edgetrain's trainers' Adam, for every method alike
 
 
 def run(args: argparse.Namespace, data: dict[str, Dataset]) -> dict[str, Any]:
@@ -108,10 +108,10 @@ def run(args: argparse.Namespace, data: dict[str, Dataset]) -> dict[str, Any]:
         "torch_ao": torch_ao_qat(float_model, example),
     }
     optimizers = {
-        "float": adam(models["float"], lambda n: False),
-        "edgetrain": adam(models["edgetrain"], lambda n: n.endswith("log2_t")),
-        "brevitas": adam(models["brevitas"], lambda n: "scaling_impl" in n),
-        "torch_ao": adam(models["torch_ao"], lambda n: False),
+        "float": grouped_adam(models["float"], lambda n: False),
+        "edgetrain": grouped_adam(models["edgetrain"], lambda n: n.endswith("log2_t")),
+        "brevitas": grouped_adam(models["brevitas"], lambda n: "scaling_impl" in n),
+        "torch_ao": grouped_adam(models["torch_ao"], lambda n: False),
     }
     times: dict[str, list[float]] = {k: [] for k in models}
     bn_phase: list[float] = []

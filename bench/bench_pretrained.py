@@ -33,6 +33,7 @@ from edgetrain.export import ort_session, to_integer
 from edgetrain.export.onnx import program_to_onnx
 from edgetrain.graph import quantize
 from edgetrain.models.pretrained import imagenet_input, load_pretrained, mtcnn_input, photo_crops
+from edgetrain.training import adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NETS = {  # name: (input side, preprocessing, output kind)
@@ -59,7 +60,7 @@ def distill(qmodel: nn.Module, teacher: nn.Module, images: torch.Tensor, epochs:
     thresholds = [p for n, p in qmodel.named_parameters() if n.endswith("log2_t") and p.requires_grad]
     ids = {id(p) for p in thresholds}
     weights = [p for p in qmodel.parameters() if id(p) not in ids and p.requires_grad]
-    opt = torch.optim.Adam([{"params": weights, "lr": 1e-4}, {"params": thresholds, "lr": 1e-2}])
+    opt = adam([{"params": weights, "lr": 1e-4}, {"params": thresholds, "lr": 1e-2}])
     with torch.no_grad():
         targets = F.softmax(teacher(images), 1)
     qmodel.train()

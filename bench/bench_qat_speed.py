@@ -32,6 +32,7 @@ from torch import nn
 from edgetrain.graph import QuantConfig, quantize
 from edgetrain.models import create_model
 from edgetrain.tqt import set_bn_statistics
+from edgetrain.training import adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 1.3
@@ -48,7 +49,7 @@ def step_times(
     "wall" (elapsed) or "cpu" (the calling thread's CPU time, which waiting for a busy core does not inflate)."""
     now = CLOCKS[clock]
     model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+    optimizer = adam([p for p in model.parameters() if p.requires_grad], lr=1e-9)  # the trainers' Adam
     loss_fn = nn.CrossEntropyLoss()
     times = []
     for _ in range(steps):

@@ -1,18 +1,21 @@
 """QAT speed paths that must change nothing: the fused LeakyReLU kernel and the skipped identity output
 quantizer give the same outputs and gradients bit for bit (float32 bit patterns, thresholds included) as
-the unfused modules, on single modules with rounding ties and clipping and on whole zoo nets."""
+the unfused modules, on single modules with rounding ties and clipping and on whole zoo nets. The adjoint
+first convolution (the input threshold's gradient without the input gradient) gives the same outputs and
+weight gradients, and the threshold gradient of the adjoint identity, checked against float64."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from edgetrain.graph import QuantConfig, quantize
+from edgetrain.graph import QuantConfig, modules, quantize
 from edgetrain.graph.fused import release_scratch, scratch
-from edgetrain.graph.modules import QCompute, QLeakyReLU
+from edgetrain.graph.modules import TANGENT_ATTRIBUTE, AdjointInputConv, QActivation, QCompute, QLeakyReLU
 from edgetrain.models import create_model
 from edgetrain.tqt import TQTQuantizer
 
@@ -115,6 +118,7 @@ def speed_paths_vs_unfused(monkeypatch, qmodel: nn.Module, x: torch.Tensor, labe
         skipped_outputs.append(output_proof(self, y, bound))
         return skipped_outputs[-1]
 
+    monkeypatch.setattr(modules, "threshold_tangent", lambda *_: None)  # the adjoint conv: tested below
     with monkeypatch.context() as patch:
         patch.setattr(QCompute, "output_unchanged", recorded)
         fast = qat_step(qmodel, x, labels)
@@ -167,3 +171,69 @@ def test_output_quantizer_is_skipped_only_where_it_is_the_identity() -> None:
     out_q.set_log2_t(float(acc_q.log2_t) - 14)  # a finer step and a range of +-2 accumulator steps: q_out clips
     assert not layer.output_unchanged(y)
     assert not layer.output_unchanged(y, bound=(-5 * acc_q.scale, 4 * acc_q.scale))
+
+
+@pytest.mark.parametrize(
+    "conv_args",
+    [
+        {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1},
+        {"stride": (2, 2), "padding": (2, 0), "dilation": (1, 2), "groups": 2},
+    ],
+)
+def test_adjoint_input_conv_gradients(conv_args: dict) -> None:
+    """dL/dw as F.conv2d's; dL/dlog2_t = ln2 <G, conv(r, w)> equals ln2 <conv^T(G, w), r> (float64 reference)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 9, 8, generator=generator)
+    r = torch.randn(3, 2, 9, 8, generator=generator)
+    w = torch.randn(4, 2 // conv_args["groups"], 3, 3, generator=generator, requires_grad=True)
+    log2_t = torch.tensor(0.5, requires_grad=True)
+    y = AdjointInputConv.apply(x, w, log2_t, r, conv_args)
+    assert torch.equal(y, nn.functional.conv2d(x, w, None, **conv_args))
+    grad_out = torch.randn(y.shape, generator=generator)
+    grad_w, grad_log2_t = torch.autograd.grad(y, (w, log2_t), grad_out)
+    ref_grad_w = torch.autograd.grad(nn.functional.conv2d(x, w, None, **conv_args), w, grad_out)[0]
+    torch.testing.assert_close(grad_w, ref_grad_w)
+    grad_x64 = nn.grad.conv2d_input(x.shape, w.detach().double(), grad_out.double(), **conv_args)  # conv^T(G, w)
+    expected = math.log(2.0) * float((grad_x64 * r.double()).sum())
+    assert float(grad_log2_t) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["darknet-tiny", "mobilenetv2-tiny"])
+def test_adjoint_first_conv_on_zoo_nets(name: str) -> None:
+    """A QAT step on data (no input gradient) takes the adjoint first convolution; against the same step with
+    the data requiring a gradient (the quantizer-then-conv autograd chain): outputs and every weight gradient
+    equal, the input threshold's gradient closer to the float64 value of <dL/dq, r> than float32's rounding."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (8,), generator=generator)
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    with torch.no_grad():
+        model(x)
+    qmodel = quantize(model.eval(), x[:1], x, QuantConfig(activation_calibration="max"), mode="retrain")
+    for module in qmodel.modules():
+        if hasattr(module, "freeze_bn"):
+            module.freeze_bn()
+    reference_model = copy.deepcopy(qmodel)
+    input_layer = next(m for m in qmodel.modules() if isinstance(m, QActivation) and m.role == "input")
+    captured: dict[str, torch.Tensor] = {}
+    input_layer.register_forward_hook(lambda m, i, y: captured.update(tangent=getattr(y, TANGENT_ATTRIBUTE).r))
+    adjoint = qat_step(qmodel, x, labels)
+    reference_input = next(m for m in reference_model.modules() if isinstance(m, QActivation) and m.role == "input")
+
+    def keep_gradient(module: nn.Module, inputs: tuple, y: torch.Tensor) -> None:
+        y.retain_grad()
+        captured["quantized"] = y
+
+    reference_input.register_forward_hook(keep_gradient)
+    reference = qat_step(reference_model, x.clone().requires_grad_(True), labels)
+    assert torch.equal(adjoint[0], reference[0])
+    names = [n for n, _ in qmodel.named_parameters()]
+    threshold = names.index(next(n for n in names if n.startswith("net.input_quant")))
+    for i, (a, b) in enumerate(zip(adjoint[1:], reference[1:], strict=True)):
+        if i != threshold:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    terms = captured["quantized"].grad.double() * captured["tangent"].double()
+    exact = math.log(2.0) * float(terms.sum())
+    scale = math.log(2.0) * float(terms.abs().sum())
+    assert abs(float(adjoint[1 + threshold]) - exact) <= 1e-5 * scale

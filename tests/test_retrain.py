@@ -10,7 +10,7 @@ from torch import nn
 from edgetrain.data import load_dataset
 from edgetrain.graph.modules import TieSplitMaximum, quantize_activation
 from edgetrain.tqt import RetrainConfig, TQTQuantizer, retrain, split_parameters
-from edgetrain.training import Trainer, TrainHook, evaluate, load_checkpoint, staircase, train_float
+from edgetrain.training import Trainer, TrainHook, adam, evaluate, load_checkpoint, staircase, train_float
 
 
 class TinyQuantNet(nn.Module):
@@ -73,6 +73,29 @@ def test_two_adam_groups_and_staircase(digits) -> None:
     schedule = staircase(0.5, 1000 * 24 // 48)
     assert [schedule(s) for s in (0, 499, 500, 1000)] == [1.0, 1.0, 0.5, 0.25]
     assert RetrainConfig(batch_size=48).scaled(1000) == 500
+
+
+def test_trainers_adam_equals_the_per_tensor_loop_bit_for_bit() -> None:
+    """``training.adam`` (foreach kernels, used by every trainer) takes the same steps as torch's per-tensor
+    loop on a quantized net's two groups (weights and scalar thresholds), to the last bit."""
+    generator = torch.Generator().manual_seed(0)
+    nets = [TinyQuantNet(8, 0.0) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    optimizers = []
+    for net, make in zip(nets, (adam, lambda groups, **kw: torch.optim.Adam(groups, foreach=False, **kw)), strict=True):
+        weights, thresholds = split_parameters(net)
+        optimizers.append(make([{"params": weights, "lr": 1e-3}, {"params": thresholds, "lr": 1e-2}], eps=1e-8))
+    assert optimizers[0].param_groups[0]["foreach"] and not optimizers[1].param_groups[0]["foreach"]
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=generator) for p in nets[0].parameters()]
+        for net, optimizer in zip(nets, optimizers, strict=True):
+            for p, g in zip(net.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(not torch.equal(a, b) for a, b in zip(nets[0].parameters(), start, strict=True))
 
 
 def test_batch_norm_frozen_after_first_epoch(digits) -> None:

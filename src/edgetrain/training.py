@@ -32,6 +32,13 @@ from edgetrain.distributed import data_parallel, global_sum, rank_share, resolve
 LRSchedule = Callable[[int], float]  # global step -> multiplier of a param group's base lr
 
 
+def adam(params: Any, lr: float = 1e-3, **options: Any) -> torch.optim.Adam:
+    """``torch.optim.Adam`` on the multi-tensor (``foreach``) kernels, the optimizer of every edgetrain trainer:
+    the same update as the per-tensor loop (the CPU default) bit for bit, about twice as fast over many
+    small tensors, such as a quantized net's scalar thresholds (tests/test_training.py)."""
+    return torch.optim.Adam(params, lr=lr, foreach=True, **options)
+
+
 def staircase(decay: float, period: int) -> LRSchedule:
     """lr(step) = lr0 * decay ** floor(step / period) (TQT recipe, docs/fixed-point.md)."""
     if period < 1:
@@ -305,7 +312,7 @@ def train_float(
 ) -> TrainResult:
     """Float pretraining: Adam, cosine learning-rate decay to 0, best epoch on ``val`` kept."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = adam(model.parameters(), lr=lr)
     total = epochs * num_batches(len(train), batch_size)
     cosine = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
     trainer = Trainer(

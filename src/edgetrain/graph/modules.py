@@ -20,11 +20,19 @@ from torch import nn
 from edgetrain.fixedpoint import RELU6_CEILING
 from edgetrain.graph.fused import FusedLeakyReLU
 from edgetrain.tqt import TQTQuantizer
-from edgetrain.tqt.quantizer import fast_grid, has_fast_path, quantized_unchanged
+from edgetrain.tqt.quantizer import (
+    LN2,
+    ThresholdTangent,
+    fast_grid,
+    has_fast_path,
+    quantized_unchanged,
+    threshold_tangent,
+)
 
 ACTIVATIONS = ("none", "relu", "relu6")
 BN_STATISTICS = ("float", "quantized")  # QCompute.set_bn_statistics
 EXACT_FLOAT32_SUM = 1 << 24  # float32 adds integers of magnitude below 2^24 exactly
+TANGENT_ATTRIBUTE = "edgetrain_threshold_tangent"  # set by QActivation on a quantized input, read by QCompute
 
 
 def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -122,7 +130,68 @@ class QActivation(QuantModule):
         return {"out_q": self.role}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_activation(self.out_q, x, self.activation)
+        """``q(act(x))``. In training, on an ``x`` that needs no gradient (the data at the input quantizer), the
+        output also carries the quantizer's :class:`~edgetrain.tqt.quantizer.ThresholdTangent`, so that a
+        convolution reading it can take the threshold gradient without its input gradient
+        (:class:`AdjointInputConv`)."""
+        y = quantize_activation(self.out_q, x, self.activation)
+        if self.training and self.activation == "none" and not x.requires_grad:
+            tangent = threshold_tangent(self.out_q, x, y)
+            if tangent is not None:
+                setattr(y, TANGENT_ATTRIBUTE, tangent)
+        return y
+
+
+class AdjointInputConv(torch.autograd.Function):
+    """``conv(x, w)`` on a quantized input x = q(data) whose only trained dependence is q's threshold, with
+    the threshold gradient from the adjoint identity <conv^T(G, w), r> = <G, conv(r, w)>::
+
+        dL/dw       = the convolution's weight gradient (as F.conv2d)
+        dL/dlog2_t  = ln2 <G, conv(r, w)>,   r = q - x dq/dx  (the quantizer's ThresholdTangent)
+
+    instead of ln2 <conv^T(G, w), r>: the input gradient conv^T(G, w) is never formed (for a first layer with
+    one input channel, oneDNN's backward-data costs ~5x its forward). Same values; gradients equal the
+    quantizer-then-conv autograd chain up to float summation order.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        log2_t: torch.Tensor,
+        r: torch.Tensor,
+        conv_args: dict[str, Any],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, w, r)
+        ctx.conv_args = conv_args
+        return F.conv2d(x, w, None, **conv_args)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        x, w, r = ctx.saved_tensors
+        args = ctx.conv_args
+        grad_w = grad_log2_t = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_out,
+                x,
+                w,
+                None,
+                args["stride"],
+                args["padding"],
+                args["dilation"],
+                False,
+                [0, 0],
+                args["groups"],
+                [False, True, False],
+            )[1]
+        if ctx.needs_input_grad[2]:
+            tangent_out = F.conv2d(r, w, None, **args)
+            grad_log2_t = torch.dot(grad_out.reshape(-1), tangent_out.reshape(-1)).mul(LN2).reshape(())
+        return None, grad_w, grad_log2_t, None, None
 
 
 class QCompute(QuantModule):
@@ -201,6 +270,14 @@ class QCompute(QuantModule):
         if self.kind == "linear":
             return F.linear(x, w)
         return x * channel_view(w, x.dim())
+
+    def accumulate(self, x: torch.Tensor, quantized_weight: torch.Tensor) -> torch.Tensor:
+        """sum q_w(w') q(x): float64 in eval; in training a convolution of the quantized data takes
+        :class:`AdjointInputConv` (the input quantizer's threshold gradient without the input gradient)."""
+        tangent: ThresholdTangent | None = getattr(x, TANGENT_ATTRIBUTE, None)
+        if tangent is not None and self.training and self.kind == "conv":
+            return AdjointInputConv.apply(x.detach(), quantized_weight, tangent.log2_t, tangent.r, self.conv_args)
+        return self.raw(self.exact(x), self.exact(quantized_weight))
 
     def _weight_shape(self) -> tuple[int, ...]:
         return (-1,) + (1,) * (self.weight.dim() - 1)
@@ -309,7 +386,7 @@ class QCompute(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, correction = self.folded(x)
         quantized_weight = self.weight_q(weight)
-        acc = self.raw(self.exact(x), self.exact(quantized_weight))
+        acc = self.accumulate(x, quantized_weight)
         if self.bn_statistics == "quantized" and self.bn is not None and self.training and not bool(self.bn_frozen):
             bias, correction = self.quantized_batch_fold(acc, bias)
         acc_range = None

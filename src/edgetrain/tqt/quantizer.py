@@ -167,6 +167,29 @@ def quantized_unchanged(x: torch.Tensor, quantizer: TQTQuantizer) -> torch.Tenso
     return _UnchangedFunction.apply(x, quantizer.log2_t)
 
 
+class ThresholdTangent(NamedTuple):
+    """d q(x) / d log2_t of a quantizer output, per element, over ln2: r = q - x dq/dx, so that the threshold
+    gradient of any consumer f is dL/dlog2_t = ln2 <df/dq, r> (module docstring)."""
+
+    log2_t: torch.Tensor
+    r: torch.Tensor
+
+
+def threshold_tangent(quantizer: TQTQuantizer, x: torch.Tensor, quantized: torch.Tensor) -> ThresholdTangent | None:
+    """The :class:`ThresholdTangent` of ``quantized = quantizer(x)`` on the fused float32 path (no ReLU), or None
+    where it does not apply (another path, or the threshold frozen). Lets a linear consumer A take the threshold
+    gradient as ln2 <G, A r> from its output gradient G instead of ln2 <A^T G, r> (A^T G is never formed)."""
+    if not (quantizer.training and quantizer.enabled and not quantizer.frozen and x.dtype == torch.float32):
+        return None
+    if not has_fast_path(quantizer):
+        return None
+    grid = fast_grid(quantizer.format, quantizer.exponent)
+    with torch.no_grad():
+        inside = (x > grid.grad_low) & (x < grid.grad_high)  # dq/dx = 1 (hardtanh_backward's open interval)
+        r = quantized.detach() - torch.where(inside, x, 0.0)
+    return ThresholdTangent(quantizer.log2_t, r)
+
+
 def _fake_quantize(
     x: torch.Tensor, log2_t: torch.Tensor, fmt: FixedPointFormat, rounding: Rounding, relu: bool = False
 ) -> torch.Tensor:

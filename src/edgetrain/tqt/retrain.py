@@ -31,7 +31,7 @@ from torch import nn
 
 from edgetrain.data import Dataset
 from edgetrain.distributed import close_distributed, init_distributed
-from edgetrain.training import Trainer, TrainHook, TrainResult, staircase
+from edgetrain.training import Trainer, TrainHook, TrainResult, adam, staircase
 
 REFERENCE_BATCH = 24  # Graffitist's decay periods are given for batch size 24
 BN_STATISTICS = ("float", "quantized")  # RetrainConfig.bn_statistics
@@ -207,7 +207,7 @@ def _retrain(
         for t in thresholds:
             t.requires_grad_(False)
     groups = [{"params": weights, "lr": cfg.weight_lr}, {"params": thresholds, "lr": cfg.threshold_lr}]
-    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = adam(groups, betas=(0.9, 0.999), eps=1e-8)
     schedules = [
         staircase(cfg.weight_lr_decay, cfg.scaled(cfg.weight_lr_period)),
         staircase(cfg.threshold_lr_decay, cfg.scaled(cfg.threshold_lr_period)),
