@@ -10,7 +10,7 @@ and the ratios QAT / float; the 1-min load average is recorded beside them, the 
 (ratios, not absolute times, are the figure).
 
     .venv/bin/python bench/bench_qat_speed.py                      # mnistnet + 3 zoo nets, batch 64
-    .venv/bin/python bench/bench_qat_speed.py --nets mnistnet --rounds 3
+    .venv/bin/python bench/bench_qat_speed.py --nets mnistnet --rounds 3 --repeats 1
 
 Writes bench/results/qat_speed.json and qat_speed.md (then run bench/render.py).
 """
@@ -106,12 +106,31 @@ def measure(net: str, batch: int, rounds: int, steps: int, clock: str = "wall") 
     }
 
 
+def repeated(net: str, args: argparse.Namespace) -> dict:
+    """``measure`` ``args.repeats`` times in turn; the row keeps every repeat and reports the median ratios
+    (the spread between repeats is the run-to-run noise of a shared machine)."""
+    runs = [measure(net, args.batch_size, args.rounds, args.steps, args.clock) for _ in range(args.repeats)]
+    row = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key.startswith("ratio_")}
+    row["step_ms"] = {name: statistics.median(run["step_ms"][name] for run in runs) for name in VARIANTS}
+    row["steps_per_variant"] = runs[0]["steps_per_variant"]
+    row["repeats"] = runs
+    return row
+
+
+def ratio_cell(row: dict, key: str, bold: bool = False) -> str:
+    """The median ratio, with the range over the repeats when there are several."""
+    text = f"**{row[key]:.2f}x**" if bold else f"{row[key]:.2f}x"
+    values = [run[key] for run in row.get("repeats", [])]
+    return text + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", nargs="+", default=["mnistnet", "resnet-tiny", "mobilenetv2-tiny", "darknet-tiny"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per net")
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+    parser.add_argument("--repeats", type=int, default=3, help="whole measurements per net (medians and range)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: thread CPU time (loaded machine)")
     parser.add_argument("--name", default="qat_speed", help="result file stem under bench/results")
@@ -120,15 +139,15 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = {}
     for net in args.nets:
-        rows[net] = measure(net, args.batch_size, args.rounds, args.steps, args.clock)
-        print(net, json.dumps(rows[net]))
+        rows[net] = repeated(net, args)
+        print(net, json.dumps({k: v for k, v in rows[net].items() if k != "repeats"}))
     load_after = os.getloadavg()[0]
     command = "`.venv/bin/python bench/bench_qat_speed.py" + (
         "" if args.nets == parser.get_default("nets") else " --nets " + " ".join(args.nets)
     )
     command += "".join(
         f" --{flag.replace('_', '-')} {getattr(args, flag)}"
-        for flag in ("batch_size", "rounds", "steps", "threads", "clock")
+        for flag in ("batch_size", "rounds", "steps", "repeats", "threads", "clock")
         if getattr(args, flag) != parser.get_default(flag)
     )
     command += "`"
@@ -155,15 +174,17 @@ def main() -> None:
     for net, row in rows.items():
         ms = row["step_ms"]
         lines.append(
-            f"| {net} | {ms['float']:.1f} | {ms['qat_bn_frozen']:.1f} | **{row['ratio_bn_frozen']:.2f}x** | "
-            f"{ms['qat_bn_statistics']:.1f} | {row['ratio_bn_statistics']:.2f}x | "
-            f"{ms['qat_bn_statistics_quantized']:.1f} | {row['ratio_bn_statistics_quantized']:.2f}x |"
+            f"| {net} | {ms['float']:.1f} | {ms['qat_bn_frozen']:.1f} | {ratio_cell(row, 'ratio_bn_frozen', True)} | "
+            f"{ms['qat_bn_statistics']:.1f} | {ratio_cell(row, 'ratio_bn_statistics')} | "
+            f"{ms['qat_bn_statistics_quantized']:.1f} | {ratio_cell(row, 'ratio_bn_statistics_quantized')} |"
         )
     lines += [
         "",
         f"Command: {command}. Medians of {rows[args.nets[0]]['steps_per_variant']} steps per variant "
         f"({'wall-clock' if args.clock == 'wall' else 'thread CPU'} time), the "
-        "three variants stepping in turn on the same batch; 1-min load average "
+        f"variants stepping in turn on the same batch; the whole measurement repeated {args.repeats} time(s) "
+        "per net: times and ratios are the medians over the repeats, (low-high) the range of the ratio; "
+        "1-min load average "
         f"{load_before:.1f} before / {load_after:.1f} after on a shared 2-core machine, so absolute times "
         f"are not comparable across runs, the ratios are. Target: QAT step <= {TARGET_RATIO}x float. "
         "BN frozen is every step after the recipe's first epoch; the BN-statistics phase (first epoch) runs "
