@@ -35,7 +35,7 @@ LRSchedule = Callable[[int], float]  # global step -> multiplier of a param grou
 def adam(params: Any, lr: float = 1e-3, **options: Any) -> torch.optim.Adam:
     """``torch.optim.Adam`` on the multi-tensor (``foreach``) kernels, the optimizer of every edgetrain trainer:
     the same update as the per-tensor loop (the CPU default) bit for bit, about twice as fast over many
-    small tensors, such as a quantized net's scalar thresholds (tests/test_training.py)."""
+    small tensors, such as a quantized net's scalar thresholds (tests/test_retrain.py)."""
     return torch.optim.Adam(params, lr=lr, foreach=True, **options)
 
 
