@@ -7,10 +7,12 @@ photos that matplotlib and scikit-learn ship (``photo_crops``), disjoint calibra
 Per net: float-vs-quantized top-1 agreement (for the feature extractor: mean cosine similarity and
 nearest-neighbour retrieval agreement of the 1280 features), integer-program mismatches against the
 fake-quantized model, onnxruntime outputs equal to the fake-quantized ones, the program's ops, and for
-the MTCNN nets a short retraining without labels (TQT retrain mode, distilling the float net's
-softmax on the calibration crops). Writes ``bench/results/pretrained.json`` and ``.md``.
+every net a retraining without labels (``retrain(..., teacher=float_model)`` with
+``RetrainConfig(distill=...)``: the MTCNN nets match the float net's logits, the feature extractor its
+features) on their own crops, the kept checkpoint the best on disjoint validation crops. Writes
+``bench/results/pretrained.json`` and ``.md``.
 
-Run: ``.venv/bin/python bench/bench_pretrained.py`` (about 10 minutes on 2 busy cores).
+Run: ``.venv/bin/python bench/bench_pretrained.py`` (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -29,18 +31,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetrain.data import unlabelled
 from edgetrain.export import ort_session, to_integer
 from edgetrain.export.onnx import program_to_onnx
 from edgetrain.graph import quantize
 from edgetrain.models.pretrained import imagenet_input, load_pretrained, mtcnn_input, photo_crops
-from edgetrain.training import adam
+from edgetrain.tqt import RetrainConfig, retrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NETS = {  # name: (input side, preprocessing, output kind)
-    "mtcnn-onet": (48, mtcnn_input, "logits"),
-    "mtcnn-rnet": (24, mtcnn_input, "logits"),
-    "deepsort-mobilenetv2": (32, imagenet_input, "features"),
+NETS = {  # name: (input side, preprocessing, output kind, retraining weight lr)
+    "mtcnn-onet": (48, mtcnn_input, "logits", 1e-4),
+    "mtcnn-rnet": (24, mtcnn_input, "logits", 1e-4),
+    "deepsort-mobilenetv2": (32, imagenet_input, "features", 1e-3),
 }
+SEEDS = {"calibration": 1, "test": 2, "validation": 3, "retraining": 4}  # photo_crops seeds: disjoint crop sets
 
 
 def agreement(kind: str, reference: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
@@ -53,26 +57,6 @@ def agreement(kind: str, reference: torch.Tensor, out: torch.Tensor) -> dict[str
         "cosine": float(cosine),
         "retrieval_agreement": float((nearest == torch.arange(len(out))).float().mean()),
     }
-
-
-def distill(qmodel: nn.Module, teacher: nn.Module, images: torch.Tensor, epochs: int, batch: int) -> float:
-    """Short retraining without labels: KL(float softmax || quantized softmax), TQT's two Adam groups."""
-    thresholds = [p for n, p in qmodel.named_parameters() if n.endswith("log2_t") and p.requires_grad]
-    ids = {id(p) for p in thresholds}
-    weights = [p for p in qmodel.parameters() if id(p) not in ids and p.requires_grad]
-    opt = adam([{"params": weights, "lr": 1e-4}, {"params": thresholds, "lr": 1e-2}])
-    with torch.no_grad():
-        targets = F.softmax(teacher(images), 1)
-    qmodel.train()
-    start = time.perf_counter()
-    for _ in range(epochs):
-        for i in torch.randperm(len(images)).split(batch):
-            opt.zero_grad()
-            loss = F.kl_div(F.log_softmax(qmodel(images[i]), 1), targets[i], reduction="batchmean")
-            loss.backward()
-            opt.step()
-    qmodel.eval()
-    return time.perf_counter() - start
 
 
 def evaluate(name: str, qmodel: nn.Module, model: nn.Module, test: torch.Tensor, kind: str) -> dict[str, Any]:
@@ -95,13 +79,13 @@ def evaluate(name: str, qmodel: nn.Module, model: nn.Module, test: torch.Tensor,
     return row
 
 
-def bench(name: str, calib_count: int, test_count: int, retrain_epochs: int) -> dict[str, Any]:
-    side, prepare, kind = NETS[name]
+def bench(name: str, calib_count: int, test_count: int, retrain_count: int, retrain_epochs: int) -> dict[str, Any]:
+    side, prepare, kind, weight_lr = NETS[name]
     model = load_pretrained(name)
-    calib = prepare(photo_crops(side, calib_count, seed=1))
-    test = prepare(photo_crops(side, test_count, seed=2))
+    calib = prepare(photo_crops(side, calib_count, seed=SEEDS["calibration"]))
+    test = prepare(photo_crops(side, test_count, seed=SEEDS["test"]))
     start = time.perf_counter()
-    static = quantize(model, calib[:1], calib)
+    static = quantize(model, calib[:1], calib, mode="static")
     result: dict[str, Any] = {
         "input": [3, side, side],
         "calibration_crops": calib_count,
@@ -112,15 +96,27 @@ def bench(name: str, calib_count: int, test_count: int, retrain_epochs: int) -> 
     if kind == "logits":
         with torch.no_grad():
             result["float_face_rate"] = float(model(test).argmax(1).float().mean())
-        if retrain_epochs:
-            qmodel = quantize(model, calib[:1], calib, mode="retrain")
-            seconds = distill(qmodel, model, calib, retrain_epochs, batch=32)
-            result["retrained"] = evaluate(name, qmodel, model, test, kind) | {
-                "epochs": retrain_epochs,
-                "seconds": round(seconds, 1),
-            }
+    if retrain_epochs:
+        train = unlabelled(prepare(photo_crops(side, retrain_count, seed=SEEDS["retraining"])), name=f"{name}-crops")
+        val = unlabelled(prepare(photo_crops(side, test_count, seed=SEEDS["validation"])), split="val")
+        recipe = RetrainConfig(epochs=retrain_epochs, batch_size=32, weight_lr=weight_lr, distill=kind)
+        qmodel = quantize(model, calib[:1], calib, mode="retrain")
+        trained = retrain(qmodel, train, val, recipe, teacher=model, progress=False)
+        result["retrained"] = evaluate(name, qmodel, model, test, kind) | {
+            "epochs": retrain_epochs,
+            "retraining_crops": retrain_count,
+            "best_epoch": trained.best_epoch,
+            "recipe": recipe.as_dict(),
+            "seconds": round(trained.seconds, 1),
+        }
     print(name, json.dumps(result))
     return result
+
+
+def agreement_text(row: dict[str, Any]) -> str:
+    if "top1_agreement" in row:
+        return f"top-1 {row['top1_agreement']:.3f}"
+    return f"cosine {row['cosine']:.3f}, retrieval {row['retrieval_agreement']:.3f}"
 
 
 def markdown(results: dict[str, Any], command: str) -> str:
@@ -139,12 +135,9 @@ def markdown(results: dict[str, Any], command: str) -> str:
     ]
     for name, r in results.items():
         static = r["static"]
-        if "top1_agreement" in static:
-            agree = f"top-1 {static['top1_agreement']:.3f}"
-        else:
-            agree = f"cosine {static['cosine']:.3f}, retrieval {static['retrieval_agreement']:.3f}"
+        agree = agreement_text(static)
         retrained = r.get("retrained")
-        again = f"top-1 {retrained['top1_agreement']:.3f} ({retrained['epochs']} ep)" if retrained else "-"
+        again = f"{agreement_text(retrained)} ({retrained['epochs']} ep)" if retrained else "-"
         mismatches = static["integer_mismatches"] + (retrained["integer_mismatches"] if retrained else 0)
         onnx_equal = min(static["onnx_equal_fraction"], retrained["onnx_equal_fraction"] if retrained else 1.0)
         size = "x".join(map(str, r["input"]))
@@ -168,14 +161,15 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     parser.add_argument("--calib", type=int, default=128, help="calibration crops (MobileNetV2 uses a quarter)")
     parser.add_argument("--test", type=int, default=512, help="test crops (MobileNetV2 uses a quarter)")
-    parser.add_argument("--retrain-epochs", type=int, default=3)
+    parser.add_argument("--retrain-crops", type=int, default=1024, help="unlabelled crops retraining distills on")
+    parser.add_argument("--retrain-epochs", type=int, default=24)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     results = {}
     for name in args.nets:
         scale = 4 if name == "deepsort-mobilenetv2" else 1  # 50 conv layers: calibration is slow on 2 cores
-        results[name] = bench(name, args.calib // scale, args.test // scale, args.retrain_epochs)
+        results[name] = bench(name, args.calib // scale, args.test // scale, args.retrain_crops, args.retrain_epochs)
     command = ".venv/bin/python bench/bench_pretrained.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
     )

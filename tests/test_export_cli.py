@@ -116,3 +116,34 @@ def test_quantize_bn_statistics_flag_reaches_retrain_and_the_model_file(tmp_path
     assert [recipe.bn_statistics for recipe in seen] == ["quantized"]
     assert "(BN statistics: quantized)" in capsys.readouterr().out
     assert read_model_file(q, "quantized")["recipe"]["bn_statistics"] == "quantized"
+
+
+def test_quantize_distill_flag_retrains_on_the_float_models_outputs(tmp_path, capsys, monkeypatch) -> None:
+    """``--distill logits``: the recipe says so, the float model is the teacher, the result is printed as
+    agreement with it and recorded in the model file; an unknown kind is a usage error."""
+    import pytest
+
+    import edgetrain.cli.quantize as quantize_cli
+    from edgetrain.cli import build_parser
+    from edgetrain.modelfile import read_model_file
+
+    args = ["quantize", "--float", "f.pt", "--mode", "retrain", "--out", "q.pt"]
+    assert quantize_cli.recipe_from_args(build_parser().parse_args(args)).distill == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*args, "--distill", "soft"])
+    assert "--distill: invalid choice: 'soft'" in capsys.readouterr().err
+    f, q = str(tmp_path / "float.pt"), str(tmp_path / "int8.pt")
+    common = ["--threads", "1", "--train-samples", "64"]
+    assert main(["train", "--model", "mnistnet", "--data", "digits", "--epochs", "1", *common, "--out", f]) == 0
+    teachers, real = [], quantize_cli.retrain
+
+    def spy(qmodel, train, val, recipe, **kwargs):
+        teachers.append(kwargs["teacher"])
+        return real(qmodel, train, val, recipe, progress=False, **kwargs)
+
+    monkeypatch.setattr(quantize_cli, "retrain", spy)
+    flags = ["--mode", "retrain", "--distill", "logits", "--calib", "32", "--batch-size", "32"]
+    assert main(["quantize", "--float", f, *flags, *common, "--out", q]) == 0
+    assert len(teachers) == 1 and teachers[0] is not None
+    assert "distilled from the float model's logits: val top-1 agreement" in capsys.readouterr().out
+    assert read_model_file(q, "quantized")["recipe"]["distill"] == "logits"

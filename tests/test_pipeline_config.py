@@ -166,3 +166,33 @@ def test_bn_statistics_key_is_validated_and_reaches_the_retrain_recipe(tmp_path:
     assert [recipe.bn_statistics for recipe in seen] == ["quantized"]
     assert result.summary["recipe"]["bn_statistics"] == "quantized"
     assert json.loads((tmp_path / "quantize" / "stage.json").read_text())["inputs"]["bn_statistics"] == "quantized"
+
+
+def test_distill_key_is_validated_and_gives_the_quantize_stage_a_teacher(tmp_path: Path, monkeypatch) -> None:
+    """``[quantize] distill``: checked by name; the quantize stage retrains on the float model's logits
+    (the pretrained model as the teacher) and records the recipe."""
+    from edgetrain.pipeline import run as pipeline_run
+    from edgetrain.pipeline.models import build_model
+    from edgetrain.pipeline.stages import StageResult
+
+    with pytest.raises(ConfigError, match=r"\[quantize\] distill = 'logit' is unknown \(did you mean 'logits'\?\)"):
+        validate_config(config_from_dict({"quantize": {"distill": "logit"}}))
+    raw = {
+        "data": {"dataset": "digits", "train_samples": 64, "test_samples": 32},
+        "quantize": {"calibration_samples": 32, "batch_size": 32, "distill": "logits"},
+    }
+    config = validate_config(config_from_dict(raw))
+    data = pipeline_run.load_pipeline_data(config)
+    (tmp_path / "pretrain").mkdir()
+    pipeline_run.save_state(config, "float", build_model(config.model, data.train), tmp_path / "pretrain" / "model.pt")
+    pretrained = StageResult("pretrain", "0" * 16, {}, tmp_path / "pretrain", False)
+    teachers, real = [], pipeline_run.retrain
+
+    def spy(qmodel, train, val, recipe, **kwargs):
+        teachers.append(kwargs["teacher"])
+        return real(qmodel, train, val, recipe, progress=False, **kwargs)
+
+    monkeypatch.setattr(pipeline_run, "retrain", spy)
+    result = pipeline_run.quantize_stage(config, data, tmp_path, pretrained, lambda _: None)
+    assert len(teachers) == 1 and teachers[0] is not None
+    assert result.summary["recipe"]["distill"] == "logits"

@@ -1,9 +1,10 @@
-"""The supervised training loop shared by float pretraining and TQT retraining.
+"""The training loop shared by float pretraining and TQT retraining.
 
-One :class:`Trainer` runs epochs of seeded mini-batches with step-wise learning-rate schedules,
-hooks (batch-norm freezing, threshold freezing), evaluation on a validation split, best-model
-selection, a tqdm progress bar and atomic, resumable checkpoints (``torch.save`` to a temporary
-file + ``os.replace``; loaded with ``weights_only=True``). A resumed run reproduces the
+One :class:`Trainer` minimises an :class:`Objective` (the labels' cross-entropy by default, or
+:class:`Distillation` from a teacher model, which needs no labels) over epochs of seeded mini-batches
+with step-wise learning-rate schedules, hooks (batch-norm freezing, threshold freezing), evaluation
+on a validation split, best-model selection, a tqdm progress bar and atomic, resumable checkpoints
+(``torch.save`` to a temporary file + ``os.replace``; loaded with ``weights_only=True``). A resumed run reproduces the
 uninterrupted one exactly: batch order depends only on (seed, epoch) and the RNG state is saved.
 Under ``torchrun`` the same loop runs data-parallel (:mod:`edgetrain.distributed`): each rank takes
 its share of every global batch, DDP averages the gradients, rank 0 writes the checkpoints.
@@ -15,7 +16,8 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,20 +63,32 @@ class TrainHook:
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Arg-max class of every image, in eval mode, on the model's device; every submodule's previous mode
-    is restored (so a batch-norm layer frozen in eval mode during training stays frozen)."""
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; every submodule's previous mode is restored afterwards
+    (so a batch-norm layer frozen in eval mode during training stays frozen)."""
     modes = {module: module.training for module in model.modules()}
-    device = next(model.parameters(), images).device
     model.eval()
     try:
-        return torch.cat(
-            [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
-        )
+        yield model
     finally:
         for module, mode in modes.items():
             module.training = mode
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """``model(images)`` in eval mode, batch by batch on the model's device, gathered on the CPU."""
+    device = next(model.parameters(), images).device
+    with eval_mode(model):
+        return torch.cat(
+            [model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+        )
+
+
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Arg-max class of every image (:func:`outputs`)."""
+    return outputs(model, images, batch_size).argmax(1)
 
 
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> float:
@@ -82,9 +96,80 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> float:
     return float((predict(model, data.images, batch_size) == data.labels).float().mean())
 
 
+class Objective:
+    """What a :class:`Trainer` minimises and how it scores the validation split (higher is better).
+
+    The default: the cross-entropy of the labels, scored by top-1 accuracy (``val_accuracy``)."""
+
+    name = "labels"
+    metric = "val_accuracy"
+
+    def to(self, device: torch.device) -> None:
+        """Move what the objective holds (a teacher model) to the training device."""
+
+    def loss(
+        self, out: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """The batch's loss (``reduction`` ``"mean"`` or ``"sum"`` over the samples) of the model's ``out``."""
+        return F.cross_entropy(out, labels, reduction=reduction)
+
+    def score(self, model: nn.Module, data: Dataset) -> float:
+        return evaluate(model, data)
+
+
+DISTILL_OUTPUTS = ("logits", "features")
+
+
+class Distillation(Objective):
+    """Train a model to reproduce a ``teacher``'s outputs on the same images; labels are not used.
+
+    - ``outputs="logits"``: ``T^2 KL(softmax(t / T) || softmax(s / T))`` per sample (Hinton et al. 2015),
+      scored by top-1 agreement with the teacher (``val_agreement``);
+    - ``outputs="features"``: ``1 - cos(s, t)`` per sample (the outputs flattened), scored by the mean
+      cosine similarity (``val_cosine``): for embedders and feature extractors.
+
+    The teacher runs in eval mode without gradients (its modes are restored); it is typically the float
+    model that was quantized, so quantization-aware retraining needs only unlabelled images.
+    """
+
+    def __init__(self, teacher: nn.Module, outputs: str = "logits", temperature: float = 1.0) -> None:
+        if outputs not in DISTILL_OUTPUTS:
+            raise ValueError(f"distillation outputs must be one of {DISTILL_OUTPUTS}, got {outputs!r}")
+        if not temperature > 0:
+            raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        self.teacher, self.outputs, self.temperature = teacher, outputs, temperature
+        self.name = f"distill-{outputs}" + (f"-T{temperature:g}" if outputs == "logits" else "")
+        self.metric = "val_agreement" if outputs == "logits" else "val_cosine"
+
+    def to(self, device: torch.device) -> None:
+        self.teacher.to(device)
+
+    def loss(
+        self, out: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        with torch.no_grad(), eval_mode(self.teacher):
+            target = self.teacher(images)
+        if self.outputs == "logits":
+            t = self.temperature
+            per_sample = (
+                F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(target / t, 1), reduction="none", log_target=True)
+                .sum(1)
+                .mul(t * t)
+            )
+        else:
+            per_sample = 1 - F.cosine_similarity(out.flatten(1), target.flatten(1))
+        return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+    def score(self, model: nn.Module, data: Dataset) -> float:
+        student, teacher = outputs(model, data.images), outputs(self.teacher, data.images)
+        if self.outputs == "logits":
+            return float((student.argmax(1) == teacher.argmax(1)).float().mean())
+        return float(F.cosine_similarity(student.flatten(1), teacher.flatten(1)).mean())
+
+
 @dataclass
 class TrainResult:
-    best_val_accuracy: float
+    best_val_accuracy: float  # the objective's best validation score (top-1 accuracy for labels)
     best_epoch: float  # epochs (fractional) at which the best checkpoint was taken
     steps: int
     seconds: float
@@ -127,6 +212,7 @@ class Trainer:
         description: str = "train",
         device: str | torch.device = "cpu",
         find_unused_parameters: bool = False,
+        objective: Objective | None = None,
     ) -> None:
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -149,7 +235,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
         self.running_loss = math.nan  # EMA (0.98) of the task loss, for display and the history
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.objective = objective or Objective()
         self.rank, self.world_size = world()
         last_batch = len(train) % batch_size or batch_size
         if self.world_size > min(batch_size, last_batch):
@@ -159,6 +245,7 @@ class Trainer:
             )
         self.device = resolve_device(device)
         self.model.to(self.device)
+        self.objective.to(self.device)
         self.forward_model = data_parallel(self.model, self.device, find_unused_parameters)
         # what a checkpoint must match to be resumed by this run: everything that determines the result
         self.signature = {
@@ -168,6 +255,7 @@ class Trainer:
             "epochs": epochs,
             "seed": seed,
             "lr": self.base_lrs,
+            "objective": self.objective.name,
         }
 
     # -- checkpointing -------------------------------------------------------------------------
@@ -226,23 +314,24 @@ class Trainer:
     def _validate(self, loss: float) -> None:
         record = {"step": float(self.step), "epoch": self.step / self.steps_per_epoch, "loss": loss}
         if self.val is not None:
-            accuracy = evaluate(self.model, self.val)
-            record["val_accuracy"] = accuracy
-            if accuracy > self.best_val:
-                self.best_val, self.best_step = accuracy, self.step
+            score = self.objective.score(self.model, self.val)
+            record[self.objective.metric] = score
+            if score > self.best_val:
+                self.best_val, self.best_step = score, self.step
                 self.best_state = copy.deepcopy(self.model.state_dict())
         self.history.append(record)
         if self.checkpoint and self.rank == 0:
             torch_save_atomic(self._state(), self.checkpoint)
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the batch; with N ranks, (N / B) x the sum over this rank's share, so
-        that DDP's gradient average is the gradient of the global batch's mean (module docstring)."""
+        """The objective's mean loss over the batch; with N ranks, (N / B) x the sum over this rank's share,
+        so that DDP's gradient average is the gradient of the global batch's mean (module docstring)."""
         if self.world_size == 1:
-            return self.loss_fn(self.forward_model(images.to(self.device)), labels.to(self.device))
+            images, labels = images.to(self.device), labels.to(self.device)
+            return self.objective.loss(self.forward_model(images), images, labels)
         share, share_labels = rank_share(images, labels, self.rank, self.world_size)
-        logits = self.forward_model(share.to(self.device))
-        summed = F.cross_entropy(logits, share_labels.to(self.device), reduction="sum")
+        share, share_labels = share.to(self.device), share_labels.to(self.device)
+        summed = self.objective.loss(self.forward_model(share), share, share_labels, reduction="sum")
         return summed * (self.world_size / len(labels))
 
     def run(self) -> TrainResult:

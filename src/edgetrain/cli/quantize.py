@@ -34,7 +34,7 @@ from edgetrain.models import MODELS
 from edgetrain.pipeline.config import QuantizeSection
 from edgetrain.pipeline.models import model_from_spec, quant_settings
 from edgetrain.tqt import CALIBRATION_METHODS
-from edgetrain.tqt.retrain import BN_STATISTICS, RetrainConfig, retrain
+from edgetrain.tqt.retrain import BN_STATISTICS, DISTILL, RetrainConfig, retrain
 from edgetrain.training import evaluate, train_float
 
 
@@ -127,6 +127,8 @@ def recipe_from_args(args: argparse.Namespace) -> RetrainConfig:
         bn_statistics=args.bn_statistics,
         seed=args.seed,
         device=args.device,
+        distill=args.distill,
+        distill_temperature=args.distill_temperature,
     )
 
 
@@ -153,10 +155,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     if args.mode == "retrain":
         recipe = recipe_from_args(args)
-        retrain(qmodel, train, val, recipe, checkpoint=args.out + ".resume")
+        teacher = model if recipe.distill != "none" else None
+        result = retrain(qmodel, train, val, recipe, checkpoint=args.out + ".resume", teacher=teacher)
         if not is_main_process():  # under torchrun: rank 0 reports and writes the model file
             return 0
         extra["recipe"] = recipe.as_dict()  # recorded in the model file (bn_statistics among them)
+        if teacher is not None:
+            score = "top-1 agreement" if recipe.distill == "logits" else "mean cosine"
+            print(f"distilled from the float model's {recipe.distill}: val {score} {result.best_val_accuracy:.4f}")
     statistics = f" (BN statistics: {args.bn_statistics})" if args.mode == "retrain" else ""
     print(
         f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}{statistics}: val top-1 "
@@ -358,6 +364,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "float = a second, float convolution (the TQT / Jacob et al. definition; default), quantized = the "
         "layer's own quantized-weight convolution (one conv instead of two; other numerics, opt-in)",
     )
+    p.add_argument(
+        "--distill",
+        default="none",
+        choices=DISTILL,
+        help="retrain without labels: match the float model's logits (KL) or features (cosine); default none "
+        "(the labels' cross-entropy)",
+    )
+    p.add_argument("--distill-temperature", type=positive_float, default=1.0, help="softmax temperature (logits)")
     p.add_argument("--train-samples", type=positive_int, default=None)
     p.add_argument("--table", action="store_true", help="print every quantizer")
     p.add_argument(

@@ -6,6 +6,7 @@ from edgetrain.data.datasets import (
     DatasetNotFoundError,
     DataSource,
     load_dataset,
+    unlabelled,
     validate_arrays,
 )
 from edgetrain.data.elastic import ELASTIC_PAIRS, elastic_deform, elastic_stream
@@ -30,5 +31,6 @@ __all__ = [
     "load_dataset",
     "num_batches",
     "read_image_tree",
+    "unlabelled",
     "validate_arrays",
 ]

@@ -90,6 +90,13 @@ class Dataset:
         return Dataset(self.name, self.split, self.images[:count], self.labels[:count], self.classes)
 
 
+def unlabelled(images: torch.Tensor, name: str = "unlabelled", split: str = "train") -> Dataset:
+    """Images without labels (every label 0, one class ``"unlabelled"``): what distillation retrains on
+    (``RetrainConfig(distill="logits" | "features")``), which never reads the labels."""
+    images = torch.as_tensor(images, dtype=torch.float32)
+    return Dataset(name, split, images, torch.zeros(len(images), dtype=torch.int64), ("unlabelled",))
+
+
 def validate_arrays(images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
     """Check shapes, dtypes and values of a split; raise ``ValueError`` naming the problem."""
     if images.ndim != 4:

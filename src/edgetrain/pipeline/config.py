@@ -84,6 +84,7 @@ class QuantizeSection:
     weight_lr: float = 1e-4
     threshold_lr: float = 1e-2
     bn_statistics: str = "float"  # retraining's BN-statistics phase: float conv (TQT definition) | quantized (one conv)
+    distill: str = "none"  # retraining's loss: none (the labels) | logits | features (the float model's outputs)
     calibration: str = "auto"  # activation thresholds: auto (least quantization error) | kl_j | max | 3sd | ...
     weight_calibration: str = ""  # "": max (static) / 3sd (retrain)
     allow_float: bool = False  # leave ops the quantizer does not cover in float
@@ -239,7 +240,7 @@ def _name_problems(config: PipelineConfig, rule_options_in_range: bool = True) -
     from edgetrain.data.images import COLORS
     from edgetrain.models import MODELS
     from edgetrain.tqt import CALIBRATION_METHODS
-    from edgetrain.tqt.retrain import BN_STATISTICS
+    from edgetrain.tqt.retrain import BN_STATISTICS, DISTILL
 
     problems: list[str] = []
 
@@ -263,6 +264,7 @@ def _name_problems(config: PipelineConfig, rule_options_in_range: bool = True) -
     known("quantize", "calibration", config.quantize.calibration, CALIBRATION_METHODS)
     known("quantize", "weight_calibration", config.quantize.weight_calibration, ("", *CALIBRATION_METHODS))
     known("quantize", "bn_statistics", config.quantize.bn_statistics, BN_STATISTICS)
+    known("quantize", "distill", config.quantize.distill, DISTILL)
     if config.data.dataset == "folder" and not config.data.root:
         problems.append('[data] dataset = "folder" needs root = "<folder with the image files>"')
     adapt = config.adapt

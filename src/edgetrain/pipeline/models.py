@@ -138,4 +138,5 @@ def retrain_settings(section: QuantizeSection) -> RetrainConfig:
         weight_lr=section.weight_lr,
         threshold_lr=section.threshold_lr,
         bn_statistics=section.bn_statistics,
+        distill=section.distill,
     )

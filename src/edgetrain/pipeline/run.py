@@ -136,7 +136,16 @@ def quantize_stage(
             train = data.train.subset(section.retrain_samples) if section.retrain_samples else data.train
             qmodel = quantize(model, calib[:1], calib, quant_settings(config.quantize), mode="retrain")
             history = ThresholdHistory(qmodel, every=5)
-            result = retrain(qmodel, train, data.val, recipe, checkpoint=directory / "checkpoint.pt", hooks=[history])
+            teacher = model if recipe.distill != "none" else None
+            result = retrain(
+                qmodel,
+                train,
+                data.val,
+                recipe,
+                checkpoint=directory / "checkpoint.pt",
+                hooks=[history],
+                teacher=teacher,
+            )
             (directory / "checkpoint.pt").unlink(missing_ok=True)
             summary.update(
                 retrained=True,

@@ -11,6 +11,9 @@
 - Optional incremental threshold freezing: after ``freeze_start*(24/B)`` steps, every 50 steps,
   freeze the not-yet-frozen threshold with the smallest mean |grad| over those steps whose
   ceil(log2_t) equals ceil of its EMA (decay 0.9999).
+- Without labels: ``distill="logits"`` or ``"features"`` trains the quantized model to reproduce the float
+  model's outputs (``retrain(..., teacher=float_model)``; :class:`~edgetrain.training.Distillation`),
+  so a pretrained net can be retrained on unlabelled images; validation scores agreement with the teacher.
 - The best checkpoint on the validation split is kept; progress bar; atomic, resumable checkpoints.
 - Data-parallel under ``torchrun`` (``edgetrain.distributed``): DistributedDataParallel over the
   ranks (gloo on CPU, nccl with ``device="cuda"``); each global batch of ``batch_size`` is split over
@@ -31,10 +34,20 @@ from torch import nn
 
 from edgetrain.data import Dataset
 from edgetrain.distributed import close_distributed, init_distributed
-from edgetrain.training import Trainer, TrainHook, TrainResult, adam, staircase
+from edgetrain.training import (
+    DISTILL_OUTPUTS,
+    Distillation,
+    Objective,
+    Trainer,
+    TrainHook,
+    TrainResult,
+    adam,
+    staircase,
+)
 
 REFERENCE_BATCH = 24  # Graffitist's decay periods are given for batch size 24
 BN_STATISTICS = ("float", "quantized")  # RetrainConfig.bn_statistics
+DISTILL = ("none", *DISTILL_OUTPUTS)  # RetrainConfig.distill
 
 
 @dataclass
@@ -60,10 +73,14 @@ class RetrainConfig:
     eval_every: int | None = None
     seed: int = 0
     device: str = "cpu"  # "cpu" | "cuda" (cuda:LOCAL_RANK under torchrun)
+    distill: str = "none"  # "none" (the labels) | "logits" | "features" (a teacher's outputs; no labels)
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.bn_statistics not in BN_STATISTICS:
             raise ValueError(f"bn_statistics must be one of {BN_STATISTICS}, got {self.bn_statistics!r}")
+        if self.distill not in DISTILL:
+            raise ValueError(f"distill must be one of {DISTILL}, got {self.distill!r}")
 
     def scaled(self, period: int) -> int:
         """A period given at batch 24, scaled by 24/B."""
@@ -165,6 +182,22 @@ class ThresholdHistory(TrainHook):
         self.steps, self.values = list(state["steps"]), {k: list(v) for k, v in state["values"].items()}
 
 
+def recipe_objective(config: RetrainConfig, teacher: nn.Module | None) -> Objective:
+    """The recipe's loss: the labels' cross-entropy, or distillation from ``teacher`` (``config.distill``)."""
+    if config.distill == "none":
+        if teacher is not None:
+            raise ValueError(
+                "a teacher was given but RetrainConfig.distill is 'none': set distill='logits' or 'features'"
+            )
+        return Objective()
+    if teacher is None:
+        raise ValueError(
+            f"RetrainConfig.distill={config.distill!r} needs the float model as the teacher: "
+            "retrain(qmodel, train, val, config, teacher=float_model)"
+        )
+    return Distillation(teacher, config.distill, config.distill_temperature)
+
+
 def retrain(
     model: nn.Module,
     train: Dataset,
@@ -173,19 +206,23 @@ def retrain(
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
     hooks: Sequence[TrainHook] = (),
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Retrain a fake-quantized ``model`` (weights and thresholds) with the TQT recipe.
 
     With ``config.train_thresholds=False`` the thresholds stay at their calibrated values; ``hooks``
-    add observers (e.g. :class:`ThresholdHistory`).
+    add observers (e.g. :class:`ThresholdHistory`). With ``config.distill`` ``"logits"`` or ``"features"``
+    the loss is the distance to ``teacher``'s outputs (the float model; the labels of ``train`` and ``val``
+    are not used) and the best checkpoint is the one that agrees best with the teacher on ``val``.
     Returns the :class:`~edgetrain.training.TrainResult`; ``model`` ends with the best weights.
     Under ``torchrun`` it joins the process group (or uses the one already open) and runs data-parallel
     (module docstring); a group it opened is closed (barrier, then destroy) before it returns.
     """
     cfg = config or RetrainConfig()
+    objective = recipe_objective(cfg, teacher)
     opened = init_distributed(cfg.device)
     try:
-        return _retrain(model, train, val, cfg, checkpoint, progress, hooks)
+        return _retrain(model, train, val, cfg, checkpoint, progress, hooks, objective)
     finally:
         if opened:
             close_distributed()
@@ -199,6 +236,7 @@ def _retrain(
     checkpoint: str | os.PathLike[str] | None,
     progress: bool,
     hooks: Sequence[TrainHook],
+    objective: Objective,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
     set_bn_statistics(model, cfg.bn_statistics)
@@ -237,5 +275,6 @@ def _retrain(
         description="TQT retraining",
         device=cfg.device,
         find_unused_parameters=cfg.freeze_thresholds,  # a frozen threshold gets no gradient
+        objective=objective,
     )
     return trainer.run()
