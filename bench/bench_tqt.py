@@ -42,6 +42,8 @@ class LowBitRecipe(NamedTuple):
     threshold_lr: float = 1e-2
     bn_stat_epochs: int = 1  # epochs with batch statistics before BN is frozen (0: frozen from the start)
     weight_lr: float = 1e-4
+    kd_label_weight: float | None = None  # a: a CE + (1 - a) T^2 KL from the FP32 start (None: labels only)
+    kd_temperature: float = 2.0
 
 
 # "zoo" is bench_zoo.py's recipe; "bn0-*": BN frozen from the first step (the FP32 net's moving statistics).
@@ -54,6 +56,7 @@ LOW_BIT_RECIPES: dict[str, LowBitRecipe] = {
     "bn0-4ep": LowBitRecipe(None, 4, bn_stat_epochs=0),
     "bn0-4ep-wlr1e-3": LowBitRecipe(None, 4, bn_stat_epochs=0, weight_lr=1e-3),
     "bn0-1ep-wlr1e-3": LowBitRecipe(None, 1, bn_stat_epochs=0, weight_lr=1e-3),
+    "bn0-1ep-wlr1e-3-kd": LowBitRecipe(None, 1, bn_stat_epochs=0, weight_lr=1e-3, kd_label_weight=0.5),
 }
 
 
@@ -110,9 +113,13 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
             weight_lr=spec.weight_lr,
             threshold_lr=spec.threshold_lr,
             bn_stat_epochs=spec.bn_stat_epochs,
+            distill="none" if spec.kd_label_weight is None else "logits",
+            distill_temperature=spec.kd_temperature,
+            distill_label_weight=spec.kd_label_weight or 0.0,
         )
         epoch_test = EpochTest(test)
-        result = retrain(qmodel, train, val, recipe, progress=False, hooks=[epoch_test])
+        teacher = None if spec.kd_label_weight is None else model
+        result = retrain(qmodel, train, val, recipe, progress=False, hooks=[epoch_test], teacher=teacher)
         rows[f"INT4 {name}"] = {
             "accuracy": evaluate(qmodel, test),
             "weight_calibration": qconfig.weight_method("retrain"),
@@ -120,6 +127,9 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
             "threshold_lr": spec.threshold_lr,
             "bn_stat_epochs": spec.bn_stat_epochs,
             "weight_lr": spec.weight_lr,
+            "distill": recipe.distill,
+            "distill_label_weight": recipe.distill_label_weight,
+            "distill_temperature": recipe.distill_temperature,
             "best_epoch": result.best_epoch,
             "test_after_epoch": epoch_test.accuracy,  # after epochs 1 .. epochs-1
             "seconds": round(result.seconds, 1),

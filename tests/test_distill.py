@@ -30,6 +30,25 @@ def test_logits_loss_is_t2_kl_and_its_gradient_is_t_times_the_softmax_gap() -> N
     assert float(objective.loss(t, t, torch.zeros(n, dtype=torch.int64))) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_label_weight_mixes_the_labels_cross_entropy_with_distillation() -> None:
+    """a CE(s, y) + (1 - a) T^2 KL per sample; a = 1 is plain cross-entropy; scored by accuracy when a > 0."""
+    torch.manual_seed(3)
+    t, s, y = torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 4, (6,))
+    kd = Distillation(nn.Identity(), "logits", 2.0).loss(s, t, y)
+    mixed = Distillation(nn.Identity(), "logits", 2.0, label_weight=0.25)
+    torch.testing.assert_close(mixed.loss(s, t, y), 0.25 * F.cross_entropy(s, y) + 0.75 * kd)
+    torch.testing.assert_close(Distillation(nn.Identity(), "logits", 2.0, 1.0).loss(s, t, y), F.cross_entropy(s, y))
+    assert mixed.metric == "val_accuracy" and Distillation(nn.Identity()).metric == "val_agreement"
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    data = Dataset("x", "val", torch.randn(30, 1, 2, 2), torch.randint(0, 3, (30,)), ("a", "b", "c"))
+    accuracy = float((outputs(net, data.images).argmax(1) == data.labels).float().mean())
+    assert Distillation(net, "logits", label_weight=0.5).score(net, data) == pytest.approx(accuracy)
+    with pytest.raises(ValueError, match="label_weight"):
+        Distillation(nn.Identity(), "features", label_weight=0.5)
+    with pytest.raises(ValueError, match="label_weight"):
+        Distillation(nn.Identity(), "logits", label_weight=1.5)
+
+
 def test_features_loss_is_one_minus_the_cosine() -> None:
     torch.manual_seed(1)
     t = torch.randn(4, 3, 2, 2)

@@ -121,25 +121,33 @@ DISTILL_OUTPUTS = ("logits", "features")
 
 
 class Distillation(Objective):
-    """Train a model to reproduce a ``teacher``'s outputs on the same images; labels are not used.
+    """Train a model to reproduce a ``teacher``'s outputs on the same images.
 
     - ``outputs="logits"``: ``T^2 KL(softmax(t / T) || softmax(s / T))`` per sample (Hinton et al. 2015),
-      scored by top-1 agreement with the teacher (``val_agreement``);
+      scored by top-1 agreement with the teacher (``val_agreement``). With ``label_weight`` a > 0 the loss
+      is ``a CE(s, y) + (1 - a) T^2 KL`` (knowledge distillation beside the labels, as in quantization-aware
+      distillation) and the score is top-1 accuracy on the labels (``val_accuracy``);
     - ``outputs="features"``: ``1 - cos(s, t)`` per sample (the outputs flattened), scored by the mean
       cosine similarity (``val_cosine``): for embedders and feature extractors.
 
     The teacher runs in eval mode without gradients (its modes are restored); it is typically the float
-    model that was quantized, so quantization-aware retraining needs only unlabelled images.
+    model that was quantized, so quantization-aware retraining needs only unlabelled images (a = 0: the
+    labels are never read).
     """
 
-    def __init__(self, teacher: nn.Module, outputs: str = "logits", temperature: float = 1.0) -> None:
+    def __init__(
+        self, teacher: nn.Module, outputs: str = "logits", temperature: float = 1.0, label_weight: float = 0.0
+    ) -> None:
         if outputs not in DISTILL_OUTPUTS:
             raise ValueError(f"distillation outputs must be one of {DISTILL_OUTPUTS}, got {outputs!r}")
         if not temperature > 0:
             raise ValueError(f"distillation temperature must be > 0, got {temperature}")
-        self.teacher, self.outputs, self.temperature = teacher, outputs, temperature
-        self.name = f"distill-{outputs}" + (f"-T{temperature:g}" if outputs == "logits" else "")
-        self.metric = "val_agreement" if outputs == "logits" else "val_cosine"
+        if not 0.0 <= label_weight <= 1.0 or (label_weight and outputs != "logits"):
+            raise ValueError(f"label_weight must be in [0, 1], and 0 for features (got {label_weight} for {outputs})")
+        self.teacher, self.outputs = teacher, outputs
+        self.temperature, self.label_weight = temperature, label_weight
+        self.name = f"distill-{outputs}" + (f"-T{temperature:g}-a{label_weight:g}" if outputs == "logits" else "")
+        self.metric = "val_accuracy" if label_weight else "val_agreement" if outputs == "logits" else "val_cosine"
 
     def to(self, device: torch.device) -> None:
         self.teacher.to(device)
@@ -156,11 +164,16 @@ class Distillation(Objective):
                 .sum(1)
                 .mul(t * t)
             )
+            if self.label_weight:
+                a = self.label_weight
+                per_sample = a * F.cross_entropy(out, labels, reduction="none") + (1 - a) * per_sample
         else:
             per_sample = 1 - F.cosine_similarity(out.flatten(1), target.flatten(1))
         return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
     def score(self, model: nn.Module, data: Dataset) -> float:
+        if self.label_weight:
+            return evaluate(model, data)
         student, teacher = outputs(model, data.images), outputs(self.teacher, data.images)
         if self.outputs == "logits":
             return float((student.argmax(1) == teacher.argmax(1)).float().mean())

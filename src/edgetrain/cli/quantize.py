@@ -129,6 +129,7 @@ def recipe_from_args(args: argparse.Namespace) -> RetrainConfig:
         device=args.device,
         distill=args.distill,
         distill_temperature=args.distill_temperature,
+        distill_label_weight=args.distill_label_weight,
     )
 
 
@@ -161,7 +162,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             return 0
         extra["recipe"] = recipe.as_dict()  # recorded in the model file (bn_statistics among them)
         if teacher is not None:
-            score = "top-1 agreement" if recipe.distill == "logits" else "mean cosine"
+            score = (
+                "top-1"
+                if recipe.distill_label_weight
+                else "top-1 agreement"
+                if recipe.distill == "logits"
+                else "mean cosine"
+            )
             print(f"distilled from the float model's {recipe.distill}: val {score} {result.best_val_accuracy:.4f}")
     statistics = f" (BN statistics: {args.bn_statistics})" if args.mode == "retrain" else ""
     print(
@@ -372,6 +379,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(the labels' cross-entropy)",
     )
     p.add_argument("--distill-temperature", type=positive_float, default=1.0, help="softmax temperature (logits)")
+    p.add_argument(
+        "--distill-label-weight",
+        type=float,
+        default=0.0,
+        help="logits: weight a of the labels' cross-entropy beside (1 - a) x distillation (default 0: labels unused)",
+    )
     p.add_argument("--train-samples", type=positive_int, default=None)
     p.add_argument("--table", action="store_true", help="print every quantizer")
     p.add_argument(

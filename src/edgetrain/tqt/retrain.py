@@ -75,6 +75,7 @@ class RetrainConfig:
     device: str = "cpu"  # "cpu" | "cuda" (cuda:LOCAL_RANK under torchrun)
     distill: str = "none"  # "none" (the labels) | "logits" | "features" (a teacher's outputs; no labels)
     distill_temperature: float = 1.0
+    distill_label_weight: float = 0.0  # logits only: a CE(labels) + (1 - a) distillation; 0 never reads labels
 
     def __post_init__(self) -> None:
         if self.bn_statistics not in BN_STATISTICS:
@@ -195,7 +196,7 @@ def recipe_objective(config: RetrainConfig, teacher: nn.Module | None) -> Object
             f"RetrainConfig.distill={config.distill!r} needs the float model as the teacher: "
             "retrain(qmodel, train, val, config, teacher=float_model)"
         )
-    return Distillation(teacher, config.distill, config.distill_temperature)
+    return Distillation(teacher, config.distill, config.distill_temperature, config.distill_label_weight)
 
 
 def retrain(
