@@ -56,6 +56,8 @@ LOW_BIT_RECIPES: dict[str, LowBitRecipe] = {
     "bn0-4ep": LowBitRecipe(None, 4, bn_stat_epochs=0),
     "bn0-4ep-wlr1e-3": LowBitRecipe(None, 4, bn_stat_epochs=0, weight_lr=1e-3),
     "bn0-1ep-wlr1e-3": LowBitRecipe(None, 1, bn_stat_epochs=0, weight_lr=1e-3),
+    "bn0-2ep-wlr1e-3": LowBitRecipe(None, 2, bn_stat_epochs=0, weight_lr=1e-3),
+    "bn0-3ep-wlr1e-3": LowBitRecipe(None, 3, bn_stat_epochs=0, weight_lr=1e-3),
     "bn0-1ep-wlr1e-3-kd": LowBitRecipe(None, 1, bn_stat_epochs=0, weight_lr=1e-3, kd_label_weight=0.5),
 }
 
