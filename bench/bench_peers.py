@@ -177,7 +177,8 @@ def markdown(r: dict[str, Any], command: str, quick: bool) -> str:
         "torch_ao": "torch.ao QAT (x86 default)",
     }
     lines = [
-        f"## QAT against peers: {r['net']} on Fashion-MNIST" + (" — quick run" if quick else ""),
+        f"## QAT against peers: {r['net']} on Fashion-MNIST, batch {r['batch_size']}"
+        + (" — quick run" if quick else ""),
         "",
         "| method | test top-1 | QAT step (ms, median) | step vs float |",
         "|---|---|---|---|",
