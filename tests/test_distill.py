@@ -87,6 +87,9 @@ def test_distill_settings_are_checked() -> None:
         retrain(net, data, None, RetrainConfig(distill="logits"), progress=False)
     with pytest.raises(ValueError, match="distill is 'none'"):
         retrain(net, data, None, RetrainConfig(), progress=False, teacher=net)
+    wrong = Distillation(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), "logits")
+    with pytest.raises(ValueError, match=r"teacher's outputs are \(8, 3\), the model's \(8, 2\)"):
+        wrong.loss(net(data.images), data.images, data.labels)
 
 
 @pytest.fixture(scope="module")

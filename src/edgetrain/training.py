@@ -157,6 +157,11 @@ class Distillation(Objective):
     ) -> torch.Tensor:
         with torch.no_grad(), eval_mode(self.teacher):
             target = self.teacher(images)
+        if target.shape != out.shape:
+            raise ValueError(
+                f"the teacher's outputs are {tuple(target.shape)}, the model's {tuple(out.shape)}: "
+                "distill from the float model that was quantized (same outputs)"
+            )
         if self.outputs == "logits":
             t = self.temperature
             per_sample = (

@@ -154,6 +154,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = train.images[: args.calib]
     qmodel = quantize(model, calib[:1], calib, config, mode=args.mode)
     extra: dict[str, Any] = {}
+    headline = f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}"
+    summary = ""  # the score against the float model when retraining read no labels, else top-1 below
     if args.mode == "retrain":
         recipe = recipe_from_args(args)
         teacher = model if recipe.distill != "none" else None
@@ -161,20 +163,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not is_main_process():  # under torchrun: rank 0 reports and writes the model file
             return 0
         extra["recipe"] = recipe.as_dict()  # recorded in the model file (bn_statistics among them)
-        if teacher is not None:
-            score = (
-                "top-1"
-                if recipe.distill_label_weight
-                else "top-1 agreement"
-                if recipe.distill == "logits"
-                else "mean cosine"
-            )
-            print(f"distilled from the float model's {recipe.distill}: val {score} {result.best_val_accuracy:.4f}")
-    statistics = f" (BN statistics: {args.bn_statistics})" if args.mode == "retrain" else ""
-    print(
-        f"{args.mode} {config.weight_bits}-bit-weight {meta['model']}{statistics}: val top-1 "
-        f"{100 * evaluate(qmodel, val):.2f}% (float {100 * evaluate(model, val):.2f}%)"
-    )
+        headline += f" (BN statistics: {args.bn_statistics})"
+        if teacher is not None and not recipe.distill_label_weight:  # the labels may be placeholders
+            score = "top-1 agreement" if recipe.distill == "logits" else "mean cosine"
+            summary = f"val {score} with the float model {result.best_val_accuracy:.4f} (distilled; labels not used)"
+    if not summary:
+        summary = f"val top-1 {100 * evaluate(qmodel, val):.2f}% (float {100 * evaluate(model, val):.2f}%)"
+    print(f"{headline}: {summary}")
     if args.table:
         print(qmodel.quantizer_table())
     if args.analyze:
