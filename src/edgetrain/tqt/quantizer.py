@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -167,12 +168,19 @@ def quantized_unchanged(x: torch.Tensor, quantizer: TQTQuantizer) -> torch.Tenso
     return _UnchangedFunction.apply(x, quantizer.log2_t)
 
 
-class ThresholdTangent(NamedTuple):
+class ThresholdTangent:
     """d q(x) / d log2_t of a quantizer output, per element, over ln2: r = q - x dq/dx, so that the threshold
-    gradient of any consumer f is dL/dlog2_t = ln2 <df/dq, r> (module docstring)."""
+    gradient of any consumer f is dL/dlog2_t = ln2 <df/dq, r> (module docstring). ``r`` is computed when a
+    consumer first reads it (an element-wise pass over the batch that other consumers never pay for)."""
 
-    log2_t: torch.Tensor
-    r: torch.Tensor
+    def __init__(self, log2_t: torch.Tensor, x: torch.Tensor, quantized: torch.Tensor, low: float, high: float) -> None:
+        self.log2_t, self._x, self._quantized, self._low, self._high = log2_t, x, quantized, low, high
+
+    @cached_property
+    def r(self) -> torch.Tensor:
+        with torch.no_grad():
+            inside = (self._x > self._low) & (self._x < self._high)  # dq/dx = 1 (hardtanh_backward's open interval)
+            return self._quantized.detach() - torch.where(inside, self._x, 0.0)
 
 
 def threshold_tangent(quantizer: TQTQuantizer, x: torch.Tensor, quantized: torch.Tensor) -> ThresholdTangent | None:
@@ -184,10 +192,7 @@ def threshold_tangent(quantizer: TQTQuantizer, x: torch.Tensor, quantized: torch
     if not has_fast_path(quantizer):
         return None
     grid = fast_grid(quantizer.format, quantizer.exponent)
-    with torch.no_grad():
-        inside = (x > grid.grad_low) & (x < grid.grad_high)  # dq/dx = 1 (hardtanh_backward's open interval)
-        r = quantized.detach() - torch.where(inside, x, 0.0)
-    return ThresholdTangent(quantizer.log2_t, r)
+    return ThresholdTangent(quantizer.log2_t, x, quantized, grid.grad_low, grid.grad_high)
 
 
 def _fake_quantize(
