@@ -5,7 +5,8 @@ The life of a network, one module per step:
 1. Quantize with Trained Quantization Thresholds (power-of-2, per-tensor scales, trained log2
    thresholds; Jain et al., MLSys 2020): ``quantize(model, example, calib_data, QuantConfig(...))``
    rewrites any supported CNN with torch.fx (``edgetrain.graph``); ``edgetrain.tqt`` holds the
-   quantizer (``tqt_quantize``, ``TQTQuantizer``), ``calibrate`` and the ``retrain`` recipe.
+   quantizer (``tqt_quantize``, ``TQTQuantizer``), ``calibrate`` and the ``retrain`` recipe (on labels,
+   or without them: ``RetrainConfig(distill="logits" | "features")`` with ``teacher=float_model``).
 2. Deploy: ``to_integer(qmodel)`` is the bit-exact integer program (safetensors + JSON manifest,
    NumPy executor), ``to_onnx`` a QDQ graph for onnxruntime (``edgetrain.export``).
 3. Adapt on the device with Low-Rank Training (Gural et al.): ``StreamingKroneckerSum`` keeps the
