@@ -1,6 +1,7 @@
 """Data-parallel TQT retraining: ``torchrun --standalone --nproc-per-node=2`` on CPU (gloo) equals a
 single process on the same global batch; every rank holds the same weights and thresholds after every
-step; rank 0's checkpoint resumes an interrupted run.
+step; rank 0's checkpoint resumes an interrupted run. On the labels and by distillation from the float
+net (``DISTILL`` in the environment).
 
 This file is also the script torchrun runs (``__main__``)."""
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -20,9 +22,10 @@ from edgetrain.tqt import RetrainConfig, retrain
 from edgetrain.training import Trainer, TrainHook
 
 INTERRUPT_AT = 5  # steps; the checkpoint before it is the one at step 4 (eval_every = 2)
+DISTILL = "EDGETRAIN_TEST_DISTILL"  # environment: "logits" retrains on the float net's outputs
 
 
-def _setup() -> tuple[nn.Module, Dataset, Dataset, RetrainConfig]:
+def _setup() -> tuple[nn.Module, Dataset, Dataset, RetrainConfig, nn.Module | None]:
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)
@@ -32,8 +35,11 @@ def _setup() -> tuple[nn.Module, Dataset, Dataset, RetrainConfig]:
     train = Dataset("toy", "train", images[:60], labels[:60], ("a", "b", "c"))  # batches of 16: 16, 16, 16, 12
     val = Dataset("toy", "val", images[60:], labels[60:], ("a", "b", "c"))
     qmodel = quantize(net.eval(), images[:1], images, QuantConfig(), mode="retrain")
-    recipe = RetrainConfig(epochs=2, batch_size=16, weight_lr=1e-2, threshold_lr=1e-2, bn_stat_epochs=0, eval_every=2)
-    return qmodel, train, val, recipe
+    distill = os.environ.get(DISTILL, "none")
+    recipe = RetrainConfig(
+        epochs=2, batch_size=16, weight_lr=1e-2, threshold_lr=1e-2, bn_stat_epochs=0, eval_every=2, distill=distill
+    )
+    return qmodel, train, val, recipe, (net if distill != "none" else None)
 
 
 def _flat(model: nn.Module) -> torch.Tensor:
@@ -74,7 +80,7 @@ def main(out: Path) -> None:
     init_distributed("cpu")
     rank, world_size = world()
     assert world_size == 2
-    qmodel, train, val, recipe = _setup()
+    qmodel, train, val, recipe, teacher = _setup()
     checkpoint = out / "retrain.pt"
     try:
         retrain(
@@ -85,20 +91,22 @@ def main(out: Path) -> None:
             checkpoint=checkpoint,
             progress=False,
             hooks=[SameOnEveryRank(), Interrupt(INTERRUPT_AT)],
+            teacher=teacher,
         )
     except KeyboardInterrupt:
         pass
     dist.barrier()
     qmodel, *_ = _setup()  # a fresh process would start from scratch too
-    retrain(
-        qmodel, train, val, recipe, checkpoint=checkpoint, progress=False, hooks=[SameOnEveryRank(), Interrupt(None)]
-    )
+    hooks = [SameOnEveryRank(), Interrupt(None)]
+    retrain(qmodel, train, val, recipe, checkpoint=checkpoint, progress=False, hooks=hooks, teacher=teacher)
     if rank == 0:
         torch.save(qmodel.state_dict(), out / "ddp_final.pt")
     close_distributed()
 
 
-def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("distill", ["none", "logits"])
+def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path, monkeypatch, distill: str) -> None:
+    monkeypatch.setenv(DISTILL, distill)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--standalone", "--nproc-per-node=2", __file__, str(tmp_path)]
@@ -106,9 +114,9 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "retrain.pt").exists()  # rank 0's checkpoint
     ddp = torch.load(tmp_path / "ddp_final.pt", weights_only=True)
-    qmodel, train, val, recipe = _setup()
+    qmodel, train, val, recipe, teacher = _setup()
     calibrated = {name: value.clone() for name, value in qmodel.state_dict().items()}
-    retrain(qmodel, train, val, recipe, progress=False)
+    retrain(qmodel, train, val, recipe, progress=False, teacher=teacher)
     single = qmodel.state_dict()
     assert ddp.keys() == single.keys()
     for name, value in single.items():
@@ -118,8 +126,6 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path
 
 
 def test_device_and_rank_share() -> None:
-    import pytest
-
     from edgetrain.distributed import rank_share, resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
