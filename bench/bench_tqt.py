@@ -44,6 +44,7 @@ class LowBitRecipe(NamedTuple):
     weight_lr: float = 1e-4
     kd_label_weight: float | None = None  # a: a CE + (1 - a) T^2 KL from the FP32 start (None: labels only)
     kd_temperature: float = 2.0
+    depthwise_bits: int | None = None  # depthwise convs' weight bits (None: 4 like the rest)
 
 
 # "zoo" is bench_zoo.py's recipe; "bn0-*": BN frozen from the first step (the FP32 net's moving statistics).
@@ -58,6 +59,7 @@ LOW_BIT_RECIPES: dict[str, LowBitRecipe] = {
     "bn0-1ep-wlr1e-3": LowBitRecipe(None, 1, bn_stat_epochs=0, weight_lr=1e-3),
     "bn0-2ep-wlr1e-3": LowBitRecipe(None, 2, bn_stat_epochs=0, weight_lr=1e-3),
     "bn0-3ep-wlr1e-3": LowBitRecipe(None, 3, bn_stat_epochs=0, weight_lr=1e-3),
+    "bn0-1ep-wlr1e-3-dw8": LowBitRecipe(None, 1, bn_stat_epochs=0, weight_lr=1e-3, depthwise_bits=8),
     "bn0-1ep-wlr1e-3-kd": LowBitRecipe(None, 1, bn_stat_epochs=0, weight_lr=1e-3, kd_label_weight=0.5),
 }
 
@@ -72,6 +74,16 @@ class EpochTest(TrainHook):
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         if epoch:
             self.accuracy.append(round(evaluate(trainer.model, self.test), 4))
+
+
+def weight_share_at_8_bits(qmodel: torch.nn.Module) -> float:
+    """The fraction of the net's weights stored at 8 bits (first / last layer, depthwise convs when INT8)."""
+    counts = {8: 0, 4: 0}
+    for module in qmodel.modules():
+        quantizer = getattr(module, "weight_q", None)
+        if quantizer is not None and hasattr(module, "weight"):
+            counts[quantizer.bits] += module.weight.numel()
+    return round(counts[8] / sum(counts.values()), 4)
 
 
 def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool, stem: str) -> None:
@@ -107,7 +119,9 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
     calib = train.images[:512]
     for name in recipes:
         spec = LOW_BIT_RECIPES[name]
-        qconfig = QuantConfig(weight_bits=4, weight_calibration=spec.weight_calibration)
+        qconfig = QuantConfig(
+            weight_bits=4, weight_calibration=spec.weight_calibration, depthwise_weight_bits=spec.depthwise_bits
+        )
         qmodel = quantize(model, calib[:1], calib, qconfig, mode="retrain")
         recipe = RetrainConfig(
             epochs=spec.epochs,
@@ -125,6 +139,8 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
         rows[f"INT4 {name}"] = {
             "accuracy": evaluate(qmodel, test),
             "weight_calibration": qconfig.weight_method("retrain"),
+            "depthwise_weight_bits": qconfig.depthwise_weight_bits or 4,
+            "weights_at_8_bits": weight_share_at_8_bits(qmodel),
             "epochs": spec.epochs,
             "threshold_lr": spec.threshold_lr,
             "bn_stat_epochs": spec.bn_stat_epochs,

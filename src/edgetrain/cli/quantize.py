@@ -118,6 +118,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def layer_bits(text: str) -> tuple[str, int]:
+    """``PATTERN=BITS`` of ``--layer-weight-bits``."""
+    pattern, _, bits = text.rpartition("=")
+    if not pattern or bits not in ("4", "8"):
+        raise argparse.ArgumentTypeError(f"expected PATTERN=4 or PATTERN=8 (e.g. 'blocks.0.*=8'), got {text!r}")
+    return pattern, int(bits)
+
+
 def recipe_from_args(args: argparse.Namespace) -> RetrainConfig:
     """``edgetrain quantize --mode retrain``'s flags as the TQT recipe's :class:`RetrainConfig`."""
     return RetrainConfig(
@@ -145,6 +153,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             weight_bits=args.weight_bits,
             act_bits=args.act_bits,
             first_last_weight_bits=args.first_last_weight_bits,
+            depthwise_weight_bits=args.depthwise_weight_bits or 0,
+            layer_weight_bits=dict(args.layer_weight_bits or []),
             rounding=args.rounding,
             weight_calibration=args.weight_calibration or "",
             calibration=args.calibration,
@@ -348,6 +358,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-bits", type=int, choices=(8, 4), default=8)
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--first-last-weight-bits", type=int, choices=(8, 4), default=8)
+    p.add_argument(
+        "--depthwise-weight-bits",
+        type=int,
+        choices=(8, 4),
+        default=None,
+        help="depthwise convs (default: --weight-bits)",
+    )
+    p.add_argument(
+        "--layer-weight-bits",
+        type=layer_bits,
+        action="append",
+        metavar="PATTERN=BITS",
+        help="weight bits of the layers whose module path matches PATTERN (fnmatch; as --table prints them), "
+        "e.g. 'blocks.0.*=8'; repeatable; overrides the other weight-bit flags",
+    )
     p.add_argument("--rounding", default="half_even", choices=[r.value for r in Rounding])
     p.add_argument("--weight-calibration", default=None, choices=CALIBRATION_METHODS, help="default: max / 3sd")
     p.add_argument(

@@ -27,7 +27,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
 from functools import partial
 from typing import Any
 
@@ -105,6 +106,12 @@ class QuantConfig:
         ``first_last_weight_bits``). act_bits: int8 activations (input, layer outputs, add, rescale).
     accum_bits: int16 accumulator, bias, LeakyReLU product. relu_bits: unsigned output after ReLU/ReLU6.
     avgpool_reciprocal_bits: the unsigned 1/(kh kw) weight of an avg-pool.
+    depthwise_weight_bits: depthwise convs (groups = input channels > 1) take these weight bits (``None``:
+        ``weight_bits``): a depthwise kernel is a few values per channel on one per-tensor grid, the layer
+        INT4 hurts most (``--analyze`` shows it), and its weights are a small share of the net's.
+    layer_weight_bits: weight bits by layer, ``{pattern: bits}``; a pattern is a module path as the
+        quantizer table prints it (``blocks.0.block.3``) or an ``fnmatch`` pattern (``blocks.*.block.3``).
+        It overrides every rule above; a pattern that matches no conv/linear layer is an error.
     weight_calibration: ``None`` picks ``max`` (static) or ``3sd`` (retrain).
     activation_calibration: every other quantizer (``auto``: the least quantization error among the
         candidate methods, per quantizer; ``kl_j`` falls back to ``max`` on int16 ones).
@@ -119,6 +126,8 @@ class QuantConfig:
     relu_bits: int = 8
     first_last_weight_bits: int = 8
     avgpool_reciprocal_bits: int = 8
+    depthwise_weight_bits: int | None = None
+    layer_weight_bits: dict[str, int] = field(default_factory=dict)
     weight_calibration: str | None = None
     activation_calibration: str = "auto"
     rounding: Rounding = Rounding.HALF_EVEN
@@ -136,6 +145,8 @@ class QuantConfig:
             "avgpool_reciprocal_bits",
         ):
             FixedPointFormat(getattr(self, name))  # raises on a bad bit-width
+        for bits in [*self.layer_weight_bits.values(), self.depthwise_weight_bits or self.weight_bits]:
+            FixedPointFormat(bits)
         for method in (self.weight_calibration, self.activation_calibration):
             if method is not None and method not in CALIBRATION_METHODS:
                 raise ValueError(f"unknown calibration method {method!r}; choose one of {CALIBRATION_METHODS}")
@@ -252,6 +263,7 @@ class _Builder:
         self.splits: dict[fx.Node, tuple[int, list[tuple[int, int]]]] = {}  # chunk/split -> (dim, [(start, len)])
         weight_layers = [n for n in gm.graph.nodes if self.kind(n) in ("conv", "linear")]
         self.first_last = {weight_layers[0], weight_layers[-1]} if weight_layers else set()
+        self.weight_layer_names = [self.name_of(n) for n in weight_layers]
 
     # -- helpers
     def kind(self, node: fx.Node) -> str | None:
@@ -344,8 +356,32 @@ class _Builder:
     def constant(self, value: Any) -> Any:
         return self.constants[value] if isinstance(value, fx.Node) and value in self.constants else value
 
+    def weight_bits_of(self, node: fx.Node, layer: nn.Module) -> int:
+        """A conv/linear layer's weight bits: ``layer_weight_bits`` (first matching pattern), else the first and
+        last layer's, else ``depthwise_weight_bits`` for a depthwise conv, else ``weight_bits``."""
+        cfg, name = self.config, self.name_of(node)
+        for pattern, bits in cfg.layer_weight_bits.items():
+            if fnmatchcase(name, pattern):
+                return bits
+        if node in self.first_last:
+            return cfg.first_last_weight_bits
+        depthwise = isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels > 1
+        if depthwise and cfg.depthwise_weight_bits:
+            return cfg.depthwise_weight_bits
+        return cfg.weight_bits
+
+    def check_layer_patterns(self) -> None:
+        """Every ``layer_weight_bits`` pattern names at least one conv/linear layer (a typo is not ignored)."""
+        for pattern in self.config.layer_weight_bits:
+            if not any(fnmatchcase(name, pattern) for name in self.weight_layer_names):
+                raise ValueError(
+                    f"layer_weight_bits pattern {pattern!r} matches no conv/linear layer of this model; "
+                    f"its layers: {', '.join(self.weight_layer_names)}"
+                )
+
     # -- emission
     def run(self) -> fx.GraphModule:
+        self.check_layer_patterns()
         takes_constants = {"conv", "linear", "bn", "lookup", "add", "sub", "mul", "div", "param", "meta", "output"}
         for node in self.gm.graph.nodes:
             if node in self.absorbed:
@@ -505,7 +541,7 @@ class _Builder:
                     "dilation": pair(layer.dilation),
                     "groups": int(layer.groups),
                 }
-            weight_bits = cfg.first_last_weight_bits if node in self.first_last else cfg.weight_bits
+            weight_bits = self.weight_bits_of(node, layer)
         quantizers = {
             "weight_q": self.quantizer(weight_bits, True),
             "acc_q": self.quantizer(cfg.accum_bits, True),

@@ -77,6 +77,8 @@ class QuantizeSection:
     weight_bits: int = 8
     act_bits: int = 8
     first_last_weight_bits: int = 8
+    depthwise_weight_bits: int = 0  # depthwise convs' weight bits (0: weight_bits)
+    layer_weight_bits: dict[str, int] = field(default_factory=dict)  # {"module.path or fnmatch pattern": bits}
     calibration_samples: int = 512
     retrain_epochs: int = 1  # 0 skips TQT retraining (static quantization only)
     retrain_samples: int = 0  # 0: the whole training split
@@ -160,6 +162,12 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         if not numbers:
             raise ConfigError(f"[{section}] {key} must be a list of numbers, got {value!r}")
         return [float(v) for v in value]
+    if expected is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()
+        ):
+            raise ConfigError(f'[{section}] {key} must be a table of "pattern" = integer, got {value!r}')
+        return dict(value)
     if expected is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"[{section}] {key} must be a list of strings, got {value!r}")
@@ -213,6 +221,15 @@ def _range_problems(config: PipelineConfig) -> list[str]:
     bits = " or ".join(map(str, SUPPORTED_WEIGHT_BITS))
     need("quantize", "weight_bits", quant.weight_bits in SUPPORTED_WEIGHT_BITS, bits)
     need("quantize", "first_last_weight_bits", quant.first_last_weight_bits in SUPPORTED_WEIGHT_BITS, bits)
+    need(
+        "quantize", "depthwise_weight_bits", quant.depthwise_weight_bits in (0, *SUPPORTED_WEIGHT_BITS), f"0 or {bits}"
+    )
+    need(
+        "quantize",
+        "layer_weight_bits",
+        all(v in SUPPORTED_WEIGHT_BITS for v in quant.layer_weight_bits.values()),
+        f"a table of pattern = {bits}",
+    )
     need("quantize", "act_bits", 2 <= quant.act_bits <= 16, "2 to 16")
     need("quantize", "calibration_samples", quant.calibration_samples >= 1, ">= 1")
     need("quantize", "retrain_epochs", quant.retrain_epochs >= 0, ">= 0 (0: static quantization only)")

@@ -123,6 +123,8 @@ def quant_settings(section: QuantizeSection) -> QuantConfig:
         weight_bits=section.weight_bits,
         act_bits=section.act_bits,
         first_last_weight_bits=section.first_last_weight_bits,
+        depthwise_weight_bits=section.depthwise_weight_bits or None,
+        layer_weight_bits=dict(section.layer_weight_bits),
         weight_calibration=section.weight_calibration or None,
         activation_calibration=section.calibration,
         rounding=Rounding.parse(section.rounding),
