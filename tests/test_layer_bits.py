@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgetrain.export import to_integer
+from edgetrain.export import ort_session, to_integer, to_onnx
 from edgetrain.graph import QuantConfig, quantize
 from edgetrain.models import create_model
 
@@ -20,7 +20,7 @@ def weight_bits(qmodel) -> dict[str, int]:
     return {q.name.removesuffix(".weight_q"): q.bits for q in qmodel.quantizers() if q.role == "weight"}
 
 
-def test_depthwise_and_pattern_bits_follow_their_precedence(mobilenet) -> None:
+def test_depthwise_and_pattern_bits_follow_their_precedence(mobilenet, tmp_path) -> None:
     model, x = mobilenet
     depthwise = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1}
     assert depthwise  # mobilenetv2-tiny's 3x3 depthwise convs
@@ -37,6 +37,10 @@ def test_depthwise_and_pattern_bits_follow_their_precedence(mobilenet) -> None:
         assert b == expected, (name, b)
     program = to_integer(qmodel)
     assert (program.run(x) == qmodel(x).detach().numpy()).all()  # mixed widths stay bit-exact
+    path = to_onnx(qmodel, tmp_path / "mixed.onnx", x[:2])
+    session = ort_session(path)
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert (out.argmax(1) == qmodel(x).detach().numpy().argmax(1)).all()
 
 
 def test_a_pattern_that_matches_no_layer_names_the_layers(mobilenet) -> None:
