@@ -86,7 +86,7 @@ def weight_share_at_8_bits(qmodel: torch.nn.Module) -> float:
     return round(counts[8] / sum(counts.values()), 4)
 
 
-def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool, stem: str) -> None:
+def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool, stem: str, threads: int) -> None:
     """INT4-weight retraining of a zoo net under several recipes, bench_zoo.py's FP32 start (seed 0,
     2 float epochs, batch 128, 512 calibration images); gaps against FP32 (and FP32 fine-tuned)."""
     torch.manual_seed(0)
@@ -179,7 +179,8 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
         )
     lines += [
         "",
-        f"Command: `.venv/bin/python bench/bench_tqt.py --low-bit {net} --recipes {' '.join(recipes)}"
+        f"Command: `.venv/bin/python bench/bench_tqt.py{f' --threads {threads}' if threads != 1 else ''} "
+        f"--low-bit {net} --recipes {' '.join(recipes)}"
         f"{' --finetuned-baseline' if finetuned_baseline else ''} --name {stem}`. "
         "Same FP32 start as bench_zoo.py (2 float epochs, seed 0); INT4 weights except the first and last "
         "layer (INT8), INT8 activations, per-tensor power-of-2 thresholds (TQT section 5), batch 128; the kept "
@@ -210,7 +211,7 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.low_bit:
         stem = args.name or f"tqt_int4_{args.low_bit}"
-        low_bit(args.low_bit, args.recipes, args.cache, args.finetuned_baseline, stem)
+        low_bit(args.low_bit, args.recipes, args.cache, args.finetuned_baseline, stem, args.threads)
         return
     torch.manual_seed(0)
     train = load_dataset("fashion-mnist", "train")
