@@ -86,9 +86,12 @@ def weight_share_at_8_bits(qmodel: torch.nn.Module) -> float:
     return round(counts[8] / sum(counts.values()), 4)
 
 
-def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool, stem: str, threads: int) -> None:
+def low_bit(
+    net: str, recipes: list[str], cache: Path, finetuned_baseline: bool, stem: str, threads: int, seed: int
+) -> None:
     """INT4-weight retraining of a zoo net under several recipes, bench_zoo.py's FP32 start (seed 0,
-    2 float epochs, batch 128, 512 calibration images); gaps against FP32 (and FP32 fine-tuned)."""
+    2 float epochs, batch 128, 512 calibration images); gaps against FP32 (and FP32 fine-tuned).
+    ``seed``: the retraining's batch order (the FP32 start is the same for every seed)."""
     torch.manual_seed(0)
     train, val, test = (load_dataset("fashion-mnist", split) for split in ("train", "val", "test"))
     model = create_model(net)
@@ -107,6 +110,7 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
             batch_size=128,
             weight_lr=longest.weight_lr,
             bn_stat_epochs=longest.bn_stat_epochs,
+            seed=seed,
         )
         retrain(finetuned, train, val, schedule, progress=False)
         rows[f"FP32 fine-tuned ({longest.epochs} ep)"] = {
@@ -132,6 +136,7 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
             distill="none" if spec.kd_label_weight is None else "logits",
             distill_temperature=spec.kd_temperature,
             distill_label_weight=spec.kd_label_weight or 0.0,
+            seed=seed,
         )
         epoch_test = EpochTest(test)
         teacher = None if spec.kd_label_weight is None else model
@@ -158,6 +163,7 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
         "recorded_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "model": net,
         "dataset": "fashion-mnist",
+        "retrain_seed": seed,
         "rows": rows,
         "gaps_vs_fp32_pt": {k: round(100 * (r["accuracy"] - fp32), 2) for k, r in rows.items()},
     }
@@ -181,7 +187,8 @@ def low_bit(net: str, recipes: list[str], cache: Path, finetuned_baseline: bool,
         "",
         f"Command: `.venv/bin/python bench/bench_tqt.py{f' --threads {threads}' if threads != 1 else ''} "
         f"--low-bit {net} --recipes {' '.join(recipes)}"
-        f"{' --finetuned-baseline' if finetuned_baseline else ''} --name {stem}`. "
+        f"{' --finetuned-baseline' if finetuned_baseline else ''}{f' --retrain-seed {seed}' if seed else ''} "
+        f"--name {stem}`. "
         "Same FP32 start as bench_zoo.py (2 float epochs, seed 0); INT4 weights except the first and last "
         "layer (INT8), INT8 activations, per-tensor power-of-2 thresholds (TQT section 5), batch 128; the kept "
         "checkpoint is the best on the validation split (test top-1 after each epoch in the JSON). "
@@ -197,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8k training images, 1 float epoch")
     parser.add_argument("--float-epochs", type=int, default=None)
+    parser.add_argument("--retrain-seed", type=int, default=0, help="--low-bit: the retraining seed (batch order)")
     parser.add_argument("--retrain-epochs", type=int, default=None)
     parser.add_argument("--weight-lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -211,7 +219,7 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.low_bit:
         stem = args.name or f"tqt_int4_{args.low_bit}"
-        low_bit(args.low_bit, args.recipes, args.cache, args.finetuned_baseline, stem, args.threads)
+        low_bit(args.low_bit, args.recipes, args.cache, args.finetuned_baseline, stem, args.threads, args.retrain_seed)
         return
     torch.manual_seed(0)
     train = load_dataset("fashion-mnist", "train")
