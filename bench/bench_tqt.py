@@ -200,6 +200,59 @@ def low_bit(
     print("\n".join(lines))
 
 
+def seed_summary(stems: list[str], name: str) -> None:
+    """One table over ``--low-bit`` runs of the same net that differ in recipe and retraining seed: per recipe,
+    INT4 test top-1 per seed and mean, the gap to the FP32 start, the FP32 net fine-tuned alike, the gap to it."""
+    runs = [json.loads((RESULTS / f"{stem}.json").read_text()) for stem in stems]
+    nets = {run["model"] for run in runs}
+    if len(nets) != 1:
+        raise SystemExit(f"--seed-summary takes runs of one net, got {sorted(nets)}")
+    by_recipe: dict[str, list[tuple[int, float, float | None, float]]] = {}
+    for run in runs:
+        fp32 = run["rows"]["FP32"]["accuracy"]
+        finetuned = next((r["accuracy"] for k, r in run["rows"].items() if k.startswith("FP32 fine-tuned")), None)
+        for key, row in run["rows"].items():
+            if key.startswith("INT4 "):
+                by_recipe.setdefault(key[5:], []).append((run.get("retrain_seed", 0), row["accuracy"], finetuned, fp32))
+    net = nets.pop()
+    lines = [
+        f"## INT4-weight retraining of {net} over retraining seeds",
+        "",
+        "| recipe | seeds | INT4 test top-1 per seed (mean) | vs FP32 start (mean) | FP32 fine-tuned alike (mean) "
+        "| INT4 - fine-tuned (mean) | within 1 pt of FP32 start |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cells(values: list[float], signed: bool = False) -> str:
+        text = " / ".join(f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}" for v in values)
+        mean = sum(values) / len(values)
+        return f"{text} ({100 * mean:+.2f})" if signed else f"{text} ({100 * mean:.2f})"
+
+    for recipe, entries in by_recipe.items():
+        entries.sort()
+        seeds = [e[0] for e in entries]
+        int4 = [e[1] for e in entries]
+        start = [e[1] - e[3] for e in entries]
+        tuned = [e[2] for e in entries if e[2] is not None]
+        gaps = [e[1] - e[2] for e in entries if e[2] is not None]
+        held = sum(v >= -0.01 for v in start)
+        lines.append(
+            f"| {recipe} | {', '.join(map(str, seeds))} | {cells(int4)} | {cells(start, True)} | "
+            f"{cells(tuned) if tuned else '-'} | {cells(gaps, True) if gaps else '-'} | {held} of {len(entries)} |"
+        )
+    lines += [
+        "",
+        f"Command: `.venv/bin/python bench/bench_tqt.py --seed-summary {' '.join(stems)} --name {name}` over runs of "
+        "`bench/bench_tqt.py --low-bit NET --recipes R --finetuned-baseline --retrain-seed S` (their own sections "
+        "in the appendix). The seed sets the retraining's batch order; the FP32 start is the same 2-epoch net.",
+        "",
+    ]
+    payload = {"recorded_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "model": net, "runs": stems}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8k training images, 1 float epoch")
@@ -214,7 +267,11 @@ def main() -> None:
     parser.add_argument("--finetuned-baseline", action="store_true", help="also fine-tune FP32 (--low-bit)")
     parser.add_argument("--name", help="result stem for --low-bit (default tqt_int4_<net>)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed-summary", nargs="+", metavar="STEM", help="summarise --low-bit runs (result stems)")
     args = parser.parse_args()
+    if args.seed_summary:
+        seed_summary(args.seed_summary, args.name or "tqt_int4_seeds")
+        return
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.low_bit:

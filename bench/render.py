@@ -3,13 +3,15 @@
 Each benchmark script writes ``bench/results/<name>.json`` (the numbers) and ``<name>.md`` (its
 table, the command that produced it and a sentence of interpretation). This script only
 concatenates the fragments, so the document never holds a number that no command produced: first
-the headline fragments in ``ORDER`` (one per benchmark, a reader's order) behind a list of contents,
+the headline fragments in ``ORDER`` (one per benchmark, a reader's order; ``*`` patterns take every
+match by name) behind a list of contents,
 then every other fragment (single runs of one recipe, seed or ablation) in an appendix, by name.
 Run: ``.venv/bin/python bench/render.py``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -21,6 +23,7 @@ ORDER = (
     "bench_peers_b64",
     "bench_peers",
     "bench_zoo",
+    "tqt_int4_seeds_*",
     "bench_calibration",
     "pretrained",
     "sks",
@@ -63,8 +66,8 @@ def fragment_text(fragment: Path) -> str:
 
 def render() -> str:
     fragments = {path.stem: path for path in (ROOT / "results").glob("*.md")}
-    headline = [fragments[name] for name in ORDER if name in fragments]
-    appendix = sorted(path for name, path in fragments.items() if name not in ORDER)
+    headline = [fragments[name] for pattern in ORDER for name in sorted(fnmatch.filter(fragments, pattern))]
+    appendix = sorted(path for path in fragments.values() if path not in headline)
     texts = [fragment_text(path) for path in [*headline, *appendix]]
     seen: dict[str, int] = {"contents": 1}
     contents = ["## Contents", ""]
