@@ -134,36 +134,44 @@ def test_the_demo_config_is_valid_and_its_digits_fallback_scores_the_whole_test_
     assert (fallback.data.dataset, fallback.data.test_samples, fallback.adapt.rules) == ("digits", 0, [])
 
 
-def test_bn_statistics_key_is_validated_and_reaches_the_retrain_recipe(tmp_path: Path, monkeypatch) -> None:
-    """``[quantize] bn_statistics``: checked by name, passed to RetrainConfig by the quantize stage and
-    recorded in the stage's inputs (stage.json) and summary (the recipe)."""
+def quantize_stage_with_spy(tmp_path: Path, monkeypatch, quantize_keys: dict) -> tuple[list[tuple], object]:
+    """Run the pipeline's quantize stage on 64 digits with ``[quantize]`` keys, recording every
+    ``retrain(...)`` call as (recipe, kwargs); returns (calls, the stage result)."""
     from edgetrain.pipeline import run as pipeline_run
-    from edgetrain.pipeline.models import build_model, retrain_settings
+    from edgetrain.pipeline.models import build_model
     from edgetrain.pipeline.stages import StageResult
 
-    assert PipelineConfig().quantize.bn_statistics == "float"
-    unknown = r"\[quantize\] bn_statistics = 'quantised' is unknown \(did you mean 'quantized'\?\); valid: float, quant"
-    with pytest.raises(ConfigError, match=unknown):
-        validate_config(config_from_dict({"quantize": {"bn_statistics": "quantised"}}))
-    assert retrain_settings(PipelineConfig().quantize).bn_statistics == "float"
     raw = {
         "data": {"dataset": "digits", "train_samples": 64, "test_samples": 32},
-        "quantize": {"calibration_samples": 32, "batch_size": 32, "bn_statistics": "quantized"},
+        "quantize": {"calibration_samples": 32, "batch_size": 32, **quantize_keys},
     }
     config = validate_config(config_from_dict(raw))
     data = pipeline_run.load_pipeline_data(config)
     (tmp_path / "pretrain").mkdir()
     pipeline_run.save_state(config, "float", build_model(config.model, data.train), tmp_path / "pretrain" / "model.pt")
     pretrained = StageResult("pretrain", "0" * 16, {}, tmp_path / "pretrain", False)
-    seen, real = [], pipeline_run.retrain
+    calls, real = [], pipeline_run.retrain
 
     def spy(qmodel, train, val, recipe, **kwargs):
-        seen.append(recipe)
+        calls.append((recipe, kwargs))
         return real(qmodel, train, val, recipe, progress=False, **kwargs)
 
     monkeypatch.setattr(pipeline_run, "retrain", spy)
-    result = pipeline_run.quantize_stage(config, data, tmp_path, pretrained, lambda _: None)
-    assert [recipe.bn_statistics for recipe in seen] == ["quantized"]
+    return calls, pipeline_run.quantize_stage(config, data, tmp_path, pretrained, lambda _: None)
+
+
+def test_bn_statistics_key_is_validated_and_reaches_the_retrain_recipe(tmp_path: Path, monkeypatch) -> None:
+    """``[quantize] bn_statistics``: checked by name, passed to RetrainConfig by the quantize stage and
+    recorded in the stage's inputs (stage.json) and summary (the recipe)."""
+    from edgetrain.pipeline.models import retrain_settings
+
+    assert PipelineConfig().quantize.bn_statistics == "float"
+    unknown = r"\[quantize\] bn_statistics = 'quantised' is unknown \(did you mean 'quantized'\?\); valid: float, quant"
+    with pytest.raises(ConfigError, match=unknown):
+        validate_config(config_from_dict({"quantize": {"bn_statistics": "quantised"}}))
+    assert retrain_settings(PipelineConfig().quantize).bn_statistics == "float"
+    calls, result = quantize_stage_with_spy(tmp_path, monkeypatch, {"bn_statistics": "quantized"})
+    assert [recipe.bn_statistics for recipe, _ in calls] == ["quantized"]
     assert result.summary["recipe"]["bn_statistics"] == "quantized"
     assert json.loads((tmp_path / "quantize" / "stage.json").read_text())["inputs"]["bn_statistics"] == "quantized"
 
@@ -171,28 +179,8 @@ def test_bn_statistics_key_is_validated_and_reaches_the_retrain_recipe(tmp_path:
 def test_distill_key_is_validated_and_gives_the_quantize_stage_a_teacher(tmp_path: Path, monkeypatch) -> None:
     """``[quantize] distill``: checked by name; the quantize stage retrains on the float model's logits
     (the pretrained model as the teacher) and records the recipe."""
-    from edgetrain.pipeline import run as pipeline_run
-    from edgetrain.pipeline.models import build_model
-    from edgetrain.pipeline.stages import StageResult
-
     with pytest.raises(ConfigError, match=r"\[quantize\] distill = 'logit' is unknown \(did you mean 'logits'\?\)"):
         validate_config(config_from_dict({"quantize": {"distill": "logit"}}))
-    raw = {
-        "data": {"dataset": "digits", "train_samples": 64, "test_samples": 32},
-        "quantize": {"calibration_samples": 32, "batch_size": 32, "distill": "logits"},
-    }
-    config = validate_config(config_from_dict(raw))
-    data = pipeline_run.load_pipeline_data(config)
-    (tmp_path / "pretrain").mkdir()
-    pipeline_run.save_state(config, "float", build_model(config.model, data.train), tmp_path / "pretrain" / "model.pt")
-    pretrained = StageResult("pretrain", "0" * 16, {}, tmp_path / "pretrain", False)
-    teachers, real = [], pipeline_run.retrain
-
-    def spy(qmodel, train, val, recipe, **kwargs):
-        teachers.append(kwargs["teacher"])
-        return real(qmodel, train, val, recipe, progress=False, **kwargs)
-
-    monkeypatch.setattr(pipeline_run, "retrain", spy)
-    result = pipeline_run.quantize_stage(config, data, tmp_path, pretrained, lambda _: None)
-    assert len(teachers) == 1 and teachers[0] is not None
+    calls, result = quantize_stage_with_spy(tmp_path, monkeypatch, {"distill": "logits"})
+    assert [(recipe.distill, kwargs["teacher"] is not None) for recipe, kwargs in calls] == [("logits", True)]
     assert result.summary["recipe"]["distill"] == "logits"
