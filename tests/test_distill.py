@@ -80,6 +80,8 @@ def test_scores_are_agreement_with_the_teacher() -> None:
 def test_distill_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="distill must be one of"):
         RetrainConfig(distill="soft")
+    with pytest.raises(ValueError, match="set distill='logits'"):
+        RetrainConfig(distill_label_weight=0.5)
     with pytest.raises(ValueError, match="temperature"):
         Distillation(nn.Identity(), "logits", 0.0)
     net, data = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), unlabelled(torch.rand(8, 1, 2, 2))

@@ -82,6 +82,11 @@ class RetrainConfig:
             raise ValueError(f"bn_statistics must be one of {BN_STATISTICS}, got {self.bn_statistics!r}")
         if self.distill not in DISTILL:
             raise ValueError(f"distill must be one of {DISTILL}, got {self.distill!r}")
+        if self.distill_label_weight and self.distill != "logits":
+            raise ValueError(
+                f"distill_label_weight {self.distill_label_weight} mixes the labels into distillation of logits: "
+                f"set distill='logits' (it is {self.distill!r})"
+            )
 
     def scaled(self, period: int) -> int:
         """A period given at batch 24, scaled by 24/B."""
