@@ -1,6 +1,8 @@
 """Per-layer weight precision: QuantConfig.depthwise_weight_bits and layer_weight_bits, in the graph pass,
 the integer program, the pipeline config and the CLI."""
 
+import tomllib
+
 import pytest
 import torch
 from torch import nn
@@ -59,6 +61,8 @@ def test_config_keys_reach_the_quantizer() -> None:
     config = quant_settings(validate_config(config_from_dict(raw)).quantize)
     assert config.depthwise_weight_bits == 8 and config.layer_weight_bits == {"blocks.0.*": 8}
     assert quant_settings(validate_config(config_from_dict({})).quantize).depthwise_weight_bits is None
+    reread = config_from_dict(tomllib.loads(validate_config(config_from_dict(raw)).to_toml()))  # the run's config.toml
+    assert reread.quantize.layer_weight_bits == {"blocks.0.*": 8} and reread.quantize.depthwise_weight_bits == 8
     with pytest.raises(ConfigError, match="layer_weight_bits must be a table"):
         config_from_dict({"quantize": {"layer_weight_bits": {"blocks.0.*": "8"}}})
     with pytest.raises(ConfigError, match=r"depthwise_weight_bits must be 0 or 4 or 8, got 6"):

@@ -135,9 +135,16 @@ class PipelineConfig:
         lines = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+            lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
             lines.append("")
         return "\n".join(lines)
+
+
+def toml_value(value: Any) -> str:
+    """A config value in TOML: JSON's spelling of strings, numbers, booleans and lists; tables inline."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 class ConfigError(ValueError):

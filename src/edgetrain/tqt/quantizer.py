@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -176,7 +175,7 @@ class ThresholdTangent:
     def __init__(self, log2_t: torch.Tensor, x: torch.Tensor, quantized: torch.Tensor, low: float, high: float) -> None:
         self.log2_t, self._x, self._quantized, self._low, self._high = log2_t, x, quantized, low, high
 
-    @cached_property
+    @functools.cached_property
     def r(self) -> torch.Tensor:
         with torch.no_grad():
             inside = (self._x > self._low) & (self._x < self._high)  # dq/dx = 1 (hardtanh_backward's open interval)
