@@ -119,10 +119,13 @@ def distilled(teacher: TinyQuantNet, train: Dataset, val: Dataset) -> tuple[Tiny
 
 def test_retraining_on_unlabelled_images_recovers_the_teachers_decisions(float_digits_net) -> None:
     teacher, train, val = float_digits_net
+    weights = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes = [m.training for m in teacher.modules()]
     student, before, after = distilled(teacher, unlabelled(train.images), unlabelled(val.images, split="val"))
     assert after > before + 0.05, (before, after)
     assert after > 0.9, after
-    assert all(not q.enabled for q in (teacher.q_in, teacher.q_w1)) and student.q_w1.enabled  # teacher untouched
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in weights.items())  # the teacher never trains
+    assert [m.training for m in teacher.modules()] == modes  # its modes restored
 
 
 def test_distillation_never_reads_the_labels(float_digits_net) -> None:

@@ -145,6 +145,7 @@ class Distillation(Objective):
         if not 0.0 <= label_weight <= 1.0 or (label_weight and outputs != "logits"):
             raise ValueError(f"label_weight must be in [0, 1], and 0 for features (got {label_weight} for {outputs})")
         self.teacher, self.outputs = teacher, outputs
+        self._scored: tuple[torch.Tensor, torch.Tensor] | None = None  # (validation images, teacher outputs)
         self.temperature, self.label_weight = temperature, label_weight
         self.name = f"distill-{outputs}" + (f"-T{temperature:g}-a{label_weight:g}" if outputs == "logits" else "")
         self.metric = "val_accuracy" if label_weight else "val_agreement" if outputs == "logits" else "val_cosine"
@@ -179,7 +180,9 @@ class Distillation(Objective):
     def score(self, model: nn.Module, data: Dataset) -> float:
         if self.label_weight:
             return evaluate(model, data)
-        student, teacher = outputs(model, data.images), outputs(self.teacher, data.images)
+        if self._scored is None or self._scored[0] is not data.images:  # the teacher's answers, once per split
+            self._scored = (data.images, outputs(self.teacher, data.images))
+        student, teacher = outputs(model, data.images), self._scored[1]
         if self.outputs == "logits":
             return float((student.argmax(1) == teacher.argmax(1)).float().mean())
         return float(F.cosine_similarity(student.flatten(1), teacher.flatten(1)).mean())
