@@ -131,7 +131,8 @@ def local_from(name: str, config: dict[str, Any]) -> dict[str, Any]:
     return earlier["strategies"]["local"]
 
 
-FEDERATED_ONLY = ("gate_sum", "gate_agree", "gate_head")  # config keys that change the federated low-rank devices only
+# config keys that change the federated low-rank devices only
+FEDERATED_ONLY = ("gate_sum", "gate_agree", "gate_head", "merge_rank")
 ROUND_ONLY = ("gate_fresh",)  # ... that change the round-update devices only (federated low-rank and local-round)
 
 
@@ -237,6 +238,8 @@ def variant_name(result: dict[str, Any]) -> str:
         parts.append("held-out on all ten classes")
     if config.get("test_samples", 200) != 200:  # 200 until stop 18
         parts.append(f"{config['test_samples']} held-out per device")
+    if config.get("merge_rank"):
+        parts.append(f"broadcast rank {config['merge_rank']}")
     if config.get("gate_sum"):
         parts.append("gate sum")
     if config.get("gate_agree"):
@@ -497,6 +500,12 @@ def main() -> None:
         choices=STRATEGIES + ABLATIONS,
         help="strategies to run (repeatable; default: the four and local-round)",
     )
+    parser.add_argument(
+        "--merge-rank",
+        type=int,
+        default=None,
+        help="rank of the federated low-rank broadcast (default: the device rank; >= devices x rank: the exact mean)",
+    )
     parser.add_argument("--gate-sum", action="store_true", help="the gate also tries own update + broadcast")
     parser.add_argument(
         "--gate-agree", action="store_true", help="the gate also tries own + broadcast where their signs agree"
@@ -561,6 +570,7 @@ def main() -> None:
         fleet_lr=args.fleet_lr,
         gate_samples=args.gate_samples,
         bn_refresh=args.bn_refresh,
+        merge_rank=args.merge_rank,
         gate_sum=args.gate_sum,
         gate_agree=args.gate_agree,
         gate_fresh=args.gate_fresh,

@@ -58,6 +58,19 @@ def test_merge_is_the_best_rank_r_approximation_when_the_total_rank_does_not_fit
     np.testing.assert_allclose(merged, best, atol=1e-4 * np.abs(best).max())
 
 
+def test_a_broadcast_rank_of_k_r_keeps_the_exact_mean() -> None:
+    rng = np.random.default_rng(3)
+    updates = [random_factors(rng, 20, 15, 3) for _ in range(4)]  # total rank 12
+    mean = sum(left @ right.T for left, right in updates) / 4
+    left, right = merge_lowrank(updates, rank=12)
+    assert left.shape == (20, 12) and right.shape == (15, 12)
+    np.testing.assert_allclose(left @ right.T, mean, atol=1e-5 * np.abs(mean).max())
+    left, right = merge_lowrank([random_factors(rng, 6, 4, 3) for _ in range(4)], rank=12)
+    assert left.shape == (6, 4) and right.shape == (4, 4)  # no more columns than the matrix has rank
+    with pytest.raises(ValueError, match="merge_rank"):
+        FleetConfig(merge_rank=0)
+
+
 def test_factors_on_the_link_round_trip() -> None:
     from edgetrain.fleet.merge import decode_factors, encode_factors
 

@@ -18,6 +18,7 @@ FLAG_FIELDS = (  # flags whose dest is the FleetConfig field of the same name
     "rounds",
     "samples_per_round",
     "rank",
+    "merge_rank",
     "engine",
     "seed",
     "model",
@@ -51,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="strategy to run (repeatable; default: all four side by side; local-round: an ablation)",
     )
     p.add_argument("--rank", type=positive_int, help="rank r of the factors")
+    p.add_argument(
+        "--merge-rank",
+        type=positive_int,
+        help="rank of the federated low-rank broadcast (default: r; >= devices x r: the exact mean of the reports)",
+    )
     p.add_argument("--engine", choices=ENGINES, help="Flower engine (default simulation)")
     p.add_argument("--split", choices=SPLITS, help="non-IID split: class subsets or all classes")
     p.add_argument("--drift", choices=("digital", "analog", "none"), help="per-device NVM drift")

@@ -149,7 +149,7 @@ def merge(
     out: dict[str, np.ndarray] = {}
     for name in shapes:
         if strategy == "federated-lowrank":
-            factors = merge_lowrank([decode_factors(name, u) for u in updates], config.rank)
+            factors = merge_lowrank([decode_factors(name, u) for u in updates], config.merge_rank or config.rank)
             if config.max_norm:
                 factors = norms(name, factors)
             out.update(encode_factors(name, factors, config.factor_bits))

@@ -67,6 +67,9 @@ class FleetConfig:
     ``gate_fresh`` (federated low-rank and local-round) makes the gate's samples fresh: a device
     closes its round's report ``gate_samples`` samples before the round ends, so the samples the gate
     scores on are in neither its own update nor the broadcast (they go into the next round's report).
+    ``merge_rank`` is the rank of the federated low-rank broadcast: the server re-compresses the mean
+    of the K devices' rank-r products to that rank (default: r); at K r or more the broadcast is the
+    exact mean (more downlink bytes, the uplink unchanged).
     ``test_classes = "all"`` scores each device on all ten classes (rotated like its stream) while
     its stream shows it only its class subset.
     """
@@ -89,6 +92,7 @@ class FleetConfig:
     drift: str = "digital"
     drift_scale: float = 1.0
     rank: int = 4
+    merge_rank: int | None = None  # rank of the federated low-rank broadcast (None: rank; >= K rank: the exact mean)
     factor_bits: int = 16  # factors on the link: 16 (float16 + one float32 scale per matrix) or 32 (float32)
     lr: float = 0.01
     max_norm: bool = True
@@ -116,6 +120,8 @@ class FleetConfig:
         unknown = sorted(set(self.strategies) - set(STRATEGIES) - set(ABLATIONS))
         if unknown or not self.strategies:
             raise ValueError(f"unknown fleet strategies {unknown}; choose from: {', '.join(STRATEGIES + ABLATIONS)}")
+        if self.merge_rank is not None and int(self.merge_rank) < 1:
+            raise ValueError(f"merge_rank must be >= 1 (or unset: the device rank), got {self.merge_rank}")
         if not 0.0 < self.write_fraction <= 1.0:
             raise ValueError(f"write_fraction must be in (0, 1] (1: every changed cell), got {self.write_fraction}")
         if not self.fleet_lr > 0:

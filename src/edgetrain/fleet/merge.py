@@ -23,12 +23,14 @@ Factors = tuple[np.ndarray, np.ndarray]
 
 
 def merge_lowrank(updates: Sequence[Factors], rank: int) -> Factors:
-    """Rank-``rank`` factors (L, R) of (1/K) sum_k L_k R_k^T: the best rank-r approximation (SVD
-    truncation) of the mean, computed by one fold of a :class:`StreamingKroneckerSum`."""
+    """Factors (L, R) of rank min(``rank``, K r, n, m) of (1/K) sum_k L_k R_k^T: the best rank-r
+    approximation (SVD truncation) of the mean, computed by one fold of a
+    :class:`StreamingKroneckerSum`; the exact mean when ``rank`` >= K r (or >= min(n, m))."""
     if not updates:
         raise ValueError("merge_lowrank needs at least one device update")
     n, m = updates[0][0].shape[0], updates[0][1].shape[0]
     terms = sum(left.shape[1] for left, _ in updates)
+    rank = max(min(rank, terms, n, m), 1)
     acc = StreamingKroneckerSum(n, m, rank=rank, unbiased=False, kappa_th=None, factor_bits=None, chunk=max(terms, 1))
     scale = 1.0 / len(updates)
     for left, right in updates:
