@@ -32,6 +32,7 @@ ORDER = (
     "writes",
     "stuck",
     "fleet-summary-t1000-4seeds",
+    "fleet-summary-t1000-mr32-4seeds",
     "fleet-t1000",
     "fleet-seed1-t1000",
     "fleet-seed2-t1000",
