@@ -621,8 +621,8 @@ def paper_verdict(results: dict[str, Any]) -> str:
     and >= the LRT paper's (``PAPER_ACCURACY``), with max writes <= 1/10 and total writes <= 1/3 of
     SR-SGD's. Where both ran ``PAPER_SAMPLES`` with the same seeds, the figures are the means over those
     seeds (the verdict is on the mean, each seed's accuracy quoted). Otherwise both runs are compared at the
-    same number of samples (the shorter run's length, the longer one read from the lowest seed's history);
-    short of ``PAPER_SAMPLES`` the comparison is named partial and gives no verdict (drift keeps acting,
+    same number of samples (the shorter run's length, the longer one read from the lowest seed's history)
+    when that seed is the same for both (rows of different seeds are not compared); short of ``PAPER_SAMPLES`` the comparison is named partial and gives no verdict (drift keeps acting,
     and the paper's figure is at 100k)."""
     sentences = []
     for drift, rows in results.items():
@@ -638,6 +638,12 @@ def paper_verdict(results: dict[str, Any]) -> str:
                 step, b, x = PAPER_SAMPLES, seed_means(base, seeds), seed_means(r, seeds)
                 accuracies = ", ".join(f"{r['per_seed'][k]['online_accuracy']:.3f}" for k in seeds)
                 over = f" over seed(s) {', '.join(seeds)} (LowRank {accuracies}; means below)"
+            elif base.get("history_seed", "0") != r.get("history_seed", "0"):
+                sentences.append(
+                    f"{drift}, {point} (seed {r['history_seed']}) vs SR-SGD (seed {base['history_seed']}): "
+                    "no seed run by both, no comparison."
+                )
+                continue
             else:
                 step = min(base["samples"], r["samples"])
                 b, x, over = at_step(base, step), at_step(r, step), ""

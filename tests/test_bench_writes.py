@@ -86,6 +86,10 @@ def test_paper_verdict_is_on_the_mean_over_the_seeds_both_rules_completed() -> N
     assert "target NOT met" in text  # mean 0.836 < the paper's 0.850, though seed 0 alone is above it
     one = {"sgd-sr": base, "p": seeded("lowrank", {"0": (0.852, 399, 21_600_000, n)})}
     assert "target MET" in bench_writes.paper_verdict({"digital-drift": one})  # seed 0 alone
+    other = seeded("lowrank", {"1": (0.9, 399, 21_600_000, n)}) | {"history_seed": "1"}
+    base0 = seeded("sgd-sr", {"0": (0.690, 5996, 227_000_000, n)}) | {"history_seed": "0"}
+    text = bench_writes.paper_verdict({"digital-drift": {"sgd-sr": base0, "p": other}})
+    assert "no seed run by both, no comparison" in text and "MET" not in text  # seed 1 against seed 0: none
 
 
 def quick_log(accuracy: float, max_writes: int, total: int) -> dict:
