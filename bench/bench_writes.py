@@ -622,8 +622,9 @@ def paper_verdict(results: dict[str, Any]) -> str:
     SR-SGD's. Where both ran ``PAPER_SAMPLES`` with the same seeds, the figures are the means over those
     seeds (the verdict is on the mean, each seed's accuracy quoted). Otherwise both runs are compared at the
     same number of samples (the shorter run's length, the longer one read from the lowest seed's history)
-    when that seed is the same for both (rows of different seeds are not compared); short of ``PAPER_SAMPLES`` the comparison is named partial and gives no verdict (drift keeps acting,
-    and the paper's figure is at 100k)."""
+    when that seed is the same for both (rows of different seeds are not compared); short of
+    ``PAPER_SAMPLES`` the comparison is named partial and gives no verdict (drift keeps acting, and the
+    paper's figure is at 100k)."""
     sentences = []
     for drift, rows in results.items():
         base = rows.get("sgd-sr")
