@@ -160,6 +160,17 @@ def reused_strategies(name: str, config: dict[str, Any]) -> dict[str, Any]:
     return {k: {**v, "from": name} for k, v in earlier["strategies"].items() if k not in rerun}
 
 
+def same_programs(rerun: dict[str, Any], earlier: dict[str, Any]) -> bool:
+    """Whether a ``--reuse`` run's devices ran the earlier run's program: federated low-rank's held-out
+    scores after round 0's learning (before any broadcast, which no knob that ``--reuse`` allows to
+    differ reaches) are equal device for device. A program prepared afresh elsewhere can differ."""
+
+    def round0(figures: dict[str, Any]) -> list[float]:
+        return [d["test_accuracy_per_round"][0][1] for d in figures["devices"]]
+
+    return round0(rerun) == round0(earlier)
+
+
 def fleet_update_lines(strategies: dict[str, Any]) -> list[str]:
     """Federated low-rank against each local baseline per device (the stronger baseline first), and
     what each fleet update did to the devices' held-out accuracy (before it: the score after the
@@ -595,6 +606,13 @@ def main() -> None:
     if local is not None:
         result["strategies"] = {"local": {**local, "from": args.local_from}, **result["strategies"]}
     if reused:
+        earlier = json.loads((RESULTS / f"{args.reuse}.json").read_text())["strategies"]["federated-lowrank"]
+        if not same_programs(result["strategies"]["federated-lowrank"], earlier):
+            raise SystemExit(
+                f"--reuse {args.reuse}: this run's devices did not run that run's program (federated low-rank's "
+                "round-0 scores differ: the program was prepared afresh and came out different); the reused "
+                "strategies are not comparable. Rerun them all (without --reuse)."
+            )
         merged = {**reused, **result["strategies"]}
         result["strategies"] = {k: merged[k] for k in (*DEFAULT_STRATEGIES, *merged) if k in merged}
     write_report(result, args.out)
