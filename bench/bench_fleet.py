@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from edgetrain.atomic import atomic_write, write_json_atomic  # noqa: E402
+from edgetrain.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from edgetrain.fleet import FleetConfig, run_fleet, write_report  # noqa: E402
 from edgetrain.fleet.config import ABLATIONS, STRATEGIES  # noqa: E402
 
@@ -249,8 +249,9 @@ def variant_name(result: dict[str, Any]) -> str:
         parts.append("held-out on all ten classes")
     if config.get("test_samples", 200) != 200:  # 200 until stop 18
         parts.append(f"{config['test_samples']} held-out per device")
-    if config.get("merge_rank"):
-        parts.append(f"broadcast rank {config['merge_rank']}")
+    reused = sorted({f["from"] for name, f in result["strategies"].items() if name != "local" and "from" in f})
+    if config.get("merge_rank") or reused:  # a rerun beside reused strategies says which broadcast it ran
+        parts.append(f"broadcast rank {config.get('merge_rank') or config['rank']}")
     if config.get("gate_sum"):
         parts.append("gate sum")
     if config.get("gate_agree"):
@@ -262,7 +263,6 @@ def variant_name(result: dict[str, Any]) -> str:
     if tuple(config["strategies"]) not in (STRATEGIES, DEFAULT_STRATEGIES):
         parts.append("ran " + " + ".join(config["strategies"]))
     local = result["strategies"].get("local", {})
-    reused = sorted({f["from"] for name, f in result["strategies"].items() if name != "local" and "from" in f})
     if reused:
         ran = [name for name, f in result["strategies"].items() if "from" not in f]
         parts.append(f"all but {' + '.join(ran)} from {', '.join(reused)}")
@@ -558,7 +558,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.summary:
         text = summary_markdown(args.summary)
-        atomic_write(RESULTS / f"{args.name}.md", lambda tmp: tmp.write_text(text))
+        write_text_atomic(RESULTS / f"{args.name}.md", text)
         print(text)
         return
     if args.render:
@@ -566,7 +566,7 @@ def main() -> None:
         summary["targets"] = verdicts(summary["strategies"])
         write_json_atomic(RESULTS / f"{args.name}.json", summary)
         text = markdown(summary, summary["targets"], summary["command"], summary["seconds"])
-        atomic_write(RESULTS / f"{args.name}.md", lambda tmp: tmp.write_text(text))
+        write_text_atomic(RESULTS / f"{args.name}.md", text)
         print(text)
         return
     config = FleetConfig(
@@ -628,7 +628,7 @@ def main() -> None:
     }
     write_json_atomic(RESULTS / f"{args.name}.json", summary)
     text = markdown(result, checks, command.strip(), seconds)
-    atomic_write(RESULTS / f"{args.name}.md", lambda tmp: tmp.write_text(text))
+    write_text_atomic(RESULTS / f"{args.name}.md", text)
     print(text)
 
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from bench_qat_speed import step_times  # bench/ is the script's directory
 
+from edgetrain.atomic import write_json_atomic, write_text_atomic
 from edgetrain.data import Dataset, load_dataset
 from edgetrain.graph import QuantConfig, quantize
 from edgetrain.models import create_model
@@ -168,7 +169,7 @@ def low_bit(
         "gaps_vs_fp32_pt": {k: round(100 * (r["accuracy"] - fp32), 2) for k, r in rows.items()},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    write_json_atomic(RESULTS / f"{stem}.json", payload, indent=2)
     lines = [
         f"## INT4-weight TQT retraining of {net} (Fashion-MNIST; recipes {', '.join(recipes)})",
         "",
@@ -196,7 +197,7 @@ def low_bit(
         "BN schedule, so a gain from the extra training shows there too. Target: INT4 within 1 pt of FP32.",
         "",
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
+    write_text_atomic(RESULTS / f"{stem}.md", "\n".join(lines))
     print("\n".join(lines))
 
 
@@ -248,8 +249,8 @@ def seed_summary(stems: list[str], name: str) -> None:
         "",
     ]
     payload = {"recorded_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "model": net, "runs": stems}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    write_json_atomic(RESULTS / f"{name}.json", payload, indent=2)
+    write_text_atomic(RESULTS / f"{name}.md", "\n".join(lines))
     print("\n".join(lines))
 
 
@@ -377,7 +378,7 @@ def main() -> None:
         },
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tqt.json").write_text(json.dumps(payload, indent=2))
+    write_json_atomic(RESULTS / "tqt.json", payload, indent=2)
     lines = [
         "## TQT quantization of a small CNN (mnistnet, Fashion-MNIST)",
         "",
@@ -403,7 +404,7 @@ def main() -> None:
         f"INT4-weight >= FP32 - 1 pt (measured {payload['targets']['int4_gap_pt']:+.2f}).",
         "",
     ]
-    (RESULTS / "tqt.md").write_text("\n".join(lines))
+    write_text_atomic(RESULTS / "tqt.md", "\n".join(lines))
     print("\n".join(lines))
 
 
