@@ -119,8 +119,12 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(tmp_path: Path
     retrain(qmodel, train, val, recipe, progress=False, teacher=teacher)
     single = qmodel.state_dict()
     assert ddp.keys() == single.keys()
+    # The all-reduced mean of two half-batch gradients sums in another order than the one-process mean
+    # (float32 reassociation, which depends on the host's SIMD kernels); Adam's normalisation turns a
+    # last-bit gradient difference into up to ~1e-5 of weight after 8 steps (seen on an AVX-512 host).
+    # A missing or wrong all-reduce moves weights by lr-sized steps (1e-2), far outside this tolerance.
     for name, value in single.items():
-        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=3e-5, msg=f"{name} differs")
     thresholds = [name for name in single if name.endswith("log2_t")]
     assert thresholds and any(float(ddp[n]) != float(calibrated[n]) for n in thresholds)  # they were trained
 

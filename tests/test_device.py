@@ -17,6 +17,7 @@ from edgetrain.adapt.qnet import (
     Grid,
     QuantChain,
     QuantStage,
+    _laid_weights,
     _scattered_input_gradient,
     input_gradient,
     layer_gradient,
@@ -26,6 +27,7 @@ from edgetrain.adapt.scenarios import make_scenario
 from edgetrain.export import IntegerProgram
 from edgetrain.fixedpoint import round_tensor
 from edgetrain.models import LRTNet
+from edgetrain.nvm import NVMArray
 
 ZOO = ["mnistnet", "resnet-tiny", "mobilenetv2-tiny", "inception-tiny", "darknet-tiny", "lrt-cnn"]
 SAMPLES = 120
@@ -263,3 +265,32 @@ def test_float32_products_are_exact_within_their_bound_and_fall_back_above_it(st
             layer.set_codes(layer.codes())
             assert not layer.exact32
         assert _mismatches(device(probe).numpy(), program.run(probe)) == 0
+
+
+@pytest.mark.parametrize("kind", ["digital", "analog"])
+def test_reloading_only_the_drifted_cells_equals_a_full_reload(stream, one_thread, kind):
+    """``set_codes(codes, array.drifted_cells)`` (what the trainer does after a drift event) leaves the
+    weights, their float32 copy, the input-gradient layout and the exact32 bound as a full reload does."""
+    images, _ = stream.batch(0, 64)
+    program = _program("lrt-cnn", images, 8)
+    partial, full = DeviceNet.from_program(program), DeviceNet.from_program(program)
+    rng = np.random.default_rng(1)
+    for layer, reference in zip(partial.weight_layers, full.weight_layers, strict=True):
+        array = NVMArray(layer.codes(), layer.formats.weight.fmt)
+        layer.set_codes(array.codes)
+        if layer.is_conv:  # the layout input_gradient caches, to be kept up to date in place
+            _laid_weights(layer, layer.weight32())
+        for _ in range(3):
+            before = array.codes.copy()
+            changed = array.apply_digital_drift(0.01, rng) if kind == "digital" else array.apply_analog_drift(0.6, rng)
+            np.testing.assert_array_equal(np.flatnonzero(array.codes != before), np.sort(array.drifted_cells))
+            assert changed == array.drifted_cells.size > 0
+            layer.set_codes(array.codes, array.drifted_cells)
+        reference.set_codes(array.codes)
+        assert torch.equal(layer.weight, reference.weight)
+        assert torch.equal(layer.weight32(), reference.weight32())
+        np.testing.assert_array_equal(layer._row_l1, reference._row_l1)
+        assert layer.exact32 == reference.exact32
+        if layer.is_conv:
+            cached = layer._input_grad_cache[1]
+            np.testing.assert_array_equal(cached, _laid_weights(reference, reference.weight32()))

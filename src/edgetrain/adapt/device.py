@@ -228,10 +228,9 @@ class LookupTable:
 
 
 @njit(cache=True)
-def _load_codes(codes, unit, weight, weight32):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+def _load_codes(codes, unit, weight, weight32, row_l1):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     """weight = codes unit (float64), weight32 = the same in float32 (exact: 8-bit codes times a power
-    of 2); returns the largest row sum of |codes| (the :attr:`DeviceLayer.exact32` bound's factor)."""
-    largest = 0
+    of 2), row_l1 = each row's sum of |codes| (the :attr:`DeviceLayer.exact32` bound's factor)."""
     for o in range(codes.shape[0]):
         row = 0
         for j in range(codes.shape[1]):
@@ -239,8 +238,25 @@ def _load_codes(codes, unit, weight, weight32):  # type: ignore[no-untyped-def] 
             weight[o, j] = c * unit
             weight32[o, j] = c * unit
             row += abs(c)
-        largest = max(largest, row)
-    return largest
+        row_l1[o] = row
+
+
+@njit(cache=True)
+def _load_cells(codes, cells, unit, weight, weight32, row_l1, laid):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """:func:`_load_codes` for the flat ``cells`` of the n_out x n_in matrices only, row_l1 updated by
+    |new| - |old| per cell; ``laid`` (n_out x kh x kw x n_in / (kh kw), or empty) is the
+    ``input_gradient`` layout of weight32, updated in place."""
+    n_in = codes.shape[1]
+    kernel = laid.shape[1] * laid.shape[2]
+    for cell in cells:
+        o, j = cell // n_in, cell % n_in
+        c = codes[o, j]
+        row_l1[o] += abs(c) - abs(np.int64(np.rint(weight[o, j] / unit)))
+        weight[o, j] = c * unit
+        weight32[o, j] = c * unit
+        if laid.size:
+            k = j % kernel
+            laid[o, k // laid.shape[2], k % laid.shape[2], j // kernel] = weight32[o, j]
 
 
 class DeviceLayer(GradQuantMixin):
@@ -296,6 +312,8 @@ class DeviceLayer(GradQuantMixin):
         self.record = False
         self._weight32: torch.Tensor | None = None
         self._exact32: bool | None = None
+        self._row_l1: np.ndarray | None = None  # per row sum of |codes| (set_codes keeps it)
+        self._input_grad_cache: tuple[torch.Tensor, np.ndarray] | None = None
         self.cache_input: torch.Tensor | None = None
         self.cache_dz: torch.Tensor | None = None
         self.out_pixels = 1
@@ -394,16 +412,25 @@ class DeviceLayer(GradQuantMixin):
         )
         return grad.reshape(self.shape2d)
 
-    def set_codes(self, codes: np.ndarray) -> None:
+    def set_codes(self, codes: np.ndarray, cells: np.ndarray | None = None) -> None:
         """Load stored codes (n_out x n_in) into the weight values (exact: codes times 2^k_w), their
-        float32 copy and the :attr:`exact32` bound, in one pass."""
+        float32 copy and the :attr:`exact32` bound, in one pass; with ``cells`` (flat indices of the
+        only cells that changed since the last load, e.g. ``NVMArray.drifted_cells``) only those."""
         codes2d = np.ascontiguousarray(codes).reshape(self.shape2d)
-        if self._weight32 is None or self._weight32.shape != self.weight.shape:
-            self._weight32 = torch.empty(self.weight_shape, dtype=torch.float32)
         weight = self.weight.detach().view(self.shape2d).numpy()
-        row_l1 = _load_codes(codes2d, math.ldexp(1.0, self.k_w), weight, self._weight32.view(self.shape2d).numpy())
-        self._exact32 = self.float32_units and row_l1 * self.input_code_max <= FLOAT32_EXACT_BOUND
-        self._input_grad_cache = None  # input_gradient's laid-out weights are stale
+        unit = math.ldexp(1.0, self.k_w)
+        if cells is not None and self._row_l1 is not None and self._weight32 is not None:
+            cache = self._input_grad_cache
+            laid = cache[1] if cache is not None and cache[0] is self._weight32 else np.zeros((0, 1, 1, 0), np.float32)
+            weight32 = self._weight32.view(self.shape2d).numpy()
+            _load_cells(codes2d, cells, unit, weight, weight32, self._row_l1, laid)
+        else:
+            if self._weight32 is None or self._weight32.shape != self.weight.shape:
+                self._weight32 = torch.empty(self.weight_shape, dtype=torch.float32)
+            self._row_l1 = np.empty(self.shape2d[0], np.int64)
+            _load_codes(codes2d, unit, weight, self._weight32.view(self.shape2d).numpy(), self._row_l1)
+            self._input_grad_cache = None  # input_gradient's laid-out weights are stale
+        self._exact32 = self.float32_units and int(self._row_l1.max()) * self.input_code_max <= FLOAT32_EXACT_BOUND
 
     def weight32(self) -> torch.Tensor:
         """The weights in float32 (exact: 8-bit codes times 2^k_w), cached until the codes change."""

@@ -312,11 +312,16 @@ class QWeight(GradQuantMixin):
         a, dz = self.columns()
         return dz.T @ a
 
-    def set_codes(self, codes: np.ndarray) -> None:
-        """Load the stored codes (n_out x n_in) into the float weight (codes * lsb)."""
-        values = torch.from_numpy(codes.astype(np.float32) * self.formats.weight.lsb)
+    def set_codes(self, codes: np.ndarray, cells: np.ndarray | None = None) -> None:
+        """Load the stored codes (n_out x n_in) into the float weight (codes * lsb); with ``cells``
+        (flat indices of the only cells that changed since the last load) only those."""
         with torch.no_grad():
-            self.weight.copy_(values.view_as(self.weight))
+            if cells is None:
+                values = torch.from_numpy(codes.astype(np.float32) * self.formats.weight.lsb)
+                self.weight.copy_(values.view_as(self.weight))
+            else:
+                changed = codes.reshape(-1)[cells].astype(np.float32) * self.formats.weight.lsb
+                self.weight.view(-1)[torch.from_numpy(cells)] = torch.from_numpy(changed)
         self._frozen_wq = None
         self._input_grad_cache = None
 

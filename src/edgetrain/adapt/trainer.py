@@ -123,7 +123,7 @@ class OnlineTrainer:
                 continue
             array = self.arrays[layer.name]
             if spec.apply(array, step, self.drift_rng, layer.formats.weight.lsb):
-                layer.set_codes(array.codes)
+                layer.set_codes(array.codes, array.drifted_cells)
 
     def learn_sample(self, image: torch.Tensor, label: int) -> bool:
         """Drift, predict, score, learn on one sample; returns whether the prediction was right."""

@@ -162,6 +162,7 @@ class NVMArray:
                 stuck_codes = np.where(rng.random(num_stuck) < 0.5, fmt.qmin, fmt.qmax)
             self._codes.reshape(-1)[chosen] = stuck_codes
         self._levels = self._codes.astype(np.float64)
+        self.drifted_cells = np.zeros(0, dtype=np.int64)  # flat cells the last drift event changed
         self._max_writes = 0
         self._total_writes = 0
         self.update_events = 0
@@ -330,7 +331,8 @@ class NVMArray:
 
     def apply_analog_drift(self, sigma_codes: float, rng: np.random.Generator) -> int:
         """level += N(0, sigma_codes^2), then clip to [qmin, qmax] (docs/adaptation.md). Not a write;
-        stuck cells do not drift. Returns the number of cells whose stored code changed.
+        stuck cells do not drift. Returns the number of cells whose stored code changed (their flat
+        indices: :attr:`drifted_cells`).
 
         The normals come from a torch generator seeded by ``rng`` (float32, about 3x faster than
         NumPy's for the ~1.5M cells of the paper net), so the result is still fixed by ``rng``.
@@ -339,6 +341,7 @@ class NVMArray:
             raise ValueError(f"sigma_codes must be a finite number >= 0, got {sigma_codes!r}")
         _check_rng(rng)
         if sigma_codes == 0:
+            self.drifted_cells = np.zeros(0, dtype=np.int64)
             return 0
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
         noise = torch.randn(self._levels.shape, generator=generator).numpy()
@@ -348,13 +351,14 @@ class NVMArray:
         self._levels += noise
         np.clip(self._levels, self.fmt.qmin, self.fmt.qmax, out=self._levels)
         new = np.rint(self._levels)
-        changed = int(np.count_nonzero(new != self._codes))
+        self.drifted_cells = np.flatnonzero(new != self._codes)
         self._codes[...] = new
-        return changed
+        return int(self.drifted_cells.size)
 
     def apply_digital_drift(self, p: float, rng: np.random.Generator) -> int:
         """Flip each stored bit of each code (two's complement when signed) with probability ``p``
-        (docs/adaptation.md). Not a write; stuck cells do not flip. Returns the number of cells changed.
+        (docs/adaptation.md). Not a write; stuck cells do not flip. Returns the number of cells changed
+        (their flat indices: :attr:`drifted_cells`).
 
         The flipped bit positions are drawn exactly as independent Bernoulli(p) trials by summing
         geometric gaps, so the cost is O(cells x bits x p) rather than O(cells x bits).
@@ -368,6 +372,7 @@ class NVMArray:
         keep = ~self._stuck.reshape(-1)[cell]
         cell, bit = cell[keep], bit[keep]
         if cell.size == 0:
+            self.drifted_cells = np.zeros(0, dtype=np.int64)
             return 0
         cells, inverse = np.unique(cell, return_inverse=True)
         flips = np.zeros(cells.size, dtype=np.int64)
@@ -378,6 +383,7 @@ class NVMArray:
             word = np.where(word >= 1 << (bits - 1), word - (1 << bits), word)
         flat_codes[cells] = word
         self._levels.reshape(-1)[cells] = word
+        self.drifted_cells = cells  # a non-zero flip pattern: every drawn cell changes
         return int(cells.size)
 
     # -- checkpointing ------------------------------------------------------------------------------
