@@ -34,6 +34,7 @@ import dataclasses
 import importlib
 import json
 import os
+import platform
 import sys
 import time
 import types
@@ -44,6 +45,7 @@ import torch
 
 import edgetrain as et
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
+from edgetrain.adapt.device import INT8_MATMUL
 from edgetrain.adapt.qnet import quantize_for_adaptation
 from edgetrain.adapt.scenarios import make_scenario, pretraining_set
 from edgetrain.atomic import write_json_atomic, write_text_atomic
@@ -215,6 +217,8 @@ def run_speed(args: argparse.Namespace) -> dict:
         "warmup": warmup,
         "load_average_start": list(os.getloadavg()),
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "int8_matmul": INT8_MATMUL,
         "paper_net": {},
         "zoo": {},
     }
@@ -225,9 +229,13 @@ def run_speed(args: argparse.Namespace) -> dict:
     else:
         result["authors"] = None
         print(f"no authors' checkout at {reference} (see the module docstring): their loop is not timed")
+    paths = ["model", "program"] + (["program-float"] if INT8_MATMUL else [])  # the int8 products' ablation
     for threads in args.threads:
-        for path in ("model", "program"):
+        for path in paths:
             net = quantize_for_adaptation(copy.deepcopy(model)) if path == "model" else DeviceNet.from_program(program)
+            if path == "program-float":
+                for layer in net.weight_layers:
+                    layer.int8_products = False
             run = time_ours(net, stream, warmup, args.samples, threads)
             result["paper_net"][f"{path}-{threads}"] = {"path": path, **run}
             print(f"--{path}, {threads} thread(s): {run['samples_per_second']:.1f} samples/s", flush=True)
@@ -239,6 +247,23 @@ def run_speed(args: argparse.Namespace) -> dict:
     result["load_average_end"] = list(os.getloadavg())
     result["recorded_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return result
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+PATH_LABELS = {
+    "model": "edgetrain `--model`",
+    "program": "edgetrain `--program`",
+    "program-float": "edgetrain `--program`, float products only",
+}
 
 
 def render_speed(speed: dict) -> str:
@@ -256,7 +281,9 @@ def render_speed(speed: dict) -> str:
         "on its exported TQT INT8 program (bit-exact with the integer program), stepped without autograd by "
         "`DeviceStep` (the trainer's default; identical trajectories). The authors' loop is their own "
         "`lr/` NumPy/numba code as shipped (config lrt-base, digital drift 10, their own initialisation), "
-        f"on the same images in the same process. {speed['cpus']} CPUs; the 1-minute load average is "
+        f"on the same images in the same process. {speed['cpus']} CPUs ({speed.get('cpu', 'unknown')}; int8 "
+        f"products: {'yes, AVX512-VNNI / AMX' if speed.get('int8_matmul') else 'no (float32 products)'}, "
+        'docs/device.md "Speed"); the 1-minute load average is '
         "given beside every figure: a figure taken at load > 1.5 on 2 cores is from a shared, loaded "
         "machine and says little about a quiet one.",
         "",
@@ -268,7 +295,7 @@ def render_speed(speed: dict) -> str:
     if authors is not None:
         rows.append(("authors' NumPy/numba loop (paper net)", "BLAS default", authors, True))
     for run in speed["paper_net"].values():
-        rows.append((f"edgetrain `--{run['path']}` (paper net)", str(run["threads"]), run, True))
+        rows.append((f"{PATH_LABELS[run['path']]} (paper net)", str(run["threads"]), run, True))
     for name, run in speed["zoo"].items():
         rows.append((f"edgetrain `--program` {name}", str(run["threads"]), run, False))
     for label, threads, run, paper in rows:

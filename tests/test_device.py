@@ -12,7 +12,7 @@ import torch
 
 import edgetrain as et
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
-from edgetrain.adapt.device import Requantizer
+from edgetrain.adapt.device import DeviceLayer, Requantizer
 from edgetrain.adapt.qnet import (
     Grid,
     QuantChain,
@@ -294,3 +294,36 @@ def test_reloading_only_the_drifted_cells_equals_a_full_reload(stream, one_threa
         if layer.is_conv:
             cached = layer._input_grad_cache[1]
             np.testing.assert_array_equal(cached, _laid_weights(reference, reference.weight32()))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_int8_products_equal_the_float_products_through_adaptation(name, stream, one_thread, monkeypatch):
+    """The int8 product (``torch._int_mm`` on the codes, uint8 inputs shifted by 128 and the shift's
+    share added back, padded taps included) gives the float product's values bit for bit, forced on
+    every groups = 1 layer whatever this CPU: the same adaptation trajectory (codes after LowRank
+    writes and drift, whose partial reloads update the int8 codes in place) and the same outputs."""
+    images, _ = stream.batch(0, 64)
+    program = _program(name, images, weight_bits=4 if name in ("mobilenetv2-tiny", "resnet-tiny") else 8)
+    taken = []
+    product = DeviceLayer.int8_product
+
+    def counted(layer: DeviceLayer, x: torch.Tensor) -> torch.Tensor | None:
+        z = product(layer, x)
+        taken.append(z is not None)
+        return z
+
+    monkeypatch.setattr(DeviceLayer, "int8_product", counted)
+    devices = []
+    for int8 in (True, False):
+        device = DeviceNet.from_program(program)
+        for layer in device.weight_layers:
+            layer.int8_products = int8 and layer.groups == 1
+        trainer = OnlineTrainer(device, make_rule("lowrank", rank=2, lr=0.05), stream, seed=0)
+        trainer.run(40)
+        devices.append(device)
+    assert taken and all(taken)  # every forced product ran on int8 codes (none fell back)
+    probe = images[:16]
+    with torch.no_grad():
+        assert torch.equal(devices[0].eval()(probe), devices[1].eval()(probe))
+    for fast, reference in zip(devices[0].weight_layers, devices[1].weight_layers, strict=True):
+        np.testing.assert_array_equal(fast.codes(), reference.codes())

@@ -124,6 +124,68 @@ class Requantizer:
 
 
 FLOAT32_EXACT_BOUND = 2**24  # every integer of magnitude <= 2^24 is a float32
+INT8_MIN_WEIGHTS = 2**14  # smaller layers: the float32 product costs less than the int8 path's passes
+
+
+def native_int8_matmul() -> bool:
+    """Whether this CPU multiplies int8 matrices in hardware (AVX512-VNNI or AMX, through oneDNN): there
+    ``torch._int_mm`` is ~10x faster than a float32 product at batch 1; without them its CPU kernel
+    is slower than float32, and the device keeps the float32 product."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
+    return hasattr(torch, "_int_mm") and any(probe is not None and probe() for probe in probes)
+
+
+INT8_MATMUL = native_int8_matmul()
+
+
+@njit(cache=True)
+def _input_codes_hwc(x, inverse, offset, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """out[n, h, w, c] = x[n, c, h, w] / 2^k - offset as int8 (x: values on the 2^k grid, ``inverse``
+    = 2^-k); returns False (out unusable) when a value is off the grid or its shifted code leaves int8."""
+    bad = False
+    for n in range(x.shape[0]):
+        for h in range(x.shape[2]):
+            for w in range(x.shape[3]):
+                for c in range(x.shape[1]):
+                    code = x[n, c, h, w] * inverse
+                    shifted = code - offset
+                    bad |= (code != np.rint(code)) | (shifted < -128) | (shifted > 127)
+                    out[n, h, w, c] = np.int8(min(max(shifted, -128.0), 127.0))  # defined even when bad
+    return not bad
+
+
+@njit(cache=True)
+def _im2col_hwc(x, kernel, stride, padding, dilation, fill, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """out[(n Ho + oy) Wo + ox, (ky kw + kx) C + c] = x[n, iy, ix, c] (N x H x W x C int8 codes),
+    ``fill`` where the window leaves the image: the patches in (kernel row, kernel column, channel)
+    order, the order of the layer's input-gradient weight layout."""
+    batch, h, w, channels = x.shape
+    kh, kw = kernel
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    for n in range(batch):
+        for oy in range(out_h):
+            for ox in range(out_w):
+                row = (n * out_h + oy) * out_w + ox
+                for ky in range(kh):
+                    iy = oy * stride[0] - padding[0] + ky * dilation[0]
+                    for kx in range(kw):
+                        ix = ox * stride[1] - padding[1] + kx * dilation[1]
+                        base = (ky * kw + kx) * channels
+                        inside = 0 <= iy < h and 0 <= ix < w
+                        for c in range(channels):  # explicit: numba's slice copies cost ~50 ns each
+                            out[row, base + c] = x[n, iy, ix, c] if inside else fill
+
+
+@njit(cache=True)
+def _scaled_accumulators(acc, correction, unit, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """out[n, o, p] = (acc[o, n P + p] + correction[o]) unit: the int32 products (n_out x N P) back in
+    the value domain, N x n_out x P (exact: integers below the dtype's 2^24 / 2^53 times a power of 2)."""
+    pixels = out.shape[2]
+    for n in range(out.shape[0]):
+        for o in range(out.shape[1]):
+            for p in range(pixels):
+                out[n, o, p] = (acc[o, n * pixels + p] + correction[o]) * unit
 
 
 def input_code_bounds(program: IntegerProgram) -> dict[str, tuple[int, int]]:
@@ -242,21 +304,27 @@ def _load_codes(codes, unit, weight, weight32, row_l1):  # type: ignore[no-untyp
 
 
 @njit(cache=True)
-def _load_cells(codes, cells, unit, weight, weight32, row_l1, laid):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+def _load_cells(codes, cells, unit, weight, weight32, row_l1, kernel, laid, codes8, row_sum):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
     """:func:`_load_codes` for the flat ``cells`` of the n_out x n_in matrices only, row_l1 updated by
-    |new| - |old| per cell; ``laid`` (n_out x kh x kw x n_in / (kh kw), or empty) is the
-    ``input_gradient`` layout of weight32, updated in place."""
+    |new| - |old| per cell; ``laid`` (n_out x kh x kw x n_in / (kh kw), ``kernel`` = (kh, kw), or
+    empty) is the ``input_gradient`` layout of weight32 and ``codes8`` (the same layout as int8 codes,
+    or empty) the int8 product's, with its row sums ``row_sum``, all updated in place."""
     n_in = codes.shape[1]
-    kernel = laid.shape[1] * laid.shape[2]
+    taps = kernel[0] * kernel[1]
     for cell in cells:
         o, j = cell // n_in, cell % n_in
         c = codes[o, j]
-        row_l1[o] += abs(c) - abs(np.int64(np.rint(weight[o, j] / unit)))
+        old = np.int64(np.rint(weight[o, j] / unit))
+        row_l1[o] += abs(c) - abs(old)
         weight[o, j] = c * unit
         weight32[o, j] = c * unit
+        k = j % taps
+        position = (k // kernel[1], k % kernel[1], j // taps)
         if laid.size:
-            k = j % kernel
-            laid[o, k // laid.shape[2], k % laid.shape[2], j // kernel] = weight32[o, j]
+            laid[o, position[0], position[1], position[2]] = weight32[o, j]
+        if codes8.size:
+            codes8[o, position[0], position[1], position[2]] = c
+            row_sum[o] += c - old
 
 
 class DeviceLayer(GradQuantMixin):
@@ -293,8 +361,8 @@ class DeviceLayer(GradQuantMixin):
             grad=grad,
             wmult_log2=self.k_w + weight_fmt.mantissa_bits,
         )
-        self.input_code_max, input_exponent = input_bound
-        self.float32_units = self.k_w + input_exponent >= -100  # 2^(k_w + k_x) far above float32 underflow
+        self.input_code_max, self.input_exponent = input_bound
+        self.float32_units = self.k_w + self.input_exponent >= -100  # 2^(k_w + k_x) far above float32 underflow
         # acc + b in units of the finer exponent: |acc| 2^(k_acc - m) + |b| 2^(k_b - m) <= 2^24 keeps it exact
         finest = min(self.acc_q.exponent, self.bias_q.exponent)
         largest = sum(max(-q.fmt.qmin, q.fmt.qmax) * 2 ** (q.exponent - finest) for q in (self.acc_q, self.bias_q))
@@ -314,6 +382,11 @@ class DeviceLayer(GradQuantMixin):
         self._exact32: bool | None = None
         self._row_l1: np.ndarray | None = None  # per row sum of |codes| (set_codes keeps it)
         self._input_grad_cache: tuple[torch.Tensor, np.ndarray] | None = None
+        n_out, n_in = self.shape2d
+        self.int8_products = (
+            INT8_MATMUL and self.groups == 1 and weight_fmt.bits <= 8 and n_out * n_in >= INT8_MIN_WEIGHTS
+        )
+        self._codes8: tuple[torch.Tensor, np.ndarray] | None = None  # (int8 codes, row sums) for int8_product
         self.cache_input: torch.Tensor | None = None
         self.cache_dz: torch.Tensor | None = None
         self.out_pixels = 1
@@ -342,8 +415,47 @@ class DeviceLayer(GradQuantMixin):
             self._exact32 = self.float32_units and bound <= FLOAT32_EXACT_BOUND
         return self._exact32
 
+    def int8_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """sum w x from the int8 codes (``torch._int_mm``, int32 accumulators: exact), in float32 when
+        :attr:`exact32` else float64, the same values as the float products; None where the input is
+        not 8-bit codes on its grid. Unsigned codes c in [0, 255] enter as c - 128 with 128 sum_j w_oj
+        added back (a padded tap is code 0: it enters as -128 and cancels its share of the sum)."""
+        if self._codes8 is None:  # the input-gradient layout (n_out x kh x kw x c_in), as int8 codes
+            values = self.weight.detach().numpy()
+            laid = values.transpose(0, 2, 3, 1) if self.is_conv else values.reshape(len(values), 1, 1, -1)
+            codes = np.rint(np.ldexp(laid, -self.k_w)).astype(np.int64)
+            row_sum = codes.reshape(len(codes), -1).sum(1)
+            self._codes8 = (torch.from_numpy(np.ascontiguousarray(codes, np.int8)), row_sum)
+        codes8, row_sum = self._codes8
+        image = x.detach().reshape(x.shape[0], -1, 1, 1) if not self.is_conv else x.detach()
+        batch, channels, height, width = image.shape
+        hwc = np.empty((batch, height, width, channels), np.int8)
+        offset = 128 if self.input_code_max > 128 else 0  # an unsigned 8-bit input: [0, 255] -> int8
+        if not _input_codes_hwc(image.contiguous().numpy(), math.ldexp(1.0, -self.input_exponent), offset, hwc):
+            return None
+        if self.is_conv:
+            kh, kw = self.kernel_size
+            out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+            out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+            patches = np.empty((batch * out_h * out_w, kh * kw * channels), np.int8)
+            _im2col_hwc(hwc, (kh, kw), self.stride, self.padding, self.dilation, np.int8(-offset), patches)
+            shape = (batch, codes8.shape[0], out_h, out_w)
+        else:
+            patches, shape = hwc.reshape(batch, channels), (batch, codes8.shape[0])
+        acc = torch._int_mm(codes8.view(codes8.shape[0], -1), torch.from_numpy(patches).T)  # n_out x N P
+        out = torch.empty(shape, dtype=torch.float32 if self.exact32 else torch.float64)
+        unit = math.ldexp(1.0, self.k_w + self.input_exponent)
+        _scaled_accumulators(acc.numpy(), offset * row_sum, unit, out.numpy().reshape(batch, shape[1], -1))
+        return out
+
     def exact_product(self, x: torch.Tensor) -> torch.Tensor:
-        """sum w x exactly: float32 values from float32 kernels when :attr:`exact32`, else float64."""
+        """sum w x exactly: from the int8 codes where the CPU multiplies int8 natively
+        (:meth:`int8_product`), else float32 values from float32 kernels when :attr:`exact32`, else
+        float64."""
+        if self.int8_products:
+            z = self.int8_product(x)
+            if z is not None:
+                return z
         if self.exact32:
             with torch.backends.nnpack.flags(enabled=False):  # no Winograd / FFT: direct sums only
                 return self.product(x.float(), self.weight32())
@@ -422,9 +534,16 @@ class DeviceLayer(GradQuantMixin):
         if cells is not None and self._row_l1 is not None and self._weight32 is not None:
             cache = self._input_grad_cache
             laid = cache[1] if cache is not None and cache[0] is self._weight32 else np.zeros((0, 1, 1, 0), np.float32)
+            codes8, row_sum = (
+                (self._codes8[0].numpy(), self._codes8[1])
+                if self._codes8 is not None
+                else (np.zeros((0, 1, 1, 0), np.int8), np.zeros(0, np.int64))
+            )
             weight32 = self._weight32.view(self.shape2d).numpy()
-            _load_cells(codes2d, cells, unit, weight, weight32, self._row_l1, laid)
+            kernel = self.kernel_size if self.is_conv else (1, 1)
+            _load_cells(codes2d, cells, unit, weight, weight32, self._row_l1, kernel, laid, codes8, row_sum)
         else:
+            self._codes8 = None
             if self._weight32 is None or self._weight32.shape != self.weight.shape:
                 self._weight32 = torch.empty(self.weight_shape, dtype=torch.float32)
             self._row_l1 = np.empty(self.shape2d[0], np.int64)
