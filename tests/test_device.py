@@ -327,3 +327,26 @@ def test_int8_products_equal_the_float_products_through_adaptation(name, stream,
         assert torch.equal(devices[0].eval()(probe), devices[1].eval()(probe))
     for fast, reference in zip(devices[0].weight_layers, devices[1].weight_layers, strict=True):
         np.testing.assert_array_equal(fast.codes(), reference.codes())
+
+
+@pytest.mark.parametrize("rounding", ["half_even", "half_away", "floor"])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+def test_requantizer_numba_pass_equals_the_torch_ops(rounding, activation):
+    """Requantizer.forward_masked's float64 pass = clip(round_tensor(v / 2^k), lo, hi) 2^k with the mask
+    (code inside [lo, hi], and v > 0 after a ReLU), bit for bit: ties, clipping, -0, NaN."""
+    spec = {"bits": 8, "signed": activation == "none", "exponent": -3, "rounding": rounding}
+    quantizer = Requantizer(spec, activation)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(400, generator=gen, dtype=torch.float64) * 20
+    v[:6] = torch.tensor([2.5 / 8, -2.5 / 8, -0.0, float("nan"), 1e6, -1e6])
+    codes = round_tensor(v / quantizer.step, quantizer.rounding)
+    inside = (codes >= quantizer.lo) & (codes <= quantizer.hi)
+    expected_mask = inside & (v > 0) if quantizer.relu else inside
+    expected = codes.clamp(quantizer.lo, quantizer.hi) * quantizer.step
+    out, mask = quantizer.forward_masked(v)
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().sum() == 1
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite], expected[finite])
+    assert torch.equal(out[finite].signbit(), expected[finite].signbit())
+    assert torch.equal(mask, expected_mask)
+    assert quantizer.forward_masked(v, keep_mask=False)[1] is None

@@ -15,6 +15,7 @@ from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
 from edgetrain.adapt.device import Requantizer
 from edgetrain.adapt.executor import (
     DeviceStep,
+    _bn_backward_pass,
     _requantize_masked,
     batch1_executor,
     max_pool,
@@ -244,3 +245,37 @@ def test_scatter_weights_follow_set_codes(stream):
         expected = torch.nn.grad.conv2d_input(x_shape, layer.weight32(), dz)
         got = _scattered_input_gradient(x_shape, layer.weight32(), dz, layer, units)
         assert got is not None and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_bn_backward_pass_equals_the_torch_expressions(relu: bool, quantize: bool) -> None:
+    """Streaming BN's fused element-wise backward = the torch expressions it replaces, bit for bit
+    (signs of zero and NaN included): g_y = q(g m_out) after a ReLU, g_acc = g_y m_acc, g_acc x,
+    dx = q(g_acc w) (q: torch.round(v / lsb).clamp_(lo, hi).mul_(lsb), only when quantizing)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 3, 5)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    g[0, 0, :3] = torch.tensor([float("nan"), -0.0, 2.5 / 64])  # NaN, -0, a tie on the 2^-6 grid
+    out_mask, acc_mask = (torch.rand(shape, generator=gen) < 0.7 for _ in range(2))
+    w = torch.randn(3, generator=gen, dtype=torch.float64)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    lsb, lo, hi = 2.0**-6, -128, 127
+
+    def q(v: torch.Tensor) -> torch.Tensor:
+        return torch.round(v / lsb).clamp_(lo, hi).mul_(lsb) if quantize else v
+
+    g_y = g * out_mask
+    g_y = q(g_y) if relu else g_y
+    g_acc = g_y * acc_mask
+    expected = (g_y, g_acc * x, q(g_acc * w.view(1, -1, 1)))
+    got = torch.empty((3, *shape), dtype=torch.float64)
+    _bn_backward_pass(
+        g.numpy(), out_mask.numpy(), acc_mask.numpy(), w.numpy(), x.numpy(), relu, quantize, lsb, float(lo),
+        float(hi), *(t.numpy() for t in got.unbind(0)),
+    )  # fmt: skip
+    for value, reference in zip(got.unbind(0), expected, strict=True):
+        assert torch.equal(value.isnan(), reference.isnan())
+        finite = ~reference.isnan()
+        assert torch.equal(value[finite], reference[finite])
+        assert torch.equal(value[finite].signbit(), reference[finite].signbit())

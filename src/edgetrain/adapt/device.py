@@ -46,6 +46,7 @@ from torch import nn
 
 from edgetrain.adapt.qnet import (
     PAPER_GRAD,
+    ROUNDING_CODES,
     GradQuantMixin,
     Grid,
     LayerFormats,
@@ -55,6 +56,7 @@ from edgetrain.adapt.qnet import (
     layer_gradient,
     nonzero_im2col,
     pair,
+    round_code,
 )
 from edgetrain.export.program import IntegerProgram
 from edgetrain.fixedpoint import RELU6_CEILING, FixedPointFormat, Rounding, round_tensor
@@ -81,6 +83,20 @@ class _Requantize(torch.autograd.Function):
         return grad * mask, None
 
 
+@njit(cache=True)
+def _requantize_values(v, step, lo, hi, mode, relu, keep_mask, out, mask):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """out = clip(round(v / step), lo, hi) step and, with ``keep_mask``, mask = code inside [lo, hi]
+    (and v > 0 after a ReLU), element-wise on flat float64 arrays: the torch ops of
+    :meth:`Requantizer.forward_masked` (``v / 2^k`` = ``v 2^-k`` exactly; NaN stays NaN, unmasked)."""
+    inverse = 1.0 / step
+    for k in range(v.shape[0]):
+        x = v[k]
+        code = round_code(x * inverse, mode, 0.5)
+        if keep_mask:
+            mask[k] = (code >= lo) & (code <= hi) & ((not relu) | (x > 0))
+        out[k] = code if np.isnan(code) else min(max(code, lo), hi) * step
+
+
 class Requantizer:
     """One quantizer of the program as a value-domain function (bits, sign, exponent, rounding)."""
 
@@ -101,7 +117,15 @@ class Requantizer:
 
     def forward_masked(self, v: torch.Tensor, keep_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(quantized v, straight-through mask: code inside [lo, hi], and v > 0 after a ReLU; None
-        without ``keep_mask``), no autograd."""
+        without ``keep_mask``), no autograd; one numba pass for a float64 CPU tensor."""
+        if v.dtype == torch.float64 and v.device.type == "cpu":
+            out = torch.empty(v.shape, dtype=torch.float64)
+            mask = torch.empty(v.shape, dtype=torch.bool) if keep_mask else torch.empty(0, dtype=torch.bool)
+            flat = v.detach().contiguous().numpy().reshape(-1)
+            mode = ROUNDING_CODES[self.rounding]
+            args = (self.step, float(self.lo), float(self.hi), mode, self.relu, keep_mask)
+            _requantize_values(flat, *args, out.numpy().reshape(-1), mask.numpy().reshape(-1))
+            return out, mask if keep_mask else None
         codes = round_tensor(v / self.step, self.rounding)
         mask = None
         if keep_mask:

@@ -92,6 +92,28 @@ def _bn_fold(mean_ema, msq_ema, mean, msq, observe, eta, rest, correction, eps, 
 
 
 @njit(cache=True)
+def _bn_backward_pass(g, out_mask, acc_mask, w, x, relu, quantize, lsb, lo, hi, g_y, g_acc_x, dx):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
+    """Streaming BN's element-wise backward (N x C x P, w per channel) in one pass: g_y = q(g m_out)
+    (q onto the gradient grid after a ReLU, when ``quantize``), g_acc = g_y m_acc, g_acc_x = g_acc x,
+    dx = q(g_acc w); the same float64 operations as the torch expressions (a mask multiplies by 1 or
+    0, so -0 stays -0), in the same order."""
+    inverse = 1.0 / lsb
+    for n in range(g.shape[0]):
+        for c in range(g.shape[1]):
+            for p in range(g.shape[2]):
+                v = g[n, c, p] * (1.0 if out_mask[n, c, p] else 0.0)
+                if relu and quantize:
+                    v = v if np.isnan(v) else min(max(np.rint(v * inverse), lo), hi) * lsb
+                g_y[n, c, p] = v
+                acc = v * (1.0 if acc_mask[n, c, p] else 0.0)
+                g_acc_x[n, c, p] = acc * x[n, c, p]
+                d = acc * w[c]
+                if quantize:
+                    d = d if np.isnan(d) else min(max(np.rint(d * inverse), lo), hi) * lsb
+                dx[n, c, p] = d
+
+
+@njit(cache=True)
 def _max_pool(x, kernel, stride, out, index):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     """out = the max of each window of x (C x H x W), index = the flat position y W + x of its first
     maximum in row-major order (NaN wins): torch's CPU max-pool kernel, without padding or dilation."""
@@ -179,6 +201,14 @@ class DeviceStep:
             for name, stage in net.stages.items()
             if isinstance(stage, DeviceBatchNorm)
         }
+        self.fold_quantizers = {  # (step, lo, hi, rounding code) of the weight and bias quantizers
+            name: np.array(
+                [(q.step, q.lo, q.hi, ROUNDING_CODES[q.rounding]) for q in (stage.weight_q, stage.bias_q)],
+                dtype=np.float64,
+            )
+            for name, stage in net.stages.items()
+            if isinstance(stage, DeviceBatchNorm)
+        }
         self.saved: dict[str, tuple[Any, ...]] = {}
         self.requires: dict[str, bool] = {}
 
@@ -250,7 +280,7 @@ class DeviceStep:
     def _bn_forward(self, bn: DeviceBatchNorm, v: torch.Tensor, out: str, requires: bool) -> torch.Tensor:
         observe = bn.enabled and bn.training
         if observe or (bn.enabled and bool(bn.refolded)):
-            w, b, params = self._bn_fold(bn, v, observe)
+            w, b, params = self._bn_fold(bn, v, observe, self.fold_quantizers[out])
         else:
             w, b, params = bn.weight, bn.bias, None
         self.requires[out] = requires or params is not None
@@ -260,7 +290,9 @@ class DeviceStep:
         return value
 
     @staticmethod
-    def _bn_fold(bn: DeviceBatchNorm, v: torch.Tensor, observe: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    def _bn_fold(
+        bn: DeviceBatchNorm, v: torch.Tensor, observe: bool, quantizers: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """``bn.observe(v)`` (when ``observe``), then ``bn.folded()`` with the masks of its two
         requantizers: the channel moments in torch (its reduction order), the per-channel EMA, bias
         correction and fold in one numba pass (the same float64 operations in the same order)."""
@@ -274,11 +306,10 @@ class DeviceStep:
         correction = 1.0 - bn.eta ** max(int(bn.step), 1)
         folded = torch.empty((4, channels), dtype=torch.float64)  # w, b, mu, sigma
         masks = torch.empty((2, channels), dtype=torch.bool)
-        quantizers = [(q.step, q.lo, q.hi, ROUNDING_CODES[q.rounding]) for q in (bn.weight_q, bn.bias_q)]
         _bn_fold(
             bn.mean_ema.numpy(), bn.msq_ema.numpy(), mean.numpy(), msq.numpy(), observe, bn.eta, 1 - bn.eta,
             correction, bn.eps, bn.gamma.detach().numpy(), bn.beta.detach().numpy(),
-            np.array(quantizers, dtype=np.float64), folded.numpy(), masks.numpy(),
+            quantizers, folded.numpy(), masks.numpy(),
         )  # fmt: skip
         w, b, mu, sigma = folded.unbind(0)
         return w, b, (mu, sigma, masks[0], masks[1])
@@ -352,20 +383,29 @@ class DeviceStep:
         self._send(grads, source, quantize_grad64(layer, dx))
 
     def _bn_backward(self, bn: DeviceBatchNorm, g: torch.Tensor, source: str, grads: dict[str, torch.Tensor]) -> None:
-        """The autograd graph of ``DeviceBatchNorm.forward`` and ``folded``, written out."""
+        """The autograd graph of ``DeviceBatchNorm.forward`` and ``folded``, written out: the
+        element-wise part in one numba pass, the sums over pixels in torch (its reduction order)."""
         x, w_view, b_shape, acc_mask, out_mask, params, requires = self.saved[bn.op["output"]]
-        g = g * out_mask
-        if bn.out_q.relu:
-            g = bn.quantize_grad(g)
-        g_acc = g * acc_mask
+        grid = bn.formats.grad
+        g_y, g_acc_x, dx = torch.empty((3, *g.shape), dtype=torch.float64).unbind(0)
+        _bn_backward_pass(
+            *(t.contiguous().numpy().reshape(g.shape[0], g.shape[1], -1) for t in (g.double(), out_mask, acc_mask)),
+            w_view.reshape(-1).numpy(),
+            x.contiguous().numpy().reshape(g.shape[0], g.shape[1], -1),
+            bn.out_q.relu,
+            bn.quantize_grads,
+            grid.lsb,
+            float(grid.fmt.qmin),
+            float(grid.fmt.qmax),
+            *(t.numpy().reshape(g.shape[0], g.shape[1], -1) for t in (g_y, g_acc_x, dx)),
+        )
         if requires:
-            dx = g_acc * w_view
-            self._send(grads, source, bn.quantize_grad(dx))
+            self._send(grads, source, dx)
         if params is None:
             return
         mu, sigma, w_mask, b_mask = params
-        g_w = (g_acc * x).sum_to_size(w_view.shape).reshape(w_mask.shape) * w_mask
-        g_b = g.sum_to_size(b_shape).reshape(b_mask.shape) * b_mask
+        g_w = g_acc_x.sum_to_size(w_view.shape).reshape(w_mask.shape) * w_mask
+        g_b = g_y.sum_to_size(b_shape).reshape(b_mask.shape) * b_mask
         bn.beta.grad = g_b
         bn.gamma.grad = g_w / sigma + (-g_b) / sigma * mu
 

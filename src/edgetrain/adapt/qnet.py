@@ -558,11 +558,12 @@ class QuantStage:
 @njit(cache=True)
 def round_code(x, mode, half):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
     """``round_tensor``'s modes on one value (``ROUNDING_CODES``: 0 half-even, 1 half away from zero,
-    2 floor); ``half`` = 0.5 in x's dtype."""
+    2 floor); ``half`` = 0.5 in x's dtype. torch.sign(-0) is +0 (NumPy's is -0): so is the sign here."""
     if mode == 0:
         return np.rint(x)
     if mode == 1:
-        return np.sign(x) * np.floor(np.abs(x) + half)
+        sign = np.sign(x) if x != 0 else np.abs(x)
+        return sign * np.floor(np.abs(x) + half)
     return np.floor(x)
 
 
