@@ -29,6 +29,7 @@ ORDER = (
     "sks",
     "lrt",
     "device",
+    "device-speed-avx2-host",
     "writes",
     "stuck",
     "fleet-summary-t1000-4seeds",

@@ -71,7 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-every", type=positive_int, default=10_000, help="samples between test-set scores")
     p.add_argument("--test-samples", type=positive_int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (batch 1: 1 is fastest)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch intra-op threads (batch 1: a second one gains 0-13%% wall, see docs/device.md)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run_adapt)
 
