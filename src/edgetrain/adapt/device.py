@@ -156,7 +156,8 @@ def native_int8_matmul() -> bool:
     ``torch._int_mm`` is ~10x faster than a float32 product at batch 1; without them its CPU kernel
     is slower than float32, and the device keeps the float32 product."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
-    return hasattr(torch, "_int_mm") and any(probe is not None and probe() for probe in probes)
+    native = any(probe is not None and probe() for probe in probes)
+    return native and hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available()
 
 
 INT8_MATMUL = native_int8_matmul()
