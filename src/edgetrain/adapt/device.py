@@ -408,8 +408,12 @@ class DeviceLayer(GradQuantMixin):
         self._row_l1: np.ndarray | None = None  # per row sum of |codes| (set_codes keeps it)
         self._input_grad_cache: tuple[torch.Tensor, np.ndarray] | None = None
         n_out, n_in = self.shape2d
-        self.int8_products = (
-            INT8_MATMUL and self.groups == 1 and weight_fmt.bits <= 8 and n_out * n_in >= INT8_MIN_WEIGHTS
+        self.int8_products = (  # 8-bit weights and inputs (int8, or uint8 shifted): int8_product
+            INT8_MATMUL
+            and self.groups == 1
+            and weight_fmt.bits <= 8
+            and self.input_code_max <= 255
+            and n_out * n_in >= INT8_MIN_WEIGHTS
         )
         self._codes8: tuple[torch.Tensor, np.ndarray] | None = None  # (int8 codes, row sums) for int8_product
         self.cache_input: torch.Tensor | None = None
