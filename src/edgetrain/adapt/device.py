@@ -9,7 +9,8 @@ in torch on *values* ``code * 2^k`` held in float64, mirroring the integer execu
 - a conv / linear / scale op is ``q_out(act(q_acc(sum w x) + b))`` with ``w`` and ``b`` the current
   codes; the multiply-accumulate is exact in float64 for every partial sum below 2^53, the same bound
   under which the integer executor uses float64 BLAS, and runs on float32 kernels whenever its
-  partial sums provably stay below 2^24 (``DeviceLayer.exact32``, docs/device.md "Speed");
+  partial sums provably stay below 2^24 (``DeviceLayer.exact32``), or on the int8 codes themselves
+  where the CPU multiplies int8 in hardware (``DeviceLayer.int8_product``; docs/device.md "Speed");
 
 so the forward is the integer program bit for bit, at every step of adaptation, and
 ``to_program()`` exports the adapted device as a program whose outputs equal the device's forward.
