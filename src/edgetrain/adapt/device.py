@@ -150,6 +150,7 @@ class Requantizer:
 
 FLOAT32_EXACT_BOUND = 2**24  # every integer of magnitude <= 2^24 is a float32
 INT8_MIN_WEIGHTS = 2**14  # smaller layers: the float32 product costs less than the int8 path's passes
+INT8_MAX_PATCH_BYTES = 2**22  # larger im2col matrices (big evaluation batches): the float conv, no copy
 
 
 def native_int8_matmul() -> bool:
@@ -448,8 +449,9 @@ class DeviceLayer(GradQuantMixin):
     def int8_product(self, x: torch.Tensor) -> torch.Tensor | None:
         """sum w x from the int8 codes (``torch._int_mm``, int32 accumulators: exact), in float32 when
         :attr:`exact32` else float64, the same values as the float products; None where the input is
-        not 8-bit codes on its grid. Unsigned codes c in [0, 255] enter as c - 128 with 128 sum_j w_oj
-        added back (a padded tap is code 0: it enters as -128 and cancels its share of the sum)."""
+        not 8-bit codes on its grid, or where a conv's patches would exceed ``INT8_MAX_PATCH_BYTES`` (a
+        large evaluation batch). Unsigned codes c in [0, 255] enter as c - 128 with 128 sum_j w_oj added
+        back (a padded tap is code 0: it enters as -128 and cancels its share of the sum)."""
         if self._codes8 is None:  # the input-gradient layout (n_out x kh x kw x c_in), as int8 codes
             values = self.weight.detach().numpy()
             laid = values.transpose(0, 2, 3, 1) if self.is_conv else values.reshape(len(values), 1, 1, -1)
@@ -459,14 +461,17 @@ class DeviceLayer(GradQuantMixin):
         codes8, row_sum = self._codes8
         image = x.detach().reshape(x.shape[0], -1, 1, 1) if not self.is_conv else x.detach()
         batch, channels, height, width = image.shape
+        if self.is_conv:
+            kh, kw = self.kernel_size
+            out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+            out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+            if batch * out_h * out_w * kh * kw * channels > INT8_MAX_PATCH_BYTES:
+                return None
         hwc = np.empty((batch, height, width, channels), np.int8)
         offset = 128 if self.input_code_max > 128 else 0  # an unsigned 8-bit input: [0, 255] -> int8
         if not _input_codes_hwc(image.contiguous().numpy(), math.ldexp(1.0, -self.input_exponent), offset, hwc):
             return None
         if self.is_conv:
-            kh, kw = self.kernel_size
-            out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-            out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
             patches = np.empty((batch * out_h * out_w, kh * kw * channels), np.int8)
             _im2col_hwc(hwc, (kh, kw), self.stride, self.padding, self.dilation, np.int8(-offset), patches)
             shape = (batch, codes8.shape[0], out_h, out_w)
