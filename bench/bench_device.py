@@ -266,6 +266,25 @@ PATH_LABELS = {
 }
 
 
+SPEED_TARGET = (111.0, 5.0)  # samples/s (100k samples in <= 15 min) and the ratio to the authors' loop
+
+
+def speed_verdict(speed: dict) -> str:
+    """This run against the target: the paper net's `--program` loop at one thread (the default)."""
+    run, authors = speed["paper_net"].get("program-1"), speed["authors"]
+    if run is None or authors is None:
+        return "Verdict: not computed (this run has no one-thread `--program` row or no authors' loop)."
+    rate, ratio = run["samples_per_second"], run["samples_per_second"] / authors["samples_per_second"]
+    met = rate >= SPEED_TARGET[0] and ratio >= SPEED_TARGET[1]
+    return (
+        f"Verdict on this host ({speed.get('cpu', 'unknown CPU')}): `--program` at one thread {rate:.1f} samples/s "
+        f"({'>=' if rate >= SPEED_TARGET[0] else '<'} {SPEED_TARGET[0]:.0f}), {ratio:.1f}x the authors' loop "
+        f"({'>=' if ratio >= SPEED_TARGET[1] else '<'} {SPEED_TARGET[1]:.0f}x): target {'met' if met else 'NOT met'}. "
+        "The ratio depends on the CPU: an AVX2 host without VNNI / AMX runs the float products (the "
+        "float-products rows here)."
+    )
+
+
 def render_speed(speed: dict) -> str:
     authors = speed["authors"]
     lines = [
@@ -309,6 +328,7 @@ def render_speed(speed: dict) -> str:
             f"| {run['samples_per_cpu_second']:.1f} | {1000 / run['samples_per_cpu_second']:.1f} | {minutes:.1f} min "
             f"| {ratios[0]} | {ratios[1]} | {run['load_average']:.1f} |"
         )
+    lines += ["", speed_verdict(speed)]
     lines += [
         "",
         "Target (paper net, default threads = 1, quiet 2-core machine): >= 5x the authors' loop and >= 111 "
