@@ -250,6 +250,10 @@ class OnlineTrainer:
                 "samples_per_second": self.step_count / max(self.seconds, 1e-9),
                 "cpu_seconds": self.cpu_seconds,
                 "samples_per_cpu_second": self.step_count / max(self.cpu_seconds, 1e-9),
+                "executor": "DeviceStep" if self.step_executor is not None else "autograd",
+                "int8_product_layers": [
+                    layer.name for layer in self.net.weight_layers if getattr(layer, "int8_products", False)
+                ],
             },
         }
 
