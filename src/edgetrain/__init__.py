@@ -21,16 +21,20 @@ The life of a network, one module per step:
 Data: ``load_dataset`` (``edgetrain.data``); models: ``create_model`` (``edgetrain.models``).
 """
 
-from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule, quantize_for_adaptation
-from edgetrain.adapt.scenarios import make_scenario
-from edgetrain.data import load_dataset
-from edgetrain.export import IntegerProgram, to_integer, to_onnx
-from edgetrain.fixedpoint import FixedPointFormat, Rounding
-from edgetrain.graph import QuantConfig, QuantizedModel, quantize
-from edgetrain.lowrank import MaxNorm, StreamingKroneckerSum
-from edgetrain.models import create_model
-from edgetrain.nvm import DriftSpec, EnergyModel, NVMArray
-from edgetrain.tqt import RetrainConfig, TQTQuantizer, calibrate, retrain, tqt_quantize
+from edgetrain.kernel_cache import use_source_keyed_cache
+
+use_source_keyed_cache()  # before any kernel below is compiled (edgetrain.kernel_cache)
+
+from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule, quantize_for_adaptation  # noqa: E402
+from edgetrain.adapt.scenarios import make_scenario  # noqa: E402
+from edgetrain.data import load_dataset  # noqa: E402
+from edgetrain.export import IntegerProgram, to_integer, to_onnx  # noqa: E402
+from edgetrain.fixedpoint import FixedPointFormat, Rounding  # noqa: E402
+from edgetrain.graph import QuantConfig, QuantizedModel, quantize  # noqa: E402
+from edgetrain.lowrank import MaxNorm, StreamingKroneckerSum  # noqa: E402
+from edgetrain.models import create_model  # noqa: E402
+from edgetrain.nvm import DriftSpec, EnergyModel, NVMArray  # noqa: E402
+from edgetrain.tqt import RetrainConfig, TQTQuantizer, calibrate, retrain, tqt_quantize  # noqa: E402
 
 __version__ = "0.1.0"
 
