@@ -36,17 +36,17 @@ def fleet_token():
             pass
 
 
-def engine_processes(token: str) -> set[tuple[int, str]]:
-    """Live (not zombie) Ray and Flower processes started by this test (its token is in their
-    environment, inherited from the process the test started). Read from /proc, not ``ps``: ``ps``
-    cuts its lines at 80 columns when it has no terminal, and a long venv path pushes the program
-    name past the cut."""
+def engine_processes(token: str) -> set[tuple[int, int, str]]:
+    """(pid, parent pid, command line) of the live (not zombie) Ray and Flower processes started by
+    this test (its token is in their environment, inherited from the process the test started). Read
+    from /proc, not ``ps``: ``ps`` cuts its lines at 80 columns when it has no terminal, and a long venv
+    path pushes the program name past the cut."""
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
             args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
             environ = (entry / "environ").read_bytes()
         except (OSError, IndexError):
@@ -54,7 +54,7 @@ def engine_processes(token: str) -> set[tuple[int, str]]:
         if state == "Z" or not any(name in args for name in ENGINE_PROCESSES):
             continue
         if f"EDGETRAIN_FLEET_TEST={token}".encode() in environ.split(b"\0"):
-            found.add((int(entry.name), args))
+            found.add((int(entry.name), int(parent), args))
     return found
 
 
@@ -67,7 +67,7 @@ def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_lrt_mo
             "--out", str(out)]  # fmt: skip
     env = {**os.environ, "EDGETRAIN_FLEET_TEST": token}
     log = tmp_path / "fleet.log"
-    seen: set[tuple[int, str]] = set()  # the engine's processes while it runs (the check below finds them)
+    seen: set[tuple[int, int, str]] = set()  # the engine's processes while it runs (the check below finds them)
     with log.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
@@ -88,7 +88,7 @@ def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_lrt_mo
     assert sorted(d["device"] for d in figures["devices"]) == [0, 1, 2]
     assert all(d["samples"] == 16 for d in figures["devices"])
     assert (out / "fleet.md").is_file() and (out / "accuracy_vs_round.png").is_file()
-    assert any("ray::" in args for _, args in seen), "the Ray workers were not found while the fleet ran"
+    assert any("ray::" in args for _, _, args in seen), "the Ray workers were not found while the fleet ran"
     assert not engine_processes(token), "a Ray or Flower process outlived the simulation"
 
 
@@ -107,7 +107,7 @@ def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_fl
     outcome: dict[str, object] = {}
     runner = threading.Thread(target=lambda: outcome.update(result=run_fleet(config, tmp_path / "fleet")))
     runner.start()
-    seen: set[tuple[int, str]] = set()  # the engine's processes while it runs (the check below finds them)
+    seen: set[tuple[int, int, str]] = set()  # the engine's processes while it runs (the check below finds them)
     while runner.is_alive():
         seen |= engine_processes(token)
         runner.join(timeout=1.0)
@@ -120,8 +120,11 @@ def test_two_supernodes_on_the_deployment_engine_over_loopback(tmp_path, tiny_fl
     logs = Path(tmp_path / "fleet" / "logs")
     assert {"superlink.log", "supernode-0.log", "supernode-1.log"} <= {p.name for p in logs.iterdir()}
     # the check below is not vacuous: this run's SuperLink and SuperNodes were seen while it ran
-    assert any("flower-superlink" in args for _, args in seen), "the SuperLink was not found while the fleet ran"
-    assert sum("flower-supernode" in args for _, args in seen) == 2, "the 2 SuperNodes were not found while it ran"
+    assert any("flower-superlink" in args for _, _, args in seen), "the SuperLink was not found while the fleet ran"
+    # the SuperNodes this run started are children of this process (a SuperNode's child caught between
+    # fork and exec still shows the SuperNode's command line: not counted)
+    supernodes = {pid for pid, parent, args in seen if "flower-supernode" in args and parent == os.getpid()}
+    assert len(supernodes) == 2, f"the 2 SuperNodes were not found while it ran: {sorted(seen)}"
     assert not engine_processes(token), "a SuperLink, SuperNode or SuperExec outlived the run"
 
 
