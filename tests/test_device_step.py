@@ -12,11 +12,10 @@ import torch
 
 import edgetrain as et
 from edgetrain.adapt import DeviceNet, OnlineTrainer, make_rule
-from edgetrain.adapt.device import Requantizer
+from edgetrain.adapt.device import Requantizer, _requantize_masked
 from edgetrain.adapt.executor import (
     DeviceStep,
     _bn_backward_pass,
-    _requantize_masked,
     batch1_executor,
     max_pool,
     max_pool_backward,

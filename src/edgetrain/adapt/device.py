@@ -85,17 +85,25 @@ class _Requantize(torch.autograd.Function):
 
 
 @njit(cache=True)
+def _requantize_masked(v, step, lo, hi, mode):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """(clip(round(v / step), lo, hi) step, code inside [lo, hi]) for one value; NaN stays NaN."""
+    code = round_code(v / step, mode, 0.5)
+    inside = (code >= lo) & (code <= hi)
+    if code < lo:
+        code = lo
+    elif code > hi:
+        code = hi
+    return code * step, inside
+
+
+@njit(cache=True)
 def _requantize_values(v, step, lo, hi, mode, relu, keep_mask, out, mask):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
-    """out = clip(round(v / step), lo, hi) step and, with ``keep_mask``, mask = code inside [lo, hi]
-    (and v > 0 after a ReLU), element-wise on flat float64 arrays: the torch ops of
-    :meth:`Requantizer.forward_masked` (``v / 2^k`` = ``v 2^-k`` exactly; NaN stays NaN, unmasked)."""
-    inverse = 1.0 / step
+    """:func:`_requantize_masked` over flat float64 arrays, the mask (with ``keep_mask``) also requiring
+    v > 0 after a ReLU: the torch ops of :meth:`Requantizer.forward_masked`."""
     for k in range(v.shape[0]):
-        x = v[k]
-        code = round_code(x * inverse, mode, 0.5)
+        out[k], inside = _requantize_masked(v[k], step, lo, hi, mode)
         if keep_mask:
-            mask[k] = (code >= lo) & (code <= hi) & ((not relu) | (x > 0))
-        out[k] = code if np.isnan(code) else min(max(code, lo), hi) * step
+            mask[k] = inside & ((not relu) | (v[k] > 0))
 
 
 class Requantizer:
@@ -155,8 +163,8 @@ INT8_MAX_PATCH_BYTES = 2**22  # larger im2col matrices (big evaluation batches):
 
 def native_int8_matmul() -> bool:
     """Whether this CPU multiplies int8 matrices in hardware (AVX512-VNNI or AMX, through oneDNN): there
-    ``torch._int_mm`` is ~10x faster than a float32 product at batch 1; without them its CPU kernel
-    is slower than float32, and the device keeps the float32 product."""
+    ``torch._int_mm`` is ~10x faster than a float32 matrix product at batch 1 (scratch timing); without
+    them its CPU kernel is slower than float32, and the device keeps the float32 product."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
     native = any(probe is not None and probe() for probe in probes)
     return native and hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available()
@@ -182,14 +190,20 @@ def _input_codes_hwc(x, inverse, offset, out):  # type: ignore[no-untyped-def]  
 
 
 @njit(cache=True)
+def conv_output_size(size, kernel, stride, padding, dilation):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    """Output length of a convolution along one axis (torch's formula, no ceil mode)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@njit(cache=True)
 def _im2col_hwc(x, kernel, stride, padding, dilation, fill, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, PLR0913
     """out[(n Ho + oy) Wo + ox, (ky kw + kx) C + c] = x[n, iy, ix, c] (N x H x W x C int8 codes),
     ``fill`` where the window leaves the image: the patches in (kernel row, kernel column, channel)
     order, the order of the layer's input-gradient weight layout."""
     batch, h, w, channels = x.shape
     kh, kw = kernel
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_h = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     for n in range(batch):
         for oy in range(out_h):
             for ox in range(out_w):
@@ -453,18 +467,16 @@ class DeviceLayer(GradQuantMixin):
         large evaluation batch). Unsigned codes c in [0, 255] enter as c - 128 with 128 sum_j w_oj added
         back (a padded tap is code 0: it enters as -128 and cancels its share of the sum)."""
         if self._codes8 is None:  # the input-gradient layout (n_out x kh x kw x c_in), as int8 codes
-            values = self.weight.detach().numpy()
-            laid = values.transpose(0, 2, 3, 1) if self.is_conv else values.reshape(len(values), 1, 1, -1)
-            codes = np.rint(np.ldexp(laid, -self.k_w)).astype(np.int64)
-            row_sum = codes.reshape(len(codes), -1).sum(1)
-            self._codes8 = (torch.from_numpy(np.ascontiguousarray(codes, np.int8)), row_sum)
+            codes = self.codes()
+            laid = codes.reshape(self.weight_shape).transpose(0, 2, 3, 1) if self.is_conv else codes[:, None, None]
+            self._codes8 = (torch.from_numpy(np.ascontiguousarray(laid, np.int8)), codes.sum(1))
         codes8, row_sum = self._codes8
         image = x.detach().reshape(x.shape[0], -1, 1, 1) if not self.is_conv else x.detach()
         batch, channels, height, width = image.shape
         if self.is_conv:
             kh, kw = self.kernel_size
-            out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-            out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+            out_h = conv_output_size(height, kh, self.stride[0], self.padding[0], self.dilation[0])
+            out_w = conv_output_size(width, kw, self.stride[1], self.padding[1], self.dilation[1])
             if batch * out_h * out_w * kh * kw * channels > INT8_MAX_PATCH_BYTES:
                 return None
         hwc = np.empty((batch, height, width, channels), np.int8)

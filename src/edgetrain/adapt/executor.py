@@ -36,15 +36,15 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 
-from edgetrain.adapt.device import DeviceBatchNorm, DeviceLayer, DeviceNet
+from edgetrain.adapt.device import DeviceBatchNorm, DeviceLayer, DeviceNet, _requantize_masked
 from edgetrain.adapt.qnet import (
     ROUNDING_CODES,
     QuantChain,
+    _on_grid,
     grid_round,
     input_gradient,
     layer_gradient,
     pair,
-    round_code,
 )
 
 STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxpool", "avgpool", "add", "reshape"})
@@ -53,18 +53,6 @@ STEP_OPS = frozenset({"quantize", "conv", "linear", "scale", "requantize", "maxp
 def unsupported_ops(net: DeviceNet) -> list[str]:
     """The program's op kinds that :class:`DeviceStep` does not run (empty: it runs them all)."""
     return sorted({op["op"] for op in net.program.ops} - STEP_OPS)
-
-
-@njit(cache=True)
-def _requantize_masked(v, step, lo, hi, mode):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-    """(clip(round(v / step), lo, hi) step, code inside [lo, hi]) for one value; NaN stays NaN."""
-    code = round_code(v / step, mode, 0.5)
-    inside = (code >= lo) & (code <= hi)
-    if code < lo:
-        code = lo
-    elif code > hi:
-        code = hi
-    return code * step, inside
 
 
 @njit(cache=True)
@@ -103,13 +91,13 @@ def _bn_backward_pass(g, out_mask, acc_mask, w, x, relu, quantize, lsb, lo, hi, 
             for p in range(g.shape[2]):
                 v = g[n, c, p] * (1.0 if out_mask[n, c, p] else 0.0)
                 if relu and quantize:
-                    v = v if np.isnan(v) else min(max(np.rint(v * inverse), lo), hi) * lsb
+                    v = _on_grid(v, lsb, inverse, lo, hi)
                 g_y[n, c, p] = v
                 acc = v * (1.0 if acc_mask[n, c, p] else 0.0)
                 g_acc_x[n, c, p] = acc * x[n, c, p]
                 d = acc * w[c]
                 if quantize:
-                    d = d if np.isnan(d) else min(max(np.rint(d * inverse), lo), hi) * lsb
+                    d = _on_grid(d, lsb, inverse, lo, hi)
                 dx[n, c, p] = d
 
 
