@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from edgetrain.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from edgetrain.fleet import FleetConfig, run_fleet, write_report  # noqa: E402
 from edgetrain.fleet.config import ABLATIONS, STRATEGIES  # noqa: E402
+from edgetrain.fleet.engine import model_sha256, prepare_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GATE_ORDER = ("fleet", "own", "keep", "sum", "agree", "head")  # the gate's choices as the tables count them
@@ -158,6 +159,18 @@ def reused_strategies(name: str, config: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"--reuse {name}: a different fleet (config differs in {differs}); run those strategies")
     rerun = rerun_by_reuse(name, config)
     return {k: {**v, "from": name} for k, v in earlier["strategies"].items() if k not in rerun}
+
+
+def check_reused_program(name: str, digest: str) -> None:
+    """Refuse a ``--reuse NAME`` run before it starts when NAME's devices ran another network than
+    this run's (their recorded :func:`model_sha256` differs). Runs recorded before the digest was
+    (stop 26) are checked after the rerun by :func:`same_programs`."""
+    recorded = json.loads((RESULTS / f"{name}.json").read_text()).get("model_sha256")
+    if recorded is not None and recorded != digest:
+        raise SystemExit(
+            f"--reuse {name}: that run's devices ran another program (model_sha256 {recorded[:16]}, this run's "
+            f"{digest[:16]}); its strategies are not comparable. Use its --out folder (same program) or rerun them all."
+        )
 
 
 def same_programs(rerun: dict[str, Any], earlier: dict[str, Any]) -> bool:
@@ -595,13 +608,15 @@ def main() -> None:
     local = local_from(args.local_from, json.loads(config.to_json())) if args.local_from else None
     if local is not None:
         config = replace(config, strategies=tuple(s for s in config.strategies if s != "local"))
-    program = {"model": str((Path(args.out) / "program").resolve())}  # the device the run will prepare or reuse
+    out = Path(args.out).resolve()
+    program = {"model": str(out / "program")}  # the device the run will prepare or reuse
     reused = reused_strategies(args.reuse, {**json.loads(config.to_json()), **program}) if args.reuse else {}
     if reused:
         rerun = rerun_by_reuse(args.reuse, {**json.loads(config.to_json()), **program})
-        config = replace(config, strategies=tuple(s for s in DEFAULT_STRATEGIES if s in rerun))
+        config = prepare_model(replace(config, strategies=tuple(s for s in DEFAULT_STRATEGIES if s in rerun)), out)
+        check_reused_program(args.reuse, model_sha256(config.model))
     t0 = time.perf_counter()
-    result = run_fleet(config, args.out)
+    result = run_fleet(config, out)
     seconds = time.perf_counter() - t0
     if local is not None:
         result["strategies"] = {"local": {**local, "from": args.local_from}, **result["strategies"]}

@@ -4,6 +4,7 @@ check that no Ray or Flower process outlives the run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -87,6 +88,7 @@ def test_three_devices_two_rounds_on_the_simulation_engine(tmp_path, tiny_lrt_mo
     assert all(r["accepted"] == 3 for r in figures["rounds"][:2]) and figures["rounds"][1]["downlink_bytes"] > 0
     assert sorted(d["device"] for d in figures["devices"]) == [0, 1, 2]
     assert all(d["samples"] == 16 for d in figures["devices"])
+    assert result["model_sha256"] == hashlib.sha256(Path(tiny_lrt_model_file).read_bytes()).hexdigest()
     assert (out / "fleet.md").is_file() and (out / "accuracy_vs_round.png").is_file()
     assert any("ray::" in args for _, _, args in seen), "the Ray workers were not found while the fleet ran"
     assert not engine_processes(token), "a Ray or Flower process outlived the simulation"

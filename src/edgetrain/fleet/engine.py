@@ -12,11 +12,13 @@
 
 Before either engine runs, :func:`prepare_model` makes the device model: the configured model file
 or exported program, or (``model`` unset) an exported integer program of the small LRT net
-(float-trained on elastic digits, TQT-quantized), made once per run folder.
+(float-trained on elastic digits, TQT-quantized), made once per run folder; fleet.json names it by
+:func:`model_sha256`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -29,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edgetrain.atomic import write_json_atomic
 from edgetrain.fleet.config import FleetConfig
 
 NO_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_DEDUP_LOGS": "0"}
@@ -88,8 +91,19 @@ def prepare_model(config: FleetConfig, out: Path) -> FleetConfig:
     return replace(config, model=str(program_dir))
 
 
+def model_sha256(model: str | Path) -> str:
+    """SHA-256 naming a device network: an exported program folder's ``manifest_sha256`` (its manifest
+    holds the weights' digest), or a model file's bytes. Two runs whose devices ran the same network
+    record the same digest."""
+    path = Path(model)
+    if path.is_dir():
+        return json.loads((path / "manifest.json").read_text())["manifest_sha256"]
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_fleet(config: FleetConfig, out: str | Path) -> dict[str, Any]:
-    """Run every strategy of ``config`` on its engine; returns the content of out/fleet.json."""
+    """Run every strategy of ``config`` on its engine; returns the content of out/fleet.json (with
+    ``model_sha256``, the device network's :func:`model_sha256`)."""
     from edgetrain.fleet.app import RESULT_NAME
 
     out = Path(out).resolve()
@@ -103,7 +117,9 @@ def run_fleet(config: FleetConfig, out: str | Path) -> dict[str, Any]:
         run_deployment_engine(config, out)
     if not result.is_file():
         raise RuntimeError(f"the fleet's ServerApp wrote no {result}; its log above says why")
-    return json.loads(result.read_text())
+    figures = {**json.loads(result.read_text()), "model_sha256": model_sha256(config.model)}
+    write_json_atomic(result, figures)
+    return figures
 
 
 def run_simulation_engine(config: FleetConfig, out: Path) -> None:
