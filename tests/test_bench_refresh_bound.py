@@ -1,8 +1,10 @@
-"""bench/bench_refresh_bound.py: the oracle refresh picks the most-drifted cells within the budget line,
-and with no budget it holds every weight at its pretrained code after every drift event."""
+"""bench/bench_refresh_bound.py: the write bounds it sizes the oracle for, the cells the oracle picks
+within the budget line, and, with no budget, every weight held at its pretrained code after every drift
+event."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+import bench_refresh_bound  # noqa: E402
 from bench_refresh_bound import OracleRefreshTrainer, refresh_cells  # noqa: E402
 
 from edgetrain.adapt.pretrain import build_qnet  # noqa: E402
@@ -42,3 +45,11 @@ def test_unbounded_refresh_holds_the_pretrained_codes() -> None:
             np.testing.assert_array_equal(layer.codes(), trainer.pretrained_codes[layer.name])
             drifted += array.drifted_cells.size if step % 10 == 0 else 0
     assert drifted > 0 and trainer.total_writes == drifted  # every drifted cell re-written once per event
+
+
+def test_bounds_are_a_tenth_of_the_max_and_a_third_of_the_total(tmp_path, monkeypatch) -> None:
+    run = {"max_writes": 8730, "total_writes": 274659907, "samples": 100_000}
+    table = {"results": {"analog-drift": {"sgd-sr": {"per_seed": {"0": run}}}}}
+    (tmp_path / "writes-paper.json").write_text(json.dumps(table))
+    monkeypatch.setattr(bench_refresh_bound, "RESULTS", tmp_path)
+    assert bench_refresh_bound.bounds("analog-drift") == {"max_writes": 873.0, "total_writes": 274659907 / 3}
