@@ -191,6 +191,13 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
         "lowrank",
         {**PAPER_GOVERNOR, "endurance": 8.5e5, "write_fraction": 0.012, "governor_burst": 15},
     ),
+    # the same at rank 16 (stop 26): an i.i.d. drift of every cell is full rank, and a rank-4 estimate sees
+    # only the four strongest directions of the gradient it causes; an oracle that re-writes the most
+    # drifted cells holds the pretrained accuracy within these bounds (bench_refresh_bound.py)
+    "lowrank-gov0.0085-f1.2-lr0.02-blr0.01-burst15-r16": (
+        "lowrank",
+        {**PAPER_GOVERNOR, "endurance": 8.5e5, "write_fraction": 0.012, "governor_burst": 15, "rank": 16},
+    ),
     # the same for digital drift (seed 0's SR-SGD: 5996 max, 2.27e8 total): 550 max, about 6.6e7 in all
     "lowrank-gov0.0055-f1.2-lr0.02-blr0.01-burst15": (
         "lowrank",
