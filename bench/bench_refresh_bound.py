@@ -16,7 +16,9 @@ re-writes every drifted cell at every event (no bound: the ceiling of refreshing
 Read it as a bound on refreshing, not on learning: a rule that only restores cells cannot beat the
 oracle at the same budget, but a learning rule may find other good weights nearer the drifted ones.
 SR-SGD's counts come from ``bench/results/writes-paper.json`` (the same drift and net recipe); the
-writes are code changes (``edgetrain.nvm``). Writes ``bench/results/refresh-bound.json`` and ``.md``.
+writes are code changes (``edgetrain.nvm``). Writes ``bench/results/refresh-bound.json`` and ``.md``
+and the plot ``docs/img/refresh_bound.png`` (the oracle's curves beside the paper-scale runs of
+writes-paper.json); ``--render`` redraws the table and plot from the JSON.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -49,6 +55,7 @@ from edgetrain.adapt.scenarios import make_scenario  # noqa: E402
 from edgetrain.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+PLOT = ROOT / "docs" / "img" / "refresh_bound.png"
 BASELINE = "sgd-sr"  # the issue's write bounds are fractions of this rule's counts (writes-paper.json)
 CHECKPOINTS = 10  # accuracy recorded at every tenth of the stream
 
@@ -173,8 +180,40 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {label} | {row['fraction']:.4%} | {marks} | {row['max_writes']} | {row['total_writes']:.3g} "
             f"| {gap:+.3f} |"
         )
-    lines += ["", "```bash", data["command"], "```", ""]
+    figure = "![oracle refresh against the learning rules](img/refresh_bound.png)"
+    lines += ["", figure, "", "```bash", data["command"], "```", ""]
     return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], path: Path) -> Path:
+    """Online accuracy against samples: the oracle at each budget, the paper-scale runs of the same
+    drift in writes-paper.json (their max / total writes in the legend) and the paper's bar."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row in data["rows"]:
+        steps, accuracy = zip(*row["curve"], strict=True)
+        budget = "no bound" if row["multiple"] is None else f"{row['multiple']:g}x the total bound"
+        label = f"oracle refresh, {budget} ({row['max_writes']} max / {row['total_writes']:.2g} total)"
+        ax.plot(steps, accuracy, "--", marker="o", markersize=3, label=label)
+    table = json.loads((RESULTS / "writes-paper.json").read_text())["results"].get(data["drift"], {})
+    for point, row in table.items():
+        history = row["history"]
+        label = f"{point} ({row['max_writes']['mean']:.0f} max / {row['total_writes']['mean']:.2g} total)"
+        ax.plot(history["step"], history["online_accuracy"], label=label)
+    ax.axhline(data["paper_accuracy"], color="k", lw=0.8, ls=":", label=f"LRT paper at 100k ({data['paper_accuracy']})")
+    ax.set(xlabel="samples", ylabel="online accuracy (EMA)", ylim=(0, 1), title=f"{data['drift']}, paper-width net")
+    ax.legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(data: dict[str, Any]) -> None:
+    write_json_atomic(RESULTS / "refresh-bound.json", data)
+    write_text_atomic(RESULTS / "refresh-bound.md", markdown(data))
+    plot(data, PLOT)
+    print(markdown(data))
 
 
 def main() -> None:
@@ -183,7 +222,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=PAPER_SAMPLES)
     parser.add_argument("--multiples", default="1,0.3,0.1", help="multiples of the total-writes bound; all: no bound")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render", action="store_true", help="only redraw the table and plot from the JSON")
     args = parser.parse_args()
+    if args.render:
+        write_outputs(json.loads((RESULTS / "refresh-bound.json").read_text()))
+        return
     torch.set_num_threads(args.threads)
     limits = bounds(args.drift)
     net, meta = pretrained("paper", SCALES["paper"])
@@ -208,9 +251,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    write_json_atomic(RESULTS / "refresh-bound.json", data)
-    write_text_atomic(RESULTS / "refresh-bound.md", markdown(data))
-    print(markdown(data))
+    write_outputs(data)
 
 
 if __name__ == "__main__":
