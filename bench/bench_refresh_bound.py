@@ -161,7 +161,7 @@ def markdown(data: dict[str, Any]) -> str:
         "drift event an oracle (which knows every cell's pretrained code: no device does) re-writes in each "
         "layer the f-fraction of cells farthest from their pretrained codes back to them, each cell at most "
         f"on the governor's line of {b['max_writes']:.0f} writes by 100k samples (issue 11's max bound: "
-        f"1/10 of SR-SGD's {b['max_writes_sgd']}). f is sized for a multiple of issue 11's total bound "
+        f"1/10 of SR-SGD's {b['max_writes_sgd']:.0f}). f is sized for a multiple of issue 11's total bound "
         f"(1/3 of SR-SGD's {b['total_writes_sgd']:.3g} writes; scaled to the stream's length). A rule that "
         "only restores cells cannot beat this at the same budget; a learning rule may find other good "
         "weights, so this is evidence on the budget, not a bound on learning.",

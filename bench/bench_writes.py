@@ -217,6 +217,11 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
             "bias_lr": 0.01,
         },
     ),
+    # the digital budget at rank 16 (stop 26, after the analog rank-16 run's first 20k samples)
+    "lowrank-gov0.0055-f1.2-lr0.02-blr0.01-burst15-r16": (
+        "lowrank",
+        {**PAPER_GOVERNOR, "endurance": 5.5e5, "write_fraction": 0.012, "governor_burst": 15, "rank": 16},
+    ),
     # gradient-proportional steps: no max-norm, so the step follows the gradient sum (lr sqrt(B) G / lsb)
     "lowrank-nomax-sr": ("lowrank", {"max_norm": False, "rounding": "stochastic"}),
 }
