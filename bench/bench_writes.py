@@ -217,6 +217,12 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
             "bias_lr": 0.01,
         },
     ),
+    # the f1.2 analog point with its rank written out: the rank-16 point's control on the same net (stop 26;
+    # the f1.2 row above ran on a net pretrained on another host)
+    "lowrank-gov0.0085-f1.2-lr0.02-blr0.01-burst15-r4": (
+        "lowrank",
+        {**PAPER_GOVERNOR, "endurance": 8.5e5, "write_fraction": 0.012, "governor_burst": 15, "rank": 4},
+    ),
     # the digital budget at rank 16 (stop 26, after the analog rank-16 run's first 20k samples)
     "lowrank-gov0.0055-f1.2-lr0.02-blr0.01-burst15-r16": (
         "lowrank",
