@@ -85,6 +85,11 @@ PAPER_GOVERNOR = {
     "lr": 0.02,
     "bias_lr": 0.01,
 }
+# the stop-24 budgets sized to SR-SGD's seed-0 paper-scale counts (POINTS f1.2): the governor at a tenth of its
+# max (analog 8730 -> 850, digital 5996 -> 550), events of 1.2% of a layer's cells, 4-bit token counters
+PAPER_F12 = {**PAPER_GOVERNOR, "write_fraction": 0.012, "governor_burst": 15}
+PAPER_F12_ANALOG = {**PAPER_F12, "endurance": 8.5e5}
+PAPER_F12_DIGITAL = {**PAPER_F12, "endurance": 5.5e5}
 PAPER_CHECKPOINT = 5000  # samples between checkpoints (and partial logs) of a paper-scale run
 PAPER_ACCURACY = {"analog-drift": 0.722, "digital-drift": 0.850}  # the LRT paper's Fig. 1 at 100k samples
 # point name -> (rule, options); the knobs of issue 11 beside the fair baselines
@@ -187,22 +192,13 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
     # sized after the paper-scale analog SR-SGD run (seed 0: 8730 max, 2.75e8 total writes): the governor at a
     # tenth of its max (0.0085 x 100k = 850) and events of 1.2% of a layer's cells (about 6.6e7 in all, under a
     # third of its total): the analog budget the target allows, tuned to the baseline's write counts
-    "lowrank-gov0.0085-f1.2-lr0.02-blr0.01-burst15": (
-        "lowrank",
-        {**PAPER_GOVERNOR, "endurance": 8.5e5, "write_fraction": 0.012, "governor_burst": 15},
-    ),
+    "lowrank-gov0.0085-f1.2-lr0.02-blr0.01-burst15": ("lowrank", PAPER_F12_ANALOG),
     # the same at rank 16 (stop 26): an i.i.d. drift of every cell is full rank, and a rank-4 estimate sees
     # only the four strongest directions of the gradient it causes; an oracle that re-writes the most
     # drifted cells holds the pretrained accuracy within these bounds (bench_refresh_bound.py)
-    "lowrank-gov0.0085-f1.2-lr0.02-blr0.01-burst15-r16": (
-        "lowrank",
-        {**PAPER_GOVERNOR, "endurance": 8.5e5, "write_fraction": 0.012, "governor_burst": 15, "rank": 16},
-    ),
+    "lowrank-gov0.0085-f1.2-lr0.02-blr0.01-burst15-r16": ("lowrank", {**PAPER_F12_ANALOG, "rank": 16}),
     # the same for digital drift (seed 0's SR-SGD: 5996 max, 2.27e8 total): 550 max, about 6.6e7 in all
-    "lowrank-gov0.0055-f1.2-lr0.02-blr0.01-burst15": (
-        "lowrank",
-        {**PAPER_GOVERNOR, "endurance": 5.5e5, "write_fraction": 0.012, "governor_burst": 15},
-    ),
+    "lowrank-gov0.0055-f1.2-lr0.02-blr0.01-burst15": ("lowrank", PAPER_F12_DIGITAL),
     # sized after the paper-scale digital runs' first 5000 samples (seed 0): SR-SGD wrote ~0.02 per cell and
     # sample at its most-written cell and 2.4M cells in all; f0.4 wrote 1.0M (its fraction binds every conv
     # event) with its max at the governor's 20: a tenth of SR-SGD's max and a third of its total need about half
@@ -219,15 +215,9 @@ POINTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # the f1.2 analog point with its rank written out: the rank-16 point's control on the same net (stop 26;
     # the f1.2 row above ran on a net pretrained on another host)
-    "lowrank-gov0.0085-f1.2-lr0.02-blr0.01-burst15-r4": (
-        "lowrank",
-        {**PAPER_GOVERNOR, "endurance": 8.5e5, "write_fraction": 0.012, "governor_burst": 15, "rank": 4},
-    ),
+    "lowrank-gov0.0085-f1.2-lr0.02-blr0.01-burst15-r4": ("lowrank", {**PAPER_F12_ANALOG, "rank": 4}),
     # the digital budget at rank 16 (stop 26, after the analog rank-16 run's first 20k samples)
-    "lowrank-gov0.0055-f1.2-lr0.02-blr0.01-burst15-r16": (
-        "lowrank",
-        {**PAPER_GOVERNOR, "endurance": 5.5e5, "write_fraction": 0.012, "governor_burst": 15, "rank": 16},
-    ),
+    "lowrank-gov0.0055-f1.2-lr0.02-blr0.01-burst15-r16": ("lowrank", {**PAPER_F12_DIGITAL, "rank": 16}),
     # gradient-proportional steps: no max-norm, so the step follows the gradient sum (lr sqrt(B) G / lsb)
     "lowrank-nomax-sr": ("lowrank", {"max_norm": False, "rounding": "stochastic"}),
 }
